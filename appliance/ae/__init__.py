@@ -1,0 +1,1 @@
+"""The Application Entities of the conformance statement, built on :mod:`appliance.net`."""

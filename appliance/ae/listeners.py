@@ -1,0 +1,53 @@
+"""Listening AEs: the Disk-Server and the Memory-Server as Twisted factories."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable
+
+from ..config import ApplianceConfig, ListenerConfig
+from ..dicom.negotiation import AcceptorPolicy
+from ..net.protocol import AcceptorFactory, Timeouts
+from .verification import VerificationService
+
+__all__ = ["acceptor_factory", "disk_server_services", "memory_server_services"]
+
+
+def disk_server_services() -> list:
+    """The Disk-Server's service classes (storage and query/retrieve join in later releases)."""
+    return [VerificationService()]
+
+
+def memory_server_services() -> list:
+    """The Memory-Server's service classes."""
+    return [VerificationService()]
+
+
+def acceptor_factory(
+    listener: ListenerConfig,
+    config: ApplianceConfig,
+    services: Iterable,
+    clock,
+) -> AcceptorFactory:
+    """An :class:`AcceptorFactory` for one listening AE, from its configuration and services."""
+    by_syntax: Dict[str, object] = {}
+    abstract_syntaxes: Dict[str, tuple] = {}
+    for service in services:
+        for abstract, transfers in service.abstract_syntaxes.items():
+            by_syntax[abstract] = service
+            abstract_syntaxes[abstract] = tuple(transfers)
+    policy = AcceptorPolicy(
+        ae_title=listener.ae_title,
+        abstract_syntaxes=abstract_syntaxes,
+        max_pdu=listener.max_pdu,
+        implementation_class_uid=config.implementation_class_uid,
+        implementation_version_name=config.implementation_version_name,
+        transfer_syntax_priority=listener.transfer_syntax_priority,
+        allowed_calling_aets=frozenset(listener.allowed_calling_aets),
+    )
+    timeouts = Timeouts(
+        artim=listener.artim_timeout,
+        association=listener.timeout,
+        dimse=listener.dimse_timeout,
+        idle=listener.idle_timeout,
+    )
+    return AcceptorFactory(policy, by_syntax, clock, timeouts, listener.max_associations)

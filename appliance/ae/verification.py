@@ -1,0 +1,44 @@
+"""The Verification SOP Class as SCP (PS3.4 Annex A): C-ECHO answered with Success."""
+
+from __future__ import annotations
+
+from typing import Mapping, Tuple
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..dicom import dimse as D
+from ..dicom import status as S
+from ..dicom.uids import UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATION
+from ..interfaces import IServiceClass
+from ..net.protocol import BufferedDataSet
+
+__all__ = ["VerificationService"]
+
+
+@implementer(IServiceClass)
+class VerificationService:
+    """C-ECHO SCP."""
+
+    _log = Logger()
+
+    def __init__(self, transfer_syntaxes: Tuple[str, ...] = UNCOMPRESSED_TRANSFER_SYNTAXES) -> None:
+        self.abstract_syntaxes: Mapping[str, Tuple[str, ...]] = {VERIFICATION: transfer_syntaxes}
+
+    def open_data_set(self, request):
+        # a C-ECHO-RQ carries no data set; whatever is sent is drained and refused
+        return BufferedDataSet(limit=0)
+
+    def handle(self, request) -> None:
+        command = request.command
+        if command.CommandField != D.CommandField.C_ECHO_RQ:
+            request.respond(S.UNRECOGNIZED_OPERATION, ErrorComment="only C-ECHO on Verification")
+            return
+        if request.data is not None:
+            request.respond(S.CANNOT_UNDERSTAND, ErrorComment="C-ECHO-RQ must not carry a data set")
+            return
+        self._log.debug("C-ECHO from {calling}", calling=request.association.record.calling)
+        request.respond(S.SUCCESS)
+
+    def cancel(self, request) -> None:
+        """A C-ECHO is answered at once; there is nothing to cancel."""

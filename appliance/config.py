@@ -1,0 +1,279 @@
+"""The appliance's configuration: TOML in, frozen and validated objects out.
+
+Every problem is reported as a :class:`ConfigError` naming the file, the key
+and what is wrong with it; keys the appliance does not know are errors, not
+silently ignored, so a typo never passes for a setting.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from .compat import tomllib
+from .dicom.uids import (
+    DEFAULT_TRANSFER_SYNTAX_PRIORITY,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    is_valid_uid,
+)
+
+__all__ = ["ConfigError", "ListenerConfig", "DeviceConfig", "ApplianceConfig", "load", "parse", "DEFAULT_CONFIG_PATH"]
+
+#: The shipped configuration, used when no --config is given.
+DEFAULT_CONFIG_PATH = os.environ.get(
+    "APPLIANCE_CONFIG",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "appliance.toml"),
+)
+if not os.path.exists(DEFAULT_CONFIG_PATH) and os.path.exists("/etc/appliance/appliance.toml"):
+    DEFAULT_CONFIG_PATH = "/etc/appliance/appliance.toml"
+
+MIN_PDU = 2048
+MAX_PDU = 4 * 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A configuration problem: ``path: [section] key: problem``."""
+
+    def __init__(self, path: str, key: str, problem: str) -> None:
+        self.path, self.key, self.problem = path, key, problem
+        super().__init__(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """A listening AE: the Disk-Server or the Memory-Server."""
+
+    ae_title: str
+    interface: str
+    port: int
+    max_pdu: int
+    max_associations: int
+    timeout: float
+    artim_timeout: float
+    dimse_timeout: float
+    idle_timeout: float
+    allowed_calling_aets: Tuple[str, ...]
+    transfer_syntax_priority: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """A remote AE of the AE title / presentation address map."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    max_pdu: int
+    timeout: float
+
+
+@dataclass(frozen=True)
+class ApplianceConfig:
+    path: str
+    data_dir: str
+    ae_title: str
+    implementation_class_uid: str
+    implementation_version_name: str
+    disk_server: ListenerConfig
+    memory_server: ListenerConfig
+    devices: Mapping[str, DeviceConfig] = field(default_factory=dict)
+
+    def device(self, name: str) -> DeviceConfig:
+        try:
+            return self.devices[name]
+        except KeyError:
+            known = ", ".join(sorted(self.devices)) or "none"
+            raise KeyError(f"unknown device {name!r} in {self.path} (configured devices: {known})") from None
+
+
+# --- value checkers: each returns the clean value or raises ValueError(problem) ----
+
+
+def _integer(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer from {low} to {high}, not {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"must be from {low} to {high}, not {value}")
+        return value
+
+    return check
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+        raise ValueError(f"must be a number of seconds above 0 and at most 86400, not {value!r}")
+    return float(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a non-empty string, not {value!r}")
+    return value
+
+
+def ae_title(value: Any) -> str:
+    """PS3.5 AE VR: 1 to 16 characters of ISO 646 without control characters or backslash."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {value!r}")
+    if not 0 < len(value) <= 16:
+        raise ValueError(f"AE title {value!r} must be 1 to 16 characters")
+    if value != value.strip(" "):
+        raise ValueError(f"AE title {value!r} has leading or trailing spaces, which DICOM ignores")
+    if any(not (0x20 <= ord(c) < 0x7F) or c == "\\" for c in value):
+        raise ValueError(f"AE title {value!r} may hold only printable ISO 646 characters other than backslash")
+    return value
+
+
+def _uid(value: Any) -> str:
+    if not isinstance(value, str) or not is_valid_uid(value):
+        raise ValueError(f"{value!r} is not a valid UID (1 to 64 digits and dots, no leading zeros)")
+    return value
+
+
+def _version_name(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 16 or not value.isascii() or not value.isprintable():
+        raise ValueError(f"must be 1 to 16 printable ISO 646 characters, not {value!r}")
+    return value
+
+
+def _list_of(check: Callable[[Any], Any]) -> Callable[[Any], tuple]:
+    def run(value: Any) -> tuple:
+        if not isinstance(value, list):
+            raise ValueError(f"must be a list, not {value!r}")
+        return tuple(check(item) for item in value)
+
+    return run
+
+
+def _non_empty(check: Callable[[Any], tuple]) -> Callable[[Any], tuple]:
+    def run(value: Any) -> tuple:
+        result = check(value)
+        if not result:
+            raise ValueError("must not be empty")
+        return result
+
+    return run
+
+
+class _Section:
+    """Reads one TOML table, remembering which keys were used."""
+
+    def __init__(self, path: str, name: str, table: Any) -> None:
+        self.path, self.name = path, name
+        if not isinstance(table, dict):
+            raise ConfigError(path, f"[{name}]", f"must be a table, not {table!r}")
+        self.table = table
+        self.used: set = set()
+
+    def get(self, key: str, check: Callable[[Any], Any], default: Any = ..., fallback_key: Optional[str] = None) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if default is ...:
+                raise ConfigError(self.path, f"[{self.name}] {key}", "is required")
+            return default
+        try:
+            return check(self.table[key])
+        except ValueError as error:
+            raise ConfigError(self.path, f"[{self.name}] {key}", str(error)) from None
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise ConfigError(
+                self.path,
+                f"[{self.name}] {unknown[0]}",
+                f"unknown key (known keys: {', '.join(sorted(self.used))})",
+            )
+
+
+_LISTENER_DEFAULTS = {
+    "disk_server": ("DISK_SERVER", 11112),
+    "memory_server": ("MEMORY_SERVER", 11113),
+}
+
+
+def _listener(path: str, name: str, table: Any) -> ListenerConfig:
+    default_title, default_port = _LISTENER_DEFAULTS[name]
+    section = _Section(path, name, table)
+    timeout = section.get("timeout", _seconds, 30.0)
+    config = ListenerConfig(
+        ae_title=section.get("ae_title", ae_title, default_title),
+        interface=section.get("interface", _text, "0.0.0.0"),
+        port=section.get("port", _integer(0, 65535), default_port),
+        max_pdu=section.get("max_pdu", _integer(MIN_PDU, MAX_PDU), 16384),
+        max_associations=section.get("max_associations", _integer(1, 100000), 64),
+        timeout=timeout,
+        artim_timeout=section.get("artim_timeout", _seconds, timeout),
+        dimse_timeout=section.get("dimse_timeout", _seconds, timeout),
+        idle_timeout=section.get("idle_timeout", _seconds, max(timeout, 300.0)),
+        allowed_calling_aets=section.get("allowed_calling_aets", _list_of(ae_title), ()),
+        transfer_syntax_priority=section.get(
+            "transfer_syntax_priority", _non_empty(_list_of(_uid)), DEFAULT_TRANSFER_SYNTAX_PRIORITY
+        ),
+    )
+    section.done()
+    return config
+
+
+def _device(path: str, name: str, table: Any) -> DeviceConfig:
+    section = _Section(path, f"devices.{name}", table)
+    device = DeviceConfig(
+        name=name,
+        ae_title=section.get("ae_title", ae_title),
+        host=section.get("host", _text),
+        port=section.get("port", _integer(1, 65535)),
+        max_pdu=section.get("max_pdu", _integer(MIN_PDU, MAX_PDU), 16384),
+        timeout=section.get("timeout", _seconds, 30.0),
+    )
+    section.done()
+    return device
+
+
+def parse(data: Mapping[str, Any], path: str) -> ApplianceConfig:
+    """Validate a parsed TOML document; ``path`` names it in errors and anchors relative paths."""
+    known_sections = {"appliance", "disk_server", "memory_server", "devices"}
+    for key in data:
+        if key not in known_sections:
+            raise ConfigError(path, f"[{key}]", f"unknown section (known sections: {', '.join(sorted(known_sections))})")
+    base = os.path.dirname(os.path.abspath(path))
+    appliance = _Section(path, "appliance", data.get("appliance", {}))
+    data_dir = appliance.get("data_dir", _text, "var")
+    config_values = dict(
+        path=path,
+        data_dir=os.path.normpath(os.path.join(base, data_dir)),
+        ae_title=appliance.get("ae_title", ae_title, "APPLIANCE"),
+        implementation_class_uid=appliance.get("implementation_class_uid", _uid, IMPLEMENTATION_CLASS_UID),
+        implementation_version_name=appliance.get(
+            "implementation_version_name", _version_name, IMPLEMENTATION_VERSION_NAME
+        ),
+    )
+    appliance.done()
+    disk = _listener(path, "disk_server", data.get("disk_server", {}))
+    memory = _listener(path, "memory_server", data.get("memory_server", {}))
+    devices_table = data.get("devices", {})
+    if not isinstance(devices_table, dict):
+        raise ConfigError(path, "[devices]", "must be a table of [devices.NAME] tables")
+    devices = {name: _device(path, name, table) for name, table in devices_table.items()}
+    if disk.port and memory.port and disk.port == memory.port and disk.interface == memory.interface:
+        raise ConfigError(path, "[memory_server] port", f"{memory.port} is the Disk-Server's port too")
+    return ApplianceConfig(disk_server=disk, memory_server=memory, devices=devices, **config_values)
+
+
+def load(path: str) -> ApplianceConfig:
+    """Read and validate the configuration file at ``path``."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file") from None
+    except PermissionError:
+        raise ConfigError(path, "", "permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "", "is a directory, not a configuration file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(path, "", f"not valid TOML: {error}") from None
+    return parse(data, path)

@@ -1,0 +1,335 @@
+"""Association negotiation as pure functions (PS3.8 7.1, PS3.7 Annex D).
+
+:func:`negotiate_as_acceptor` turns an A-ASSOCIATE-RQ and an AE's
+:class:`AcceptorPolicy` into either an :class:`Acceptance` (the AC to send and
+the agreed :class:`Negotiated` parameters) or a :class:`Rejection` (the RJ to
+send and the reason in words, for the log).  :func:`propose` and
+:func:`negotiate_as_requestor` are the requestor's side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from . import pdu as P
+from .uids import APPLICATION_CONTEXT, DEFAULT_TRANSFER_SYNTAX_PRIORITY, uid_name
+
+__all__ = [
+    "RejectResult",
+    "RejectSource",
+    "AcceptorPolicy",
+    "ContextOutcome",
+    "Negotiated",
+    "Acceptance",
+    "Rejection",
+    "negotiate_as_acceptor",
+    "propose",
+    "negotiate_as_requestor",
+    "describe_rejection",
+    "CONTEXT_RESULTS",
+]
+
+#: PS3.8 Table 9-21 A-ASSOCIATE-RJ reasons, keyed by (source, reason).
+_RJ_REASONS = {
+    (1, 1): "no-reason-given",
+    (1, 2): "application-context-name-not-supported",
+    (1, 3): "calling-AE-title-not-recognized",
+    (1, 7): "called-AE-title-not-recognized",
+    (2, 1): "no-reason-given",
+    (2, 2): "protocol-version-not-supported",
+    (3, 1): "temporary-congestion",
+    (3, 2): "local-limit-exceeded",
+}
+_RJ_SOURCES = {1: "service-user", 2: "service-provider (ACSE)", 3: "service-provider (presentation)"}
+_RJ_RESULTS = {1: "rejected-permanent", 2: "rejected-transient"}
+
+#: PS3.8 Table 9-18 presentation context results.
+CONTEXT_RESULTS = {
+    0: "acceptance",
+    1: "user-rejection",
+    2: "no-reason (provider rejection)",
+    3: "abstract-syntax-not-supported (provider rejection)",
+    4: "transfer-syntaxes-not-supported (provider rejection)",
+}
+
+
+class RejectResult:
+    PERMANENT = 1
+    TRANSIENT = 2
+
+
+class RejectSource:
+    SERVICE_USER = 1
+    PROVIDER_ACSE = 2
+    PROVIDER_PRESENTATION = 3
+
+
+def describe_rejection(rejection: P.AssociateRJ) -> str:
+    """PS3.8 words for an A-ASSOCIATE-RJ, e.g. 'rejected-permanent by service-user: called-AE-title-not-recognized'."""
+    result = _RJ_RESULTS.get(rejection.result, f"result {rejection.result}")
+    source = _RJ_SOURCES.get(rejection.source, f"source {rejection.source}")
+    reason = _RJ_REASONS.get((rejection.source, rejection.reason), f"reason {rejection.reason}")
+    return f"{result} by {source}: {reason} ({rejection.result},{rejection.source},{rejection.reason})"
+
+
+@dataclass(frozen=True)
+class AcceptorPolicy:
+    """What one listening AE accepts.
+
+    ``abstract_syntaxes`` maps each abstract syntax to the transfer syntaxes
+    acceptable for it.  ``transfer_syntax_priority`` ranks transfer syntaxes
+    when a context offers several; those not ranked come after, in the order
+    proposed.  ``scu_role_syntaxes`` lists the abstract syntaxes for which
+    this AE may act as SCU on an association it accepts (SCP/SCU role
+    selection); none by default.
+    """
+
+    ae_title: str
+    abstract_syntaxes: Mapping[str, Tuple[str, ...]]
+    max_pdu: int
+    implementation_class_uid: str
+    implementation_version_name: Optional[str]
+    transfer_syntax_priority: Tuple[str, ...] = DEFAULT_TRANSFER_SYNTAX_PRIORITY
+    allowed_calling_aets: FrozenSet[str] = frozenset()
+    scu_role_syntaxes: FrozenSet[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class ContextOutcome:
+    """The outcome of one presentation context, with a reason for the log."""
+
+    id: int
+    abstract_syntax: str
+    result: int
+    transfer_syntax: Optional[str] = None
+    reason: str = ""
+    #: roles of the *requestor* on this context
+    requestor_scu: bool = True
+    requestor_scp: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        return self.result == P.PresentationContextAC.ACCEPTANCE
+
+    def describe(self) -> str:
+        name = uid_name(self.abstract_syntax)
+        if self.accepted:
+            return f"#{self.id} {name} accepted with {uid_name(self.transfer_syntax or '')}"
+        return f"#{self.id} {name} rejected: {CONTEXT_RESULTS.get(self.result, self.result)}" + (
+            f" ({self.reason})" if self.reason else ""
+        )
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """The agreed parameters of an established association."""
+
+    calling_ae_title: str
+    called_ae_title: str
+    contexts: Tuple[ContextOutcome, ...]
+    #: the longest P-DATA-TF PDU the peer takes (0: no limit)
+    peer_max_pdu: int
+    peer_implementation_class_uid: Optional[str] = None
+    peer_implementation_version_name: Optional[str] = None
+    notes: Tuple[str, ...] = ()
+
+    @property
+    def accepted(self) -> Dict[int, ContextOutcome]:
+        return {c.id: c for c in self.contexts if c.accepted}
+
+    def context_for(self, abstract_syntax: str, transfer_syntax: Optional[str] = None) -> Optional[ContextOutcome]:
+        """The first accepted context for ``abstract_syntax`` (and ``transfer_syntax`` if given)."""
+        for context in self.contexts:
+            if context.accepted and context.abstract_syntax == abstract_syntax:
+                if transfer_syntax is None or context.transfer_syntax == transfer_syntax:
+                    return context
+        return None
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    response: P.AssociateAC
+    negotiated: Negotiated
+
+
+@dataclass(frozen=True)
+class Rejection:
+    rejection: P.AssociateRJ
+    reason: str
+
+
+def _choose_transfer_syntax(proposed: Sequence[str], acceptable: Iterable[str], priority: Sequence[str]) -> Optional[str]:
+    acceptable_set = set(acceptable)
+    candidates = [ts for ts in proposed if ts in acceptable_set]
+    if not candidates:
+        return None
+    rank = {ts: index for index, ts in enumerate(priority)}
+    return min(candidates, key=lambda ts: (rank.get(ts, len(rank)), candidates.index(ts)))
+
+
+def negotiate_as_acceptor(
+    request: P.AssociateRQ,
+    policy: AcceptorPolicy,
+) -> Union[Acceptance, Rejection]:
+    """Decide on an A-ASSOCIATE-RQ as the AE ``policy`` describes."""
+    if request.application_context != APPLICATION_CONTEXT:
+        return Rejection(
+            P.AssociateRJ(1, 1, 2),
+            f"application context {request.application_context!r} is not the DICOM application context",
+        )
+    if request.called_ae_title != policy.ae_title:
+        return Rejection(
+            P.AssociateRJ(1, 1, 7),
+            f"called AE title {request.called_ae_title!r} is not this AE's ({policy.ae_title!r})",
+        )
+    if policy.allowed_calling_aets and request.calling_ae_title not in policy.allowed_calling_aets:
+        return Rejection(
+            P.AssociateRJ(1, 1, 3),
+            f"calling AE title {request.calling_ae_title!r} is not in allowed_calling_aets",
+        )
+
+    user_info = request.user_information
+    proposed_roles = {role.sop_class_uid: role for role in user_info.role_selections}
+    outcomes: List[ContextOutcome] = []
+    seen_ids = set()
+    for context in request.presentation_contexts:
+        outcomes.append(_negotiate_context(context, policy, proposed_roles, seen_ids))
+        seen_ids.add(context.id)
+
+    proposed_syntaxes = {c.abstract_syntax for c in request.presentation_contexts}
+    role_replies = tuple(
+        P.RoleSelection(uid, role.scu_role, role.scp_role and uid in policy.scu_role_syntaxes)
+        for uid, role in proposed_roles.items()
+        if uid in proposed_syntaxes
+    )
+    notes: List[str] = []
+    if user_info.user_identity_rq is not None:
+        notes.append("user identity negotiation proposed; not supported, no response sent")
+    if user_info.sop_class_extended:
+        notes.append("SOP class extended negotiation proposed; not supported")
+    if user_info.sop_class_common_extended:
+        notes.append("SOP class common extended negotiation proposed; not supported")
+    response_info = P.UserInformation(
+        maximum_length=policy.max_pdu,
+        implementation_class_uid=policy.implementation_class_uid,
+        implementation_version_name=policy.implementation_version_name,
+        # one outstanding operation each way (statement 3.x.1.3)
+        async_operations_window=P.AsyncOperationsWindow(1, 1) if user_info.async_operations_window else None,
+        role_selections=role_replies,
+    )
+    response = P.AssociateAC(
+        called_ae_title=request.called_ae_title,
+        calling_ae_title=request.calling_ae_title,
+        application_context=APPLICATION_CONTEXT,
+        presentation_contexts=tuple(
+            P.PresentationContextAC(o.id, o.result, o.transfer_syntax) for o in outcomes
+        ),
+        user_information=response_info,
+    )
+    negotiated = Negotiated(
+        calling_ae_title=request.calling_ae_title,
+        called_ae_title=request.called_ae_title,
+        contexts=tuple(outcomes),
+        peer_max_pdu=user_info.maximum_length or 0,
+        peer_implementation_class_uid=user_info.implementation_class_uid,
+        peer_implementation_version_name=user_info.implementation_version_name,
+        notes=tuple(notes),
+    )
+    return Acceptance(response, negotiated)
+
+
+def _negotiate_context(
+    context: P.PresentationContextRQ,
+    policy: AcceptorPolicy,
+    proposed_roles: Mapping[str, P.RoleSelection],
+    seen_ids: set,
+) -> ContextOutcome:
+    def reject(result: int, reason: str) -> ContextOutcome:
+        return ContextOutcome(context.id, context.abstract_syntax, result, None, reason)
+
+    if context.id % 2 == 0:
+        return reject(P.PresentationContextAC.NO_REASON, "presentation context ID is not odd")
+    if context.id in seen_ids:
+        return reject(P.PresentationContextAC.NO_REASON, "presentation context ID proposed twice")
+    acceptable = policy.abstract_syntaxes.get(context.abstract_syntax)
+    if acceptable is None:
+        return reject(P.PresentationContextAC.ABSTRACT_SYNTAX_NOT_SUPPORTED, "not supported by this AE")
+    chosen = _choose_transfer_syntax(context.transfer_syntaxes, acceptable, policy.transfer_syntax_priority)
+    if chosen is None:
+        offered = ", ".join(uid_name(ts) for ts in context.transfer_syntaxes) or "none"
+        return reject(P.PresentationContextAC.TRANSFER_SYNTAXES_NOT_SUPPORTED, f"offered: {offered}")
+    requestor_scu, requestor_scp = True, False
+    role = proposed_roles.get(context.abstract_syntax)
+    if role is not None:
+        requestor_scu = role.scu_role
+        requestor_scp = role.scp_role and context.abstract_syntax in policy.scu_role_syntaxes
+        if not requestor_scu and not requestor_scp:
+            return reject(
+                P.PresentationContextAC.USER_REJECTION,
+                "requestor proposed only the SCP role, which this AE does not take as SCU",
+            )
+    return ContextOutcome(
+        context.id, context.abstract_syntax, P.PresentationContextAC.ACCEPTANCE, chosen, "", requestor_scu, requestor_scp
+    )
+
+
+def propose(
+    calling_ae_title: str,
+    called_ae_title: str,
+    contexts: Sequence[Tuple[str, Sequence[str]]],
+    max_pdu: int,
+    implementation_class_uid: str,
+    implementation_version_name: Optional[str],
+) -> P.AssociateRQ:
+    """An A-ASSOCIATE-RQ proposing ``(abstract syntax, transfer syntaxes)`` pairs as contexts 1, 3, 5..."""
+    if not 0 < len(contexts) <= 128:
+        raise ValueError(f"between 1 and 128 presentation contexts may be proposed, not {len(contexts)}")
+    return P.AssociateRQ(
+        called_ae_title=called_ae_title,
+        calling_ae_title=calling_ae_title,
+        presentation_contexts=tuple(
+            P.PresentationContextRQ(2 * index + 1, abstract, tuple(transfers))
+            for index, (abstract, transfers) in enumerate(contexts)
+        ),
+        user_information=P.UserInformation(
+            maximum_length=max_pdu,
+            implementation_class_uid=implementation_class_uid,
+            implementation_version_name=implementation_version_name,
+        ),
+    )
+
+
+def negotiate_as_requestor(request: P.AssociateRQ, response: P.AssociateAC) -> Negotiated:
+    """The agreed parameters from our A-ASSOCIATE-RQ and the peer's A-ASSOCIATE-AC.
+
+    A context the peer accepted with a transfer syntax we did not propose, or
+    under an ID we did not use, is counted as rejected.
+    """
+    proposed = {c.id: c for c in request.presentation_contexts}
+    answered = {c.id: c for c in response.presentation_contexts}
+    outcomes: List[ContextOutcome] = []
+    for context_id, context in proposed.items():
+        answer = answered.get(context_id)
+        if answer is None:
+            outcomes.append(ContextOutcome(context_id, context.abstract_syntax, P.PresentationContextAC.NO_REASON, None, "not answered"))
+        elif answer.result != P.PresentationContextAC.ACCEPTANCE:
+            outcomes.append(ContextOutcome(context_id, context.abstract_syntax, answer.result))
+        elif answer.transfer_syntax not in context.transfer_syntaxes:
+            outcomes.append(
+                ContextOutcome(
+                    context_id, context.abstract_syntax, P.PresentationContextAC.NO_REASON, None,
+                    f"peer accepted unproposed transfer syntax {answer.transfer_syntax}",
+                )
+            )
+        else:
+            outcomes.append(ContextOutcome(context_id, context.abstract_syntax, 0, answer.transfer_syntax))
+    info = response.user_information
+    return Negotiated(
+        calling_ae_title=request.calling_ae_title,
+        called_ae_title=request.called_ae_title,
+        contexts=tuple(outcomes),
+        peer_max_pdu=info.maximum_length or 0,
+        peer_implementation_class_uid=info.implementation_class_uid,
+        peer_implementation_version_name=info.implementation_version_name,
+    )

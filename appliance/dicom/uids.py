@@ -1,0 +1,101 @@
+"""UIDs the appliance negotiates, with the conformance statement's tables corrected.
+
+Names come from pydicom's UID registry; only the lists (which classes each AE
+takes) are the project's.  The statement's misprinted UIDs are listed in
+``../shared/reference/ERRATA.md``; the values here are the standard's.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+from pydicom.uid import UID
+
+__all__ = [
+    "APPLICATION_CONTEXT",
+    "VERIFICATION",
+    "IMPLICIT_VR_LITTLE_ENDIAN",
+    "EXPLICIT_VR_LITTLE_ENDIAN",
+    "EXPLICIT_VR_BIG_ENDIAN",
+    "UNCOMPRESSED_TRANSFER_SYNTAXES",
+    "DEFAULT_TRANSFER_SYNTAX_PRIORITY",
+    "STUDY_ROOT_FIND",
+    "STUDY_ROOT_MOVE",
+    "CONFORMANCE_STORAGE_CLASSES",
+    "IMPLEMENTATION_CLASS_UID",
+    "IMPLEMENTATION_VERSION_NAME",
+    "uid_name",
+    "is_valid_uid",
+]
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+VERIFICATION = "1.2.840.10008.1.1"
+
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+
+UNCOMPRESSED_TRANSFER_SYNTAXES: Tuple[str, ...] = (
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+)
+
+#: Sections 3.1.3.x.4 and 3.2.3.x.4 of the statement: explicit big endian first.
+DEFAULT_TRANSFER_SYNTAX_PRIORITY: Tuple[str, ...] = (
+    EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+)
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+
+#: Tables 7 and 13 of the statement with the errata applied.
+CONFORMANCE_STORAGE_CLASSES: Tuple[str, ...] = (
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.20",  # Nuclear Medicine Image Storage
+    "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic Image Storage
+    "1.2.840.10008.5.1.4.1.1.12.2",  # X-Ray Radiofluoroscopic Image Storage
+    "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image Storage
+    "1.2.840.10008.5.1.4.1.1.6",  # Ultrasound Image Storage (Retired)
+    "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image Storage
+    "1.2.840.10008.5.1.4.1.1.3",  # Ultrasound Multi-frame Image Storage (Retired)
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.3",  # Digital Intra-Oral X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.481.1",  # RT Image Storage
+    "1.2.840.10008.5.1.4.1.1.77.1.1",  # VL Endoscopic Image Storage
+    "1.2.840.10008.5.1.4.1.1.77.1.2",  # VL Microscopic Image Storage
+    "1.2.840.10008.5.1.4.1.1.77.1.3",  # VL Slide-Coordinates Microscopic Image Storage
+    "1.2.840.10008.5.1.4.1.1.77.1.4",  # VL Photographic Image Storage
+)
+
+#: This project's own Implementation Class UID: the 2.25 (UUID-derived) root
+#: with the UUID c29d826f-cccb-41b1-be71-9019f59a5012 (PS3.5 B.2).
+IMPLEMENTATION_CLASS_UID = "2.25.258688067360018825259068602940714012690"
+IMPLEMENTATION_VERSION_NAME = "APPLIANCE_0_1"
+
+
+def uid_name(uid: str) -> str:
+    """The registry's name for ``uid``, or the UID itself when it is not registered."""
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
+def is_valid_uid(uid: str) -> bool:
+    """PS3.5 9.1: 1 to 64 characters of digits and dots, no empty or zero-led component."""
+    if not 0 < len(uid) <= 64:
+        return False
+    for component in uid.split("."):
+        if not component or not component.isdigit() or not component.isascii():
+            return False
+        if len(component) > 1 and component[0] == "0":
+            return False
+    return True

@@ -1,0 +1,47 @@
+"""The seams between the network adapters and the Application Entities."""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+__all__ = ["IServiceClass", "IDataSetConsumer"]
+
+
+class IDataSetConsumer(Interface):
+    """Receives a request's data set fragment by fragment, as it arrives.
+
+    A consumer that cannot keep up calls ``request.association.pause_reading()``
+    and ``resume_reading()``; the association never buffers a data set itself.
+    """
+
+    def write(data):
+        """Take the next fragment (bytes) of the data set."""
+
+    def finish():
+        """The data set is complete.  Return its result (or a Deferred of it),
+        which becomes ``request.data`` for :meth:`IServiceClass.handle`."""
+
+    def abandon(reason):
+        """The association ended before the data set was complete (reason: str)."""
+
+
+class IServiceClass(Interface):
+    """Serves the DIMSE requests on the abstract syntaxes it lists, as SCP."""
+
+    abstract_syntaxes = Attribute(
+        "Mapping of abstract syntax UID to the tuple of transfer syntax UIDs acceptable for it"
+    )
+
+    def open_data_set(request):
+        """Return the :class:`IDataSetConsumer` for the data set announced by
+        ``request`` (a :class:`appliance.net.protocol.DimseRequest`)."""
+
+    def handle(request):
+        """Serve ``request``, answering through ``request.respond(...)``.
+
+        Return ``None`` or a Deferred that fires once the final response is
+        sent; a failure becomes a C000-class response and is logged.
+        """
+
+    def cancel(request):
+        """A C-CANCEL-RQ arrived for ``request`` while it was being served."""

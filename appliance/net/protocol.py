@@ -1,0 +1,561 @@
+"""Twisted adapters for the DICOM Upper Layer: thin, and the only place bytes meet sockets.
+
+:class:`DicomProtocol` feeds received bytes to the sans-IO
+:class:`~appliance.dicom.ul.UpperLayer`, performs its transport requests in
+order (write, close, ARTIM via the injected ``IReactorTime``) and hands its
+indications to the role-specific subclass:
+
+* :class:`AcceptorProtocol` negotiates with the AE's policy and dispatches
+  DIMSE requests to the AE's :class:`~appliance.interfaces.IServiceClass`
+  providers, one operation at a time.
+* :class:`RequestorProtocol` (in :mod:`appliance.net.requestor`) proposes
+  contexts and exposes the association to SCU code.
+
+Each association ends with one log line: peer, AE titles, contexts accepted
+and rejected with reasons, outcome, duration and bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..dicom import dimse as D
+from ..dicom import pdu as P
+from ..dicom import status as S
+from ..dicom import ul
+from ..dicom.errors import DimseDecodeError
+from ..dicom.negotiation import (
+    Acceptance,
+    AcceptorPolicy,
+    ContextOutcome,
+    Negotiated,
+    describe_rejection,
+    negotiate_as_acceptor,
+)
+from ..interfaces import IDataSetConsumer, IServiceClass
+
+__all__ = [
+    "Timeouts",
+    "DicomProtocol",
+    "AcceptorProtocol",
+    "AcceptorFactory",
+    "DimseRequest",
+    "BufferedDataSet",
+    "DataSetTooLarge",
+]
+
+_log = Logger(namespace="appliance.association")
+
+#: When the peer announces no limit (0), we still send PDUs of at most this size.
+UNLIMITED_PDU_SEND_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds; ``None`` disables a timer.
+
+    ``artim``: waiting for the A-ASSOCIATE-RQ, and for the peer to close after
+    a release or abort.  ``association``: a requestor waiting for connection
+    and A-ASSOCIATE-AC.  ``dimse``: a requestor waiting for a response.
+    ``idle``: an established association on which nothing arrives.
+    """
+
+    artim: float = 30.0
+    association: float = 30.0
+    dimse: Optional[float] = 30.0
+    idle: Optional[float] = 300.0
+
+
+class DataSetTooLarge(Exception):
+    """A buffered data set exceeded its bound."""
+
+
+@dataclass
+class BufferedDataSet:
+    """An :class:`IDataSetConsumer` that keeps a small data set (an identifier) in memory, bounded."""
+
+    limit: int
+    parts: List[bytes] = field(default_factory=list)
+    size: int = 0
+    overflowed: bool = False
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            self.overflowed = True
+            self.parts.clear()
+        elif not self.overflowed:
+            self.parts.append(data)
+
+    def finish(self) -> bytes:
+        if self.overflowed:
+            raise DataSetTooLarge(f"data set of over {self.limit} bytes")
+        return b"".join(self.parts)
+
+    def abandon(self, reason: str) -> None:
+        self.parts.clear()
+
+
+@dataclass
+class AssociationRecord:
+    """What the end-of-association log line says."""
+
+    peer: str = "?"
+    calling: str = "?"
+    called: str = "?"
+    accepted: List[str] = field(default_factory=list)
+    rejected: List[str] = field(default_factory=list)
+    outcome: str = "connection closed before an A-ASSOCIATE-RQ"
+    started: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    messages: int = 0
+    notes: List[str] = field(default_factory=list)
+
+
+class DicomProtocol(Protocol):
+    """Common adapter for both roles; subclasses handle the indications."""
+
+    role: ul.Role
+
+    def __init__(self, clock: IReactorTime, timeouts: Timeouts, max_pdu: int) -> None:
+        self.clock = clock
+        self.timeouts = timeouts
+        self.max_pdu = max_pdu
+        self.ul = ul.UpperLayer(self.role, max_pdu)
+        self.assembler = D.MessageAssembler()
+        self.negotiated: Optional[Negotiated] = None
+        self.record = AssociationRecord()
+        self._artim = None
+        self._idle = None
+        self._closed = False
+        self._finished_log = False
+
+    # --- Twisted's side ----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.record.started = self.clock.seconds()
+        peer = self.transport.getPeer()
+        self.record.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            # without it every small PDU waits ~40 ms for a delayed ACK
+            set_no_delay(True)
+        self._process(self.ul.transport_connected())
+
+    def dataReceived(self, data: bytes) -> None:
+        self.record.bytes_in += len(data)
+        self._touch_idle()
+        self._process(self.ul.receive_data(data))
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._closed = True
+        self._cancel_idle()
+        self._process(self.ul.transport_closed())
+        self._cancel_artim()
+        self.association_ended()
+        self._log_summary()
+
+    # --- performing the core's outputs --------------------------------------
+
+    def _process(self, outputs: List[Any]) -> None:
+        for output in outputs:
+            kind = type(output)
+            if kind is ul.Send:
+                if not self._closed:
+                    self.record.bytes_out += len(output.data)
+                    self.transport.write(output.data)
+            elif kind is ul.CloseTransport:
+                if not self._closed:
+                    self.transport.loseConnection()
+            elif kind is ul.StartARTIM:
+                self._cancel_artim()
+                self._artim = self.clock.callLater(self.timeouts.artim, self._artim_fired)
+            elif kind is ul.StopARTIM:
+                self._cancel_artim()
+            elif kind is ul.OpenTransport:
+                pass  # the endpoint is already connecting: this protocol exists because of it
+            else:
+                self._indication(output)
+
+    def _artim_fired(self) -> None:
+        self._artim = None
+        if self.ul.state is ul.State.STA2:
+            self.record.outcome = f"no A-ASSOCIATE-RQ within {self.timeouts.artim:g} s (ARTIM expired)"
+        elif self.ul.state is ul.State.STA13 and "ARTIM" not in self.record.outcome:
+            self.record.notes.append("peer did not close the connection before ARTIM expired")
+        self._process(self.ul.artim_expired())
+
+    def _cancel_artim(self) -> None:
+        if self._artim is not None and self._artim.active():
+            self._artim.cancel()
+        self._artim = None
+
+    def _touch_idle(self) -> None:
+        if self.timeouts.idle is None or self.ul.state is not ul.State.STA6:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.timeouts.idle)
+        else:
+            self._idle = self.clock.callLater(self.timeouts.idle, self._idle_fired)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+
+    def _idle_fired(self) -> None:
+        self._idle = None
+        if self.operation_in_progress():
+            self._touch_idle()
+            return
+        self.abort(f"idle for {self.timeouts.idle:g} s")
+
+    # --- primitives for the user ---------------------------------------------
+
+    def abort(self, why: str) -> None:
+        """Send an A-ABORT (service-user source) and close once the peer closes or ARTIM fires."""
+        if self.ul.state in (ul.State.STA1, ul.State.STA13):
+            return
+        self.record.outcome = f"aborted by us: {why}"
+        self._cancel_idle()
+        self._process(self.ul.abort())
+
+    def pause_reading(self) -> None:
+        """Stop reading from the peer (flow control for slow consumers)."""
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.transport.resumeProducing()
+
+    def send_message(self, context_id: int, command: D.Command, data: Optional[bytes] = None) -> None:
+        """Send a DIMSE message: the command set, then the data set if any."""
+        if data is None:
+            command.CommandDataSetType = D.NO_DATA_SET
+        elif command.CommandDataSetType in (None, D.NO_DATA_SET):
+            command.CommandDataSetType = 0x0000
+        max_pdu = self.send_pdu_size()
+        for encoded in D.fragment(context_id, True, command.encode(), max_pdu):
+            self._process(self.ul.send_pdata(encoded))
+        if data is not None:
+            for encoded in D.fragment(context_id, False, data, max_pdu):
+                self._process(self.ul.send_pdata(encoded))
+        self.record.messages += 1
+
+    def send_pdu_size(self) -> int:
+        peer = self.negotiated.peer_max_pdu if self.negotiated else 0
+        return peer if peer else UNLIMITED_PDU_SEND_SIZE
+
+    # --- indications ----------------------------------------------------------
+
+    def _indication(self, output: Any) -> None:
+        kind = type(output)
+        if kind is ul.PDataIndication:
+            try:
+                events = self.assembler.receive(output.pdvs)
+                for pdv in output.pdvs:
+                    if self.negotiated is None or pdv.context_id not in self.negotiated.accepted:
+                        raise DimseDecodeError(f"PDV on presentation context {pdv.context_id}, which was not accepted")
+            except DimseDecodeError as error:
+                self._protocol_violation(str(error))
+                return
+            for event in events:
+                if self.ul.state not in (ul.State.STA6, ul.State.STA7):
+                    break
+                if type(event) is D.CommandReceived:
+                    self.command_received(event.context_id, event.command)
+                else:
+                    self.data_received(event.context_id, event.data, event.is_last)
+        elif kind is ul.AbortIndication:
+            self.record.outcome = f"aborted by the peer (A-ABORT source {output.source}, reason {output.reason})"
+        elif kind is ul.ProviderAbortIndication:
+            if not self.record.outcome.startswith("aborted by us"):
+                self.record.outcome = f"provider abort: {output.message}"
+        else:
+            self.role_indication(output)
+
+    def _protocol_violation(self, why: str) -> None:
+        """The peer broke DIMSE rules: A-ABORT with provider source, reason 'invalid PDU parameter value'."""
+        self.record.outcome = f"aborted by us: {why}"
+        if self.ul.state in (ul.State.STA1, ul.State.STA13):
+            return
+        self._cancel_idle()
+        self._process(self.ul.abort(P.AbortSource.SERVICE_PROVIDER, P.AbortReason.INVALID_PDU_PARAMETER_VALUE))
+
+    # --- for subclasses ---------------------------------------------------------
+
+    def role_indication(self, output: Any) -> None:
+        raise NotImplementedError
+
+    def command_received(self, context_id: int, command: D.Command) -> None:
+        raise NotImplementedError
+
+    def data_received(self, context_id: int, data: bytes, is_last: bool) -> None:
+        raise NotImplementedError
+
+    def operation_in_progress(self) -> bool:
+        return False
+
+    def association_ended(self) -> None:
+        """The transport is gone; release whatever the association held."""
+
+    def _log_summary(self) -> None:
+        if self._finished_log:
+            return
+        self._finished_log = True
+        record = self.record
+        duration = self.clock.seconds() - record.started if record.started else 0.0
+        _log.info(
+            "{role} {peer} {calling}->{called}: {outcome}; accepted [{accepted}]; rejected [{rejected}]; "
+            "{messages} messages, {bytes_in} bytes in, {bytes_out} bytes out, {duration:.3f} s{notes}",
+            role=self.role.value,
+            peer=record.peer,
+            calling=record.calling,
+            called=record.called,
+            outcome=record.outcome,
+            accepted="; ".join(record.accepted),
+            rejected="; ".join(record.rejected),
+            messages=record.messages,
+            bytes_in=record.bytes_in,
+            bytes_out=record.bytes_out,
+            duration=duration,
+            notes="".join(f"; {note}" for note in record.notes),
+        )
+
+
+@dataclass
+class DimseRequest:
+    """One DIMSE request received by an acceptor, with what it needs to answer."""
+
+    association: "AcceptorProtocol"
+    context: ContextOutcome
+    command: D.Command
+    service: Any
+    data: Any = None
+    consumer: Any = None
+    finished: bool = False
+    #: why the request cannot be served, when it cannot
+    problem: Optional[str] = None
+
+    @property
+    def message_id(self) -> int:
+        return self.command.MessageID
+
+    def respond(self, status: int, data: Optional[bytes] = None, **elements: Any) -> None:
+        """Send a response; a non-pending status ends the operation."""
+        self.association.respond(self, status, data, **elements)
+
+
+class AcceptorProtocol(DicomProtocol):
+    """An association accepted by one of our listening AEs."""
+
+    role = ul.Role.ACCEPTOR
+
+    def __init__(self, factory: "AcceptorFactory") -> None:
+        super().__init__(factory.clock, factory.timeouts, factory.policy.max_pdu)
+        self.factory = factory
+        self.current: Optional[DimseRequest] = None
+        self.record.called = factory.policy.ae_title
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        super().connectionMade()
+
+    def association_ended(self) -> None:
+        self.factory.connections -= 1
+        if self.negotiated is not None:
+            self.factory.associations -= 1
+        request, self.current = self.current, None
+        if request is not None and request.consumer is not None and not request.finished:
+            request.consumer.abandon(f"association ended: {self.record.outcome}")
+
+    def operation_in_progress(self) -> bool:
+        return self.current is not None
+
+    def role_indication(self, output: Any) -> None:
+        kind = type(output)
+        if kind is ul.AssociateIndication:
+            self._associate_indication(output.request)
+        elif kind is ul.AssociateRejected:  # our provider refused the protocol version
+            self.record.outcome = f"rejected: {describe_rejection(output.rejection)}"
+        elif kind is ul.ReleaseIndication:
+            if self.current is not None:
+                self.record.notes.append("release requested while an operation was in progress")
+            self.record.outcome = "released"
+            self._cancel_idle()
+            self._process(self.ul.respond_release())
+        else:
+            self.record.notes.append(f"unexpected {kind.__name__}")
+
+    def _associate_indication(self, request: P.AssociateRQ) -> None:
+        self.record.calling = request.calling_ae_title
+        self.record.called = request.called_ae_title
+        if self.factory.associations >= self.factory.max_associations:
+            rejection = P.AssociateRJ(2, 3, 2)
+            self.record.outcome = (
+                f"rejected: {describe_rejection(rejection)}; {self.factory.associations} of "
+                f"max_associations={self.factory.max_associations} in use"
+            )
+            self._process(self.ul.reject(rejection))
+            return
+        decision = negotiate_as_acceptor(request, self.factory.policy)
+        if not isinstance(decision, Acceptance):
+            self.record.outcome = f"rejected: {describe_rejection(decision.rejection)}; {decision.reason}"
+            self._process(self.ul.reject(decision.rejection))
+            return
+        self.negotiated = decision.negotiated
+        self.factory.associations += 1
+        for context in decision.negotiated.contexts:
+            (self.record.accepted if context.accepted else self.record.rejected).append(context.describe())
+        self.record.notes.extend(decision.negotiated.notes)
+        self.record.outcome = "aborted before release"
+        self._process(self.ul.accept(decision.response))
+        self._touch_idle()
+
+    # --- DIMSE dispatch ----------------------------------------------------------
+
+    def command_received(self, context_id: int, command: D.Command) -> None:
+        field_value = command.CommandField
+        if field_value == D.CommandField.C_CANCEL_RQ:
+            current = self.current
+            if current is not None and command.MessageIDBeingRespondedTo == current.message_id:
+                current.service.cancel(current)
+            # a C-CANCEL for an operation already finished is ignored (PS3.7 9.3.2.3)
+            return
+        if field_value & 0x8000:
+            self._protocol_violation(f"received a response ({_command_name(field_value)}) as acceptor")
+            return
+        if self.current is not None:
+            self._protocol_violation(
+                f"{_command_name(field_value)} arrived while message {self.current.message_id} was outstanding "
+                "(asynchronous operations are not negotiated)"
+            )
+            return
+        context = self.negotiated.accepted[context_id]
+        service = self.factory.services.get(context.abstract_syntax)
+        request = DimseRequest(self, context, command, service)
+        self.current = request
+        if command.MessageID is None:
+            request.service = None
+            request.problem = "Message ID (0000,0110) missing"
+        if command.has_data_set:
+            if service is not None and request.service is not None:
+                request.consumer = IDataSetConsumer(service.open_data_set(request))
+            else:
+                request.consumer = BufferedDataSet(0)
+            return
+        self._dispatch(request)
+
+    def data_received(self, context_id: int, data: bytes, is_last: bool) -> None:
+        request = self.current
+        if request is None or request.consumer is None:
+            self._protocol_violation("data set fragment with no request to take it")
+            return
+        request.consumer.write(data)
+        if is_last:
+            request.finished = True
+            d = defer.maybeDeferred(request.consumer.finish)
+            d.addCallbacks(self._data_complete, self._data_failed, callbackArgs=(request,), errbackArgs=(request,))
+
+    def _data_complete(self, result: Any, request: DimseRequest) -> None:
+        request.data = result
+        self._dispatch(request)
+
+    def _data_failed(self, failure: Failure, request: DimseRequest) -> None:
+        if request.service is None:
+            self._dispatch(request)
+            return
+        _log.failure("data set of {command} could not be taken", failure, command=_command_name(request.command.CommandField))
+        request.respond(S.CANNOT_UNDERSTAND, ErrorComment=_error_comment(failure.getErrorMessage()))
+
+    def _dispatch(self, request: DimseRequest) -> None:
+        service = request.service
+        field_value = request.command.CommandField
+        if service is None:
+            why = request.problem or f"no service for {request.context.abstract_syntax} on this AE"
+            request.respond(S.UNRECOGNIZED_OPERATION, ErrorComment=_error_comment(why))
+            return
+        d = defer.maybeDeferred(service.handle, request)
+        d.addErrback(self._service_failed, request)
+
+    def _service_failed(self, failure: Failure, request: DimseRequest) -> None:
+        _log.failure(
+            "{command} (message {message_id}) failed in its service",
+            failure,
+            command=_command_name(request.command.CommandField),
+            message_id=request.message_id,
+        )
+        if self.current is request and self.ul.state is ul.State.STA6:
+            request.respond(0xC001, ErrorComment=_error_comment(f"internal error: {failure.getErrorMessage()}"))
+
+    def respond(self, request: DimseRequest, status: int, data: Optional[bytes] = None, **elements: Any) -> None:
+        """Send a response to ``request``; a final status ends the operation."""
+        if self.current is not request:
+            return  # the association ended, or this request was already answered
+        rq = request.command
+        response = D.Command(
+            CommandField=(rq.CommandField or 0) | 0x8000,
+            MessageIDBeingRespondedTo=rq.MessageID or 0,
+            Status=status,
+        )
+        sop_class = rq.AffectedSOPClassUID or rq.RequestedSOPClassUID
+        if sop_class is not None:
+            response.AffectedSOPClassUID = sop_class
+        if rq.AffectedSOPInstanceUID is not None:
+            response.AffectedSOPInstanceUID = rq.AffectedSOPInstanceUID
+        for keyword, value in elements.items():
+            setattr(response, keyword, value)
+        if S.category(status) != "pending":
+            self.current = None
+        if self.ul.state in (ul.State.STA6, ul.State.STA8):
+            self.send_message(request.context.id, response, data)
+
+
+def _error_comment(text: str) -> str:
+    """An Error Comment (LO): at most 64 characters of ISO 646."""
+    return text.encode("ascii", "replace").decode("ascii")[:64]
+
+
+def _command_name(value: Optional[int]) -> str:
+    try:
+        return D.CommandField(value).label
+    except (ValueError, TypeError):
+        return f"command 0x{value or 0:04X}"
+
+
+class AcceptorFactory(Factory):
+    """Builds an :class:`AcceptorProtocol` per connection for one listening AE."""
+
+    protocol = AcceptorProtocol
+    noisy = False  # the association log line says what matters
+
+    def __init__(
+        self,
+        policy: AcceptorPolicy,
+        services: Dict[str, Any],
+        clock: IReactorTime,
+        timeouts: Timeouts,
+        max_associations: int,
+    ) -> None:
+        for service in set(services.values()):
+            IServiceClass(service)  # adapt or fail loudly
+        self.policy = policy
+        self.services = services
+        self.clock = clock
+        self.timeouts = timeouts
+        self.max_associations = max_associations
+        #: open transport connections, and established associations among them
+        self.connections = 0
+        self.associations = 0
+
+    def buildProtocol(self, addr) -> AcceptorProtocol:
+        protocol = self.protocol(self)
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,432 @@
+"""The requestor side: open an association to a remote AE and use it from SCU code.
+
+``yield connect(...)`` / ``await connect(...)`` gives an :class:`Association`
+once the peer accepted; requests return a :class:`ResponseStream` whose
+responses (pending ones included) arrive as Deferreds or through
+``async for``.  Rejections, aborts and timeouts arrive as the exceptions
+below, each saying why in words.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Deque, List, Optional, Sequence, Tuple
+
+from twisted.internet import defer, error as net_error
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+
+from ..dicom import dimse as D
+from ..dicom import pdu as P
+from ..dicom import status as S
+from ..dicom import ul
+from ..dicom.errors import DimseDecodeError
+from ..dicom.negotiation import Negotiated, describe_rejection, negotiate_as_requestor, propose
+from ..dicom.uids import UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATION
+from .protocol import BufferedDataSet, DicomProtocol, Timeouts
+
+__all__ = [
+    "AssociationError",
+    "AssociationRejected",
+    "AssociationAborted",
+    "AssociationTimeout",
+    "ConnectionFailed",
+    "Response",
+    "ResponseStream",
+    "Association",
+    "RequestorProtocol",
+    "connect",
+]
+
+
+class AssociationError(Exception):
+    """Base of the requestor's errors; ``str()`` says what happened."""
+
+
+class AssociationRejected(AssociationError):
+    def __init__(self, rejection: P.AssociateRJ) -> None:
+        super().__init__(f"association rejected: {describe_rejection(rejection)}")
+        self.rejection = rejection
+
+
+class AssociationAborted(AssociationError):
+    pass
+
+
+class AssociationTimeout(AssociationError):
+    pass
+
+
+class ConnectionFailed(AssociationError):
+    pass
+
+
+@dataclass(frozen=True)
+class Response:
+    """One DIMSE response: its command set and data set (bytes) if any."""
+
+    command: D.Command
+    data: Optional[bytes] = None
+
+    @property
+    def status(self) -> int:
+        return self.command.Status
+
+    @property
+    def pending(self) -> bool:
+        return S.category(self.status) == "pending"
+
+
+class ResponseStream:
+    """The responses to one request, pending ones first, the final one last.
+
+    ``async for response in stream`` or ``yield stream.next()``; ``final()``
+    collects them all and fires with the final response.
+    """
+
+    def __init__(self, association: "Association", message_id: int) -> None:
+        self.association = association
+        self.message_id = message_id
+        self.responses: List[Response] = []
+        self._queue: Deque[Any] = deque()
+        self._waiters: Deque[defer.Deferred] = deque()
+        self.done = False
+        self._ended = False
+
+    def _push(self, item: Any) -> None:
+        """A Response, or an exception ending the stream."""
+        if self._ended:
+            return
+        if isinstance(item, Exception) or not item.pending:
+            self._ended = True
+        if isinstance(item, Response):
+            self.responses.append(item)
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            if isinstance(item, Exception):
+                waiter.errback(item)
+            else:
+                waiter.callback(item)
+        else:
+            self._queue.append(item)
+        if self._ended:
+            while self._waiters:
+                self._waiters.popleft().errback(StopAsyncIteration())
+
+    def next(self) -> defer.Deferred:
+        """Fires with the next response; errbacks StopAsyncIteration after the final one."""
+        if self._queue:
+            item = self._queue.popleft()
+            if isinstance(item, Exception):
+                return defer.fail(item)
+            return defer.succeed(item)
+        if self._ended:
+            return defer.fail(StopAsyncIteration())
+        waiter = defer.Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def __aiter__(self) -> "ResponseStream":
+        return self
+
+    def __anext__(self) -> defer.Deferred:
+        return self.next()
+
+    def cancel(self) -> None:
+        """Send a C-CANCEL-RQ for this request."""
+        self.association.cancel(self.message_id)
+
+    async def final(self) -> Response:
+        last: Optional[Response] = None
+        async for response in self:
+            last = response
+        assert last is not None
+        return last
+
+
+class Association:
+    """An established association, as seen by SCU code."""
+
+    def __init__(self, protocol: "RequestorProtocol") -> None:
+        self._protocol = protocol
+        self._next_message_id = 1
+
+    @property
+    def negotiated(self) -> Negotiated:
+        return self._protocol.negotiated
+
+    @property
+    def peer_max_pdu(self) -> int:
+        return self.negotiated.peer_max_pdu
+
+    @property
+    def is_open(self) -> bool:
+        return self._protocol.ul.state is ul.State.STA6
+
+    def request(self, abstract_syntax: str, command: D.Command, data: Optional[bytes] = None,
+                transfer_syntax: Optional[str] = None) -> ResponseStream:
+        """Send a request on the first context accepted for ``abstract_syntax``."""
+        context = self.negotiated.context_for(abstract_syntax, transfer_syntax)
+        if context is None:
+            raise AssociationError(f"no accepted presentation context for {abstract_syntax}")
+        if not self.is_open:
+            raise AssociationError(f"the association is not open ({self._protocol.record.outcome})")
+        if self._protocol.outstanding is not None:
+            raise AssociationError("one request is outstanding already (no asynchronous operations)")
+        message_id = self._next_message_id
+        self._next_message_id = message_id % 0xFFFF + 1
+        command.MessageID = message_id
+        stream = ResponseStream(self, message_id)
+        self._protocol.outstanding = stream
+        self._protocol.send_message(context.id, command, data)
+        self._protocol.start_dimse_timer()
+        return stream
+
+    def echo(self) -> defer.Deferred:
+        """C-ECHO; fires with the response status."""
+        command = D.Command(CommandField=D.CommandField.C_ECHO_RQ, AffectedSOPClassUID=VERIFICATION)
+        stream = self.request(VERIFICATION, command)
+        return defer.ensureDeferred(stream.final()).addCallback(lambda response: response.status)
+
+    def cancel(self, message_id: int) -> None:
+        stream = self._protocol.outstanding
+        if stream is None or stream.message_id != message_id or not self.is_open:
+            return
+        context_id = self._protocol.outstanding_context
+        self._protocol.send_message(
+            context_id, D.Command(CommandField=D.CommandField.C_CANCEL_RQ, MessageIDBeingRespondedTo=message_id)
+        )
+
+    def release(self) -> defer.Deferred:
+        """A-RELEASE; fires when the peer confirmed and the connection closed."""
+        return self._protocol.release()
+
+    def abort(self, why: str = "aborted by the local user") -> None:
+        self._protocol.abort(why)
+
+
+class RequestorProtocol(DicomProtocol):
+    """Our side of an association we requested."""
+
+    role = ul.Role.REQUESTOR
+
+    def __init__(self, clock: IReactorTime, timeouts: Timeouts, request: P.AssociateRQ, max_pdu: int) -> None:
+        super().__init__(clock, timeouts, max_pdu)
+        self.request = request
+        self.established: defer.Deferred = defer.Deferred()
+        self.closed: defer.Deferred = defer.Deferred()
+        self.association: Optional[Association] = None
+        self.outstanding: Optional[ResponseStream] = None
+        self.outstanding_context: Optional[int] = None
+        self._response: Optional[D.Command] = None
+        self._response_data: Optional[BufferedDataSet] = None
+        self._dimse_timer = None
+        self._release_waiter: Optional[defer.Deferred] = None
+        self.record.calling = request.calling_ae_title
+        self.record.called = request.called_ae_title
+        self.record.outcome = "connection closed before the A-ASSOCIATE-AC"
+        self._process(self.ul.request_association(request))
+
+    def send_message(self, context_id: int, command: D.Command, data: Optional[bytes] = None) -> None:
+        if command.CommandField != D.CommandField.C_CANCEL_RQ:
+            self.outstanding_context = context_id
+        super().send_message(context_id, command, data)
+
+    # --- indications ---
+
+    def role_indication(self, output: Any) -> None:
+        kind = type(output)
+        if kind is ul.AssociateAccepted:
+            self.negotiated = negotiate_as_requestor(self.request, output.response)
+            for context in self.negotiated.contexts:
+                (self.record.accepted if context.accepted else self.record.rejected).append(context.describe())
+            self.record.outcome = "aborted before release"
+            self.association = Association(self)
+            self._touch_idle()
+            self._fire(self.established, self.association)
+        elif kind is ul.AssociateRejected:
+            self.record.outcome = f"rejected: {describe_rejection(output.rejection)}"
+            self._fire(self.established, AssociationRejected(output.rejection))
+        elif kind is ul.ReleaseConfirmation:
+            self.record.outcome = "released"
+        elif kind is ul.ReleaseIndication:
+            if output.collision:
+                # requestor side of a collision: answer the peer's request (AR-9 on Evt14 in Sta9)
+                self._process(self.ul.respond_release())
+            else:
+                self.record.notes.append("peer requested release")
+                self.record.outcome = "released by the peer"
+                self._process(self.ul.respond_release())
+
+    def command_received(self, context_id: int, command: D.Command) -> None:
+        stream = self.outstanding
+        if stream is None or command.MessageIDBeingRespondedTo != stream.message_id or not command.CommandField & 0x8000:
+            self._protocol_violation(f"unexpected {command.CommandField!r} message from the peer")
+            return
+        if command.Status is None:
+            self._protocol_violation("response without a Status (0000,0900)")
+            return
+        if command.has_data_set:
+            self._response = command
+            self._response_data = BufferedDataSet(limit=16 * 1024 * 1024)
+            return
+        self._deliver(Response(command))
+
+    def data_received(self, context_id: int, data: bytes, is_last: bool) -> None:
+        if self._response_data is None:
+            self._protocol_violation("data set fragment with no response to take it")
+            return
+        self._response_data.write(data)
+        if is_last:
+            buffered, command = self._response_data, self._response
+            self._response_data = self._response = None
+            try:
+                payload = buffered.finish()
+            except Exception as error:
+                self.abort(f"response data set refused: {error}")
+                return
+            self._deliver(Response(command, payload))
+
+    def _deliver(self, response: Response) -> None:
+        stream = self.outstanding
+        if not response.pending:
+            self.outstanding = None
+            self._cancel_dimse_timer()
+        else:
+            self.start_dimse_timer()
+        stream._push(response)
+
+    # --- timers ---
+
+    def start_dimse_timer(self) -> None:
+        self._cancel_dimse_timer()
+        if self.timeouts.dimse is not None:
+            self._dimse_timer = self.clock.callLater(self.timeouts.dimse, self._dimse_expired)
+
+    def _cancel_dimse_timer(self) -> None:
+        if self._dimse_timer is not None and self._dimse_timer.active():
+            self._dimse_timer.cancel()
+        self._dimse_timer = None
+
+    def _dimse_expired(self) -> None:
+        self._dimse_timer = None
+        self.abort(f"no response within {self.timeouts.dimse:g} s (DIMSE timeout)")
+
+    def operation_in_progress(self) -> bool:
+        return self.outstanding is not None
+
+    # --- release and the end ---
+
+    def release(self) -> defer.Deferred:
+        if self.ul.state is not ul.State.STA6:
+            return defer.fail(AssociationError(f"cannot release: association is {self.ul.state.value}"))
+        if self.outstanding is not None:
+            return defer.fail(AssociationError("cannot release while a request is outstanding"))
+        self._release_waiter = defer.Deferred()
+        self._cancel_idle()
+        self._process(self.ul.request_release())
+        return self._release_waiter
+
+    def association_ended(self) -> None:
+        self._cancel_dimse_timer()
+        outcome = self.record.outcome
+        if outcome.startswith("aborted") or outcome.startswith("provider abort"):
+            error: AssociationError = AssociationAborted(outcome)
+        elif outcome == "released" or outcome == "released by the peer":
+            error = AssociationAborted(f"association {outcome}")
+        else:
+            error = ConnectionFailed(outcome)
+        if not self.established.called:
+            self._fire(self.established, error)
+        if self.outstanding is not None:
+            stream, self.outstanding = self.outstanding, None
+            stream._push(error)
+        if self._release_waiter is not None and not self._release_waiter.called:
+            if outcome == "released":
+                self._release_waiter.callback(None)
+            else:
+                self._release_waiter.errback(error)
+        self.closed.callback(outcome)
+
+    @staticmethod
+    def _fire(d: defer.Deferred, result: Any) -> None:
+        if d.called:
+            return
+        if isinstance(result, Exception):
+            d.errback(result)
+        else:
+            d.callback(result)
+
+
+class _RequestorFactory(Factory):
+    noisy = False
+
+    def __init__(self, protocol: RequestorProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr) -> RequestorProtocol:
+        self._protocol.factory = self
+        return self._protocol
+
+
+def connect(
+    reactor,
+    host: str,
+    port: int,
+    calling_ae_title: str,
+    called_ae_title: str,
+    contexts: Sequence[Tuple[str, Sequence[str]]] = ((VERIFICATION, UNCOMPRESSED_TRANSFER_SYNTAXES),),
+    *,
+    max_pdu: int = 16384,
+    timeouts: Timeouts = Timeouts(),
+    implementation_class_uid: str,
+    implementation_version_name: Optional[str],
+    endpoint=None,
+) -> defer.Deferred:
+    """Open an association; fires with an :class:`Association` or fails with an :class:`AssociationError`.
+
+    ``endpoint`` replaces the plain TCP endpoint (TLS, or a test's in-memory one).
+    """
+    request = propose(calling_ae_title, called_ae_title, contexts, max_pdu, implementation_class_uid,
+                      implementation_version_name)
+    protocol = RequestorProtocol(reactor, timeouts, request, max_pdu)
+    if endpoint is None:
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeouts.association)
+    connecting = endpoint.connect(_RequestorFactory(protocol))
+    where = f"{called_ae_title} at {host}:{port}"
+
+    def connect_failed(failure):
+        if failure.check(net_error.ConnectionRefusedError):
+            raise ConnectionFailed(f"connection to {where} refused")
+        if failure.check(net_error.TimeoutError, defer.CancelledError):
+            raise AssociationTimeout(f"no connection to {where} within {timeouts.association:g} s")
+        if failure.check(net_error.DNSLookupError):
+            raise ConnectionFailed(f"cannot resolve host {host!r}")
+        raise ConnectionFailed(f"cannot connect to {where}: {failure.getErrorMessage()}")
+
+    connecting.addErrback(connect_failed)
+
+    timer = reactor.callLater(timeouts.association, lambda: _association_timeout(protocol, connecting, where, timeouts))
+
+    def connected(_):
+        return protocol.established
+
+    def stop_timer(result):
+        if timer.active():
+            timer.cancel()
+        return result
+
+    return connecting.addCallback(connected).addBoth(stop_timer)
+
+
+def _association_timeout(protocol: RequestorProtocol, connecting: defer.Deferred, where: str, timeouts: Timeouts) -> None:
+    if protocol.established.called:
+        return
+    if not connecting.called:
+        connecting.cancel()
+        return
+    protocol.record.outcome = f"aborted by us: no A-ASSOCIATE-AC from {where} within {timeouts.association:g} s"
+    protocol._fire(protocol.established, AssociationTimeout(f"no A-ASSOCIATE-AC from {where} within {timeouts.association:g} s"))
+    protocol._process(protocol.ul.abort())

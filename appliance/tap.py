@@ -1,0 +1,87 @@
+"""The composition root: ``twistd appliance --config PATH`` builds every enabled AE here."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import List, Tuple
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.python import usage
+
+from . import config as configuration
+from .ae.listeners import acceptor_factory, disk_server_services, memory_server_services
+
+__all__ = ["Options", "makeService", "check_ports"]
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH]"
+    longdesc = "Run the appliance's DICOM Application Entities as configured in PATH (TOML)."
+    optParameters = [
+        ["config", "c", configuration.DEFAULT_CONFIG_PATH, "The configuration file."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["appliance"] = configuration.load(self["config"])
+        except configuration.ConfigError as error:
+            raise usage.UsageError(str(error))
+
+
+def _listeners(config: configuration.ApplianceConfig) -> List[Tuple[str, configuration.ListenerConfig, list]]:
+    return [
+        ("disk_server", config.disk_server, disk_server_services()),
+        ("memory_server", config.memory_server, memory_server_services()),
+    ]
+
+
+def check_ports(config: configuration.ApplianceConfig) -> None:
+    """Fail with the file and key of a listener whose port cannot be bound, before any is bound for real."""
+    for section, listener, _ in _listeners(config):
+        if not listener.port:
+            continue
+        family = socket.AF_INET6 if ":" in listener.interface else socket.AF_INET
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((listener.interface, listener.port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                problem = f"{listener.interface}:{listener.port} is already in use"
+            elif error.errno == errno.EACCES:
+                problem = f"permission denied binding {listener.interface}:{listener.port} (ports below 1024 need root)"
+            elif error.errno == errno.EADDRNOTAVAIL:
+                problem = f"interface {listener.interface} is not an address of this machine"
+            else:
+                problem = f"cannot bind {listener.interface}:{listener.port}: {error.strerror}"
+            key = "port" if error.errno != errno.EADDRNOTAVAIL else "interface"
+            raise configuration.ConfigError(config.path, f"[{section}] {key}", problem) from None
+        except socket.gaierror as error:
+            raise configuration.ConfigError(config.path, f"[{section}] interface", f"{listener.interface!r}: {error}") from None
+        finally:
+            probe.close()
+
+
+def makeService(options, reactor=None) -> MultiService:
+    """Every enabled AE as a child service of one MultiService."""
+    if reactor is None:
+        from twisted.internet import reactor
+    config: configuration.ApplianceConfig = options["appliance"]
+    try:
+        check_ports(config)
+    except configuration.ConfigError as error:
+        raise usage.UsageError(str(error))
+    root = MultiService()
+    for section, listener, services in _listeners(config):
+        if not listener.port:
+            continue
+        factory = acceptor_factory(listener, config, services, reactor)
+        endpoint_class = TCP6ServerEndpoint if ":" in listener.interface else TCP4ServerEndpoint
+        endpoint = endpoint_class(reactor, listener.port, backlog=128, interface=listener.interface)
+        service = StreamServerEndpointService(endpoint, factory)
+        service.setName(section)
+        service.setServiceParent(root)
+    return root
