@@ -1,0 +1,1 @@
+"""Tests of the appliance, run with ``trial tests``."""
