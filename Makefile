@@ -1,0 +1,55 @@
+# Two commands matter: `make run` and `make test` (see README.md).
+# Both set up what a fresh Debian machine lacks, then run.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+SYSTEM_PYTHON ?= /usr/bin/python3
+VENV ?= .venv
+CONFIG ?= etc/appliance.toml
+export PYTHONPATH := $(CURDIR)
+
+# Debian packages: DCMTK for the interoperability tests, and the Python
+# libraries as Debian ships them, so the suite also runs on those versions.
+DEBIAN_PACKAGES := dcmtk python3-twisted python3-pydicom python3-openssl \
+	python3-service-identity python3-zope.interface python3-hypothesis \
+	python3-cryptography python3-venv
+
+.PHONY: run test test-pypi test-debian system-packages venv clean
+
+$(VENV)/.installed: setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet --upgrade $$($(PYTHON) tools/requirements.py install_requires test)
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(VENV)/bin/twistd --nodaemon --pidfile= appliance --config $(CONFIG)
+
+system-packages:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# The suite on the newest releases from PyPI.
+test-pypi: system-packages $(VENV)/.installed
+	$(VENV)/bin/python -m twisted.trial --temp-directory=_trial_temp.pypi tests | tee _trial_pypi.log
+
+# The suite on the versions Debian packages (the system Python and python3-*).
+test-debian: system-packages
+	$(SYSTEM_PYTHON) -m twisted.trial --temp-directory=_trial_temp.debian tests | tee _trial_debian.log
+
+test:
+	@status=0; \
+	$(MAKE) --no-print-directory test-pypi || status=1; \
+	$(MAKE) --no-print-directory test-debian || status=1; \
+	$(PYTHON) tools/trial_summary.py _trial_pypi.log _trial_debian.log || status=1; \
+	exit $$status
+
+clean:
+	rm -rf $(VENV) _trial_temp* _trial_*.log
