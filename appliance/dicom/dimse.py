@@ -33,6 +33,8 @@ __all__ = [
     "CommandReceived",
     "DataReceived",
     "MessageAssembler",
+    "REQUIRED_ELEMENTS",
+    "request_problem",
 ]
 
 #: Command Data Set Type value meaning "no data set follows" (PS3.7 E.1).
@@ -77,6 +79,35 @@ class Priority(enum.IntEnum):
     MEDIUM = 0x0000
     HIGH = 0x0001
     LOW = 0x0002
+
+
+#: Elements PS3.7 section 9.3 makes mandatory in each request (M in its tables).
+REQUIRED_ELEMENTS: Dict[int, Tuple[str, ...]] = {
+    0x0001: ("AffectedSOPClassUID", "MessageID", "Priority", "CommandDataSetType", "AffectedSOPInstanceUID"),
+    0x0020: ("AffectedSOPClassUID", "MessageID", "Priority", "CommandDataSetType"),
+    0x0021: ("AffectedSOPClassUID", "MessageID", "Priority", "CommandDataSetType", "MoveDestination"),
+    0x0010: ("AffectedSOPClassUID", "MessageID", "Priority", "CommandDataSetType"),
+    0x0030: ("AffectedSOPClassUID", "MessageID", "CommandDataSetType"),
+    0x0FFF: ("MessageIDBeingRespondedTo", "CommandDataSetType"),
+}
+#: Requests that must carry a data set (an identifier, or the object to store).
+REQUIRES_DATA_SET = frozenset({0x0001, 0x0020, 0x0021, 0x0010})
+
+
+def request_problem(command: "Command") -> Optional[str]:
+    """Why ``command`` is not a well-formed request of its kind (PS3.7 9.3), or None."""
+    field_value = command.CommandField
+    required = REQUIRED_ELEMENTS.get(field_value)
+    if required is None:
+        return None
+    missing = [keyword for keyword in required if keyword not in command]
+    if missing:
+        return "missing " + ", ".join(missing)
+    if field_value in REQUIRES_DATA_SET and not command.has_data_set:
+        return "no data set announced"
+    if field_value == 0x0030 and command.has_data_set:
+        return "C-ECHO-RQ must not carry a data set"
+    return None
 
 
 _UL = struct.Struct("<L")

@@ -249,6 +249,23 @@ class DicomProtocol(Protocol):
                 self._process(self.ul.send_pdata(encoded))
         self.record.messages += 1
 
+    def send_message_from_file(self, context_id: int, command: D.Command, source, length: int) -> defer.Deferred:
+        """Send a command and a data set of ``length`` bytes read from the file object ``source``.
+
+        The data set is read one PDU at a time, only when the transport asks
+        for more (a pull producer), so a slow peer never makes us hold more
+        than one PDU of it.  Fires once the last fragment is written; fails
+        if the association ends first or the file is shorter than ``length``.
+        """
+        command.CommandDataSetType = 0x0000
+        max_pdu = self.send_pdu_size()
+        for encoded in D.fragment(context_id, True, command.encode(), max_pdu):
+            self._process(self.ul.send_pdata(encoded))
+        self.record.messages += 1
+        sender = _DataSetSender(self, context_id, source, length, D.fragment_sizes(max_pdu))
+        self.transport.registerProducer(sender, False)
+        return sender.done
+
     def send_pdu_size(self) -> int:
         peer = self.negotiated.peer_max_pdu if self.negotiated else 0
         return peer if peer else UNLIMITED_PDU_SEND_SIZE
@@ -328,6 +345,55 @@ class DicomProtocol(Protocol):
             duration=duration,
             notes="".join(f"; {note}" for note in record.notes),
         )
+
+
+class _DataSetSender:
+    """A pull producer writing one data set fragment per ``resumeProducing``."""
+
+    def __init__(self, protocol: DicomProtocol, context_id: int, source, length: int, chunk: int) -> None:
+        self.protocol = protocol
+        self.context_id = context_id
+        self.source = source
+        self.remaining = length
+        self.chunk = chunk
+        self.done: defer.Deferred = defer.Deferred()
+
+    def resumeProducing(self) -> None:
+        if self.done.called:
+            return
+        if self.protocol.ul.state not in (ul.State.STA6, ul.State.STA8):
+            self._finish(ConnectionError(f"association ended while sending: {self.protocol.record.outcome}"))
+            return
+        size = min(self.chunk, self.remaining)
+        data = self.source.read(size) if size else b""
+        if len(data) != size:
+            self._finish(EOFError(f"data set source ended {self.remaining - len(data)} bytes early"))
+            self.protocol.abort("data set source ended early")
+            return
+        self.remaining -= size
+        last = self.remaining == 0
+        for encoded in D.fragment(self.context_id, False, data, self.chunk + 6, last=last):
+            self.protocol._process(self.protocol.ul.send_pdata(encoded))
+        if last:
+            self._finish(None)
+
+    def stopProducing(self) -> None:
+        self._finish(ConnectionError("transport closed while sending a data set"))
+
+    def pauseProducing(self) -> None:  # only called on push producers; harmless here
+        pass
+
+    def _finish(self, error: Optional[Exception]) -> None:
+        if self.done.called:
+            return
+        try:
+            self.protocol.transport.unregisterProducer()
+        except Exception:  # the transport may already be gone
+            pass
+        if error is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(error)
 
 
 @dataclass
@@ -442,14 +508,16 @@ class AcceptorProtocol(DicomProtocol):
         service = self.factory.services.get(context.abstract_syntax)
         request = DimseRequest(self, context, command, service)
         self.current = request
-        if command.MessageID is None:
-            request.service = None
-            request.problem = "Message ID (0000,0110) missing"
+        request.problem = D.request_problem(command)
+        if request.problem is None and command.AffectedSOPClassUID not in (None, context.abstract_syntax):
+            request.problem = (
+                f"SOP class {command.AffectedSOPClassUID} is not context {context_id}'s {context.abstract_syntax}"
+            )
         if command.has_data_set:
-            if service is not None and request.service is not None:
+            if service is not None and request.problem is None:
                 request.consumer = IDataSetConsumer(service.open_data_set(request))
             else:
-                request.consumer = BufferedDataSet(0)
+                request.consumer = BufferedDataSet(0)  # drained, then answered with the problem
             return
         self._dispatch(request)
 
@@ -469,7 +537,7 @@ class AcceptorProtocol(DicomProtocol):
         self._dispatch(request)
 
     def _data_failed(self, failure: Failure, request: DimseRequest) -> None:
-        if request.service is None:
+        if request.service is None or request.problem is not None:
             self._dispatch(request)
             return
         _log.failure("data set of {command} could not be taken", failure, command=_command_name(request.command.CommandField))
@@ -477,9 +545,12 @@ class AcceptorProtocol(DicomProtocol):
 
     def _dispatch(self, request: DimseRequest) -> None:
         service = request.service
-        field_value = request.command.CommandField
+        if request.problem is not None:
+            # PS3.7 9.3: a request without its mandatory elements cannot be understood
+            request.respond(S.CANNOT_UNDERSTAND, ErrorComment=_error_comment(request.problem))
+            return
         if service is None:
-            why = request.problem or f"no service for {request.context.abstract_syntax} on this AE"
+            why = f"no service for {request.context.abstract_syntax} on this AE"
             request.respond(S.UNRECOGNIZED_OPERATION, ErrorComment=_error_comment(why))
             return
         d = defer.maybeDeferred(service.handle, request)
