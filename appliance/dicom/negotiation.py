@@ -10,6 +10,7 @@ send and the reason in words, for the log).  :func:`propose` and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import pdu as P
@@ -134,8 +135,9 @@ class Negotiated:
     peer_implementation_version_name: Optional[str] = None
     notes: Tuple[str, ...] = ()
 
-    @property
+    @cached_property
     def accepted(self) -> Dict[int, ContextOutcome]:
+        """Accepted contexts by ID (looked up for every PDV received)."""
         return {c.id: c for c in self.contexts if c.accepted}
 
     def context_for(self, abstract_syntax: str, transfer_syntax: Optional[str] = None) -> Optional[ContextOutcome]:
