@@ -317,6 +317,14 @@ class RequestorProtocol(DicomProtocol):
     def operation_in_progress(self) -> bool:
         return self.outstanding is not None
 
+    def abort(self, why: str) -> None:
+        """A-ABORT; an outstanding request fails at once rather than when the connection closes."""
+        super().abort(why)
+        if self.outstanding is not None:
+            stream, self.outstanding = self.outstanding, None
+            self._cancel_dimse_timer()
+            stream._push(AssociationAborted(f"aborted by us: {why}"))
+
     # --- release and the end ---
 
     def release(self) -> defer.Deferred:
