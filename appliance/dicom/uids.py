@@ -26,6 +26,9 @@ __all__ = [
     "IMPLEMENTATION_VERSION_NAME",
     "uid_name",
     "is_valid_uid",
+    "is_received_uid",
+    "registry_storage_classes",
+    "STORAGE_TRANSFER_SYNTAXES",
 ]
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -87,6 +90,48 @@ def uid_name(uid: str) -> str:
     """The registry's name for ``uid``, or the UID itself when it is not registered."""
     name = UID(uid).name
     return name if name and name != uid else uid
+
+
+_TRANSFER_SYNTAXES_COMPRESSED = (
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 SV1)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Lossy (Near-Lossless)
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Image Compression (Lossless Only)
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000 Image Compression
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+#: What the Disk-Server stores as received: the uncompressed syntaxes and the
+#: common compressed ones, never decoded on the way in.
+STORAGE_TRANSFER_SYNTAXES: Tuple[str, ...] = UNCOMPRESSED_TRANSFER_SYNTAXES + _TRANSFER_SYNTAXES_COMPRESSED
+
+
+def registry_storage_classes() -> Tuple[str, ...]:
+    """Every Storage SOP Class in pydicom's UID registry (Storage Commitment is not storage)."""
+    from pydicom._uid_dict import UID_dictionary
+
+    return tuple(
+        sorted(
+            uid
+            for uid, (name, kind, *_rest) in UID_dictionary.items()
+            if kind == "SOP Class" and "Storage" in name and "Commitment" not in name
+        )
+    )
+
+
+def is_received_uid(uid: str) -> bool:
+    """A UID as PS3.5 9.1 spells it at the least: 1 to 64 characters, digits in dot-separated components.
+
+    Laxer than :func:`is_valid_uid` (leading zeros, which some devices send,
+    pass); enough to refuse anything that is not a UID at all (``..``,
+    ``../x``, NUL, more than 64 characters).
+    """
+    if not 0 < len(uid) <= 64:
+        return False
+    return all(component.isdigit() and component.isascii() for component in uid.split("."))
 
 
 def is_valid_uid(uid: str) -> bool:

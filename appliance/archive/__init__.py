@@ -1,0 +1,1 @@
+"""The Disk-Server's archive: files, SQLite index, storage management."""

@@ -1,0 +1,241 @@
+"""The archive as the Disk-Server sees it: asynchronous, never blocking the reactor.
+
+File work runs on an I/O thread pool; index work on one database thread,
+which also installs each object into place so that commits are serialised.
+Every method returns a Deferred (or is a coroutine), and all bookkeeping
+(archive size, pinned studies) lives in the reactor thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Callable, Dict, List, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .eviction import StorageLimits, plan, shortfall
+from .index import ArchiveIndex, InstanceRow
+from .metadata import ObjectMetadata
+from .store import ObjectStore, TempObject
+
+__all__ = ["Archive", "OutOfResources", "Duplicate", "StoredObject", "StoreOutcome", "Runner"]
+
+#: ``runner(f, *args, **kwargs) -> Deferred``: where blocking work runs.
+Runner = Callable[..., defer.Deferred]
+
+_log = Logger(namespace="appliance.archive")
+
+
+class OutOfResources(Exception):
+    """No room for the object (A700)."""
+
+
+class Duplicate(Exception):
+    """The SOP instance is stored already and on_duplicate is 'reject'."""
+
+
+class StoreOutcome(enum.Enum):
+    STORED = "stored"
+    REPLACED = "replaced"
+    KEPT_EXISTING = "kept existing"
+
+
+@dataclass
+class StoredObject:
+    """A received object, sealed in a temporary file and described, ready to commit."""
+
+    temp: TempObject
+    metadata: ObjectMetadata
+    transfer_syntax: str
+    source_ae: str
+    coerced: bool = False
+
+
+@dataclass
+class _Pins:
+    counts: Dict[str, int] = field(default_factory=dict)
+
+    def add(self, uid: str) -> None:
+        self.counts[uid] = self.counts.get(uid, 0) + 1
+
+    def remove(self, uid: str) -> None:
+        left = self.counts.get(uid, 0) - 1
+        if left > 0:
+            self.counts[uid] = left
+        else:
+            self.counts.pop(uid, None)
+
+    def __contains__(self, uid: str) -> bool:
+        return uid in self.counts
+
+
+class Archive:
+    """The filesystem archive and its index, with storage management."""
+
+    def __init__(
+        self,
+        root: str,
+        limits: StorageLimits,
+        on_duplicate: str,
+        clock,
+        io: Runner,
+        db: Runner,
+    ) -> None:
+        if on_duplicate not in ("replace", "keep", "reject"):
+            raise ValueError(f"on_duplicate must be replace, keep or reject, not {on_duplicate!r}")
+        self.root = root
+        self.limits = limits
+        self.on_duplicate = on_duplicate
+        self.clock = clock
+        self.io = io
+        self.db = db
+        self.store = ObjectStore(root)
+        self.index_path = os.path.join(root, "index.sqlite")
+        self.index = ArchiveIndex(self.index_path)
+        self.size = self.index.total_size()
+        self.pins = _Pins()
+        self.started_at = clock.seconds()
+
+    def close(self) -> None:
+        self.index.close()
+
+    # --- pins: studies being written or retrieved are never evicted ----------------
+
+    def pin(self, study_uid: str) -> None:
+        self.pins.add(study_uid)
+
+    def unpin(self, study_uid: str) -> None:
+        self.pins.remove(study_uid)
+
+    # --- receiving ----------------------------------------------------------------
+
+    def open_temp(self) -> defer.Deferred:
+        return self.io(self.store.open_temp)
+
+    def write(self, temp: TempObject, chunks: List[bytes]) -> defer.Deferred:
+        return self.io(self.store.write, temp, chunks)
+
+    def discard(self, temp: TempObject) -> defer.Deferred:
+        return self.io(self.store.discard, temp)
+
+    async def commit(self, obj: StoredObject) -> StoreOutcome:
+        """Make room if needed, install the file, index it; only then is the object stored.
+
+        Raises :class:`OutOfResources` or :class:`Duplicate`; the temporary
+        file is gone whatever happens.
+        """
+        study_uid = obj.metadata.study_instance_uid
+        self.pin(study_uid)
+        try:
+            await self._make_room(obj.temp.size)
+            outcome, previous, size_delta = await self.db(self._install, obj, self.clock.seconds())
+        except BaseException:
+            yield_ = self.io(self.store.discard, obj.temp)
+            await yield_
+            raise
+        finally:
+            self.unpin(study_uid)
+        self.size += size_delta
+        if previous is not None:
+            await self.io(self.store.remove, previous.path)
+        return outcome
+
+    def _install(self, obj: StoredObject, now: float):
+        """Database thread: duplicate policy, rename into place, index commit."""
+        meta = obj.metadata
+        existing = self.index.lookup(meta.sop_instance_uid)
+        if existing is not None and self.on_duplicate == "keep":
+            self.store.discard(obj.temp)
+            self.index.touch_studies([existing.study_uid], now)
+            return StoreOutcome.KEPT_EXISTING, None, 0
+        if existing is not None and self.on_duplicate == "reject":
+            self.store.discard(obj.temp)
+            raise Duplicate(f"SOP instance {meta.sop_instance_uid} is stored already (on_duplicate = reject)")
+        relative = self.store.relative_path_for(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid)
+        self.store.install(obj.temp, relative)
+        try:
+            previous = self.index.add(meta, relative, obj.temp.size, obj.transfer_syntax, obj.source_ae, now)
+        except BaseException:
+            self.store.remove(relative)
+            raise
+        delta = obj.temp.size - (previous.size if previous else 0)
+        return (StoreOutcome.REPLACED if previous else StoreOutcome.STORED), previous, delta
+
+    # --- storage management ----------------------------------------------------------
+
+    async def _make_room(self, incoming: int) -> None:
+        free = await self.io(self.store.free_space)
+        # the temporary file already takes its room on disk
+        short = shortfall(self.limits, self.size, free + incoming, incoming)
+        if short.needed <= 0:
+            return
+        if not self.limits.auto_delete:
+            raise OutOfResources(f"archive full ({short.reason}) and auto_delete is off")
+        freed = await self.evict(short.target)
+        if freed < short.needed:
+            raise OutOfResources(
+                f"archive full ({short.reason}); eviction freed {freed} of {short.needed} bytes needed"
+                " (the rest is protected or in use)"
+            )
+
+    async def eviction_plan(self, target: int, limit: int = 100000):
+        candidates = await self.db(lambda: list(islice(self.index.eviction_order(), limit)))
+        return plan(candidates, set(self.pins.counts), target)
+
+    async def evict(self, target: int) -> int:
+        """Evict least recently accessed studies until ``target`` bytes are freed; return bytes freed."""
+        uids, _ = await self.eviction_plan(target)
+        freed = 0
+        for study_uid in uids:
+            if study_uid in self.pins:  # pinned while we were deciding
+                continue
+            freed += await self.delete_study(study_uid, why="evicted (least recently accessed)")
+            if freed >= target:
+                break
+        return freed
+
+    async def delete_study(self, study_uid: str, why: str = "deleted") -> int:
+        """Remove a study: files first, then rows, so a crash never leaves a row without its file."""
+        rows: List[InstanceRow] = await self.db(self.index.study_instances, study_uid)
+        if not rows:
+            return 0
+        for row in rows:
+            await self.io(self.store.remove, row.path)
+        await self.db(self.index.delete_instances, [row.sop_uid for row in rows])
+        freed = sum(row.size for row in rows)
+        self.size -= freed
+        _log.info("study {study} {why}: {count} instances, {size} bytes", study=study_uid, why=why,
+                  count=len(rows), size=freed)
+        return freed
+
+    def touch(self, study_uids: List[str]) -> defer.Deferred:
+        """Mark studies accessed now (stored, retrieved or viewed)."""
+        return self.db(self.index.touch_studies, list(study_uids), self.clock.seconds())
+
+    # --- start-up reconciliation --------------------------------------------------------
+
+    def reconcile(self) -> defer.Deferred:
+        """Remove what interrupted stores left, and rows whose files vanished; fires with the counts."""
+        return self.io(_reconcile, self.store, self.index_path, self.started_at)
+
+
+def _reconcile(store: ObjectStore, index_path: str, started_before: float):
+    index = ArchiveIndex(index_path)  # a connection of this thread's own
+    try:
+        temps, orphans = store.reconcile(index.has_path, started_before)
+        missing = [row for row in index.all_instances() if not os.path.exists(store.absolute(row.path))]
+        index.delete_instances([row.sop_uid for row in missing])
+    finally:
+        index.close()
+    for name in temps:
+        _log.info("removed the unfinished temporary file {name} of an interrupted store", name=name)
+    for path in orphans:
+        _log.warn("removed {path}: stored but never indexed (a store interrupted before its commit)", path=path)
+    for row in missing:
+        _log.error("index row for SOP instance {sop} pointed to missing file {path}; row removed",
+                   sop=row.sop_uid, path=row.path)
+    return len(temps), len(orphans), len(missing)

@@ -1,0 +1,242 @@
+"""The archive's files: Part 10 objects under names made from hashes of their UIDs.
+
+Synchronous, called from worker threads.  The durability protocol of one
+object is: write to ``tmp/`` and fsync; rename into ``objects/`` and fsync the
+directory; only then does the caller commit the index and acknowledge.
+Every stored version gets a file name of its own (hash of the SOP Instance
+UID plus a unique suffix), so replacing an instance never overwrites the
+file the index still points to; files the index does not name were never
+acknowledged and are removed by :meth:`ObjectStore.reconcile`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Set, Tuple
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+
+__all__ = ["ObjectStore", "part10_header", "uid_hash", "pixel_data_coercion"]
+
+_TMP = "tmp"
+_OBJECTS = "objects"
+
+
+def uid_hash(uid: str) -> str:
+    """A file-system-safe name for a UID: its SHA-256, hex."""
+    return hashlib.sha256(uid.encode("ascii")).hexdigest()
+
+
+def part10_header(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    implementation_class_uid: str,
+    implementation_version_name: Optional[str],
+    source_ae_title: Optional[str],
+) -> bytes:
+    """Preamble, 'DICM' and the File Meta Information (PS3.10 7.1) for a received object."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(implementation_class_uid)
+    if implementation_version_name:
+        meta.ImplementationVersionName = implementation_version_name
+    if source_ae_title:
+        meta.SourceApplicationEntityTitle = source_ae_title
+    buffer = io.BytesIO()
+    buffer.write(bytes(128) + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pixel_data_coercion(handle, pixel_offset: int, big_endian: bool, length: int) -> None:
+    """Rewrite a top-level Pixel Data element from OW to OB in place (explicit VR only).
+
+    ``pixel_offset`` is where the element's tag starts.  In big endian OW
+    holds byte-swapped 16-bit words, so the bytes of each pair are swapped
+    back into plain byte order.
+    """
+    handle.seek(pixel_offset + 4)
+    if handle.read(2) != b"OW":
+        raise ValueError("Pixel Data is not encoded as OW")
+    handle.seek(pixel_offset + 4)
+    handle.write(b"OB")
+    if not big_endian or length in (0, 0xFFFFFFFF):
+        return
+    start = pixel_offset + 12
+    chunk = 1 << 20
+    done = 0
+    while done < length:
+        size = min(chunk, length - done)
+        handle.seek(start + done)
+        data = bytearray(handle.read(size))
+        if len(data) % 2:
+            data = data[:-1]
+        data[0::2], data[1::2] = data[1::2], data[0::2]
+        handle.seek(start + done)
+        handle.write(data)
+        done += len(data) or size
+
+
+@dataclass
+class TempObject:
+    """A file being received; ``size`` counts the bytes written so far."""
+
+    path: str
+    handle: object
+    size: int = 0
+
+
+class ObjectStore:
+    """Files of the archive under ``root``."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.tmp = os.path.join(root, _TMP)
+        self.objects = os.path.join(root, _OBJECTS)
+        for path in (self.root, self.tmp, self.objects):
+            os.makedirs(path, exist_ok=True)
+
+    # --- receiving ---------------------------------------------------------
+
+    def open_temp(self) -> TempObject:
+        path = os.path.join(self.tmp, secrets.token_hex(16) + ".part")
+        handle = open(path, "x+b")  # read back for the OW to OB coercion
+        return TempObject(path, handle)
+
+    @staticmethod
+    def write(temp: TempObject, chunks: List[bytes]) -> None:
+        """Append chunks; ENOSPC and other OSErrors propagate to the caller."""
+        for chunk in chunks:
+            temp.handle.write(chunk)
+            temp.size += len(chunk)
+
+    @staticmethod
+    def seal(temp: TempObject) -> None:
+        """Flush and fsync the temporary file, and close it."""
+        handle = temp.handle
+        try:
+            handle.flush()
+            os.fsync(handle.fileno())
+        finally:
+            handle.close()
+
+    @staticmethod
+    def discard(temp: TempObject) -> None:
+        try:
+            temp.handle.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(temp.path)
+        except FileNotFoundError:
+            pass
+
+    def relative_path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """objects/<study hash[:2]>/<study hash>/<series hash>/<sop hash>.<unique>.dcm, relative to root."""
+        study = uid_hash(study_uid)
+        return os.path.join(
+            _OBJECTS, study[:2], study[:40], uid_hash(series_uid)[:40],
+            f"{uid_hash(sop_uid)}.{secrets.token_hex(4)}.dcm",
+        )
+
+    def install(self, temp: TempObject, relative_path: str) -> None:
+        """Rename the sealed temporary file into place, durably."""
+        target = self.absolute(relative_path)
+        directory = os.path.dirname(target)
+        created = []
+        probe = directory
+        while not os.path.isdir(probe):
+            created.append(probe)
+            probe = os.path.dirname(probe)
+        os.makedirs(directory, exist_ok=True)
+        os.replace(temp.path, target)
+        _fsync_directory(directory)
+        for path in created:  # new directories must themselves be durable entries of their parents
+            _fsync_directory(os.path.dirname(path))
+        _fsync_directory(self.tmp)
+
+    def absolute(self, relative_path: str) -> str:
+        path = os.path.normpath(os.path.join(self.root, relative_path))
+        if os.path.commonpath([path, self.objects]) != self.objects:
+            raise ValueError(f"{relative_path!r} is outside the archive")
+        return path
+
+    # --- removing ---------------------------------------------------------------
+
+    def remove(self, relative_path: str) -> bool:
+        """Delete a stored file durably and prune empty directories; False if it was already gone."""
+        path = self.absolute(relative_path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        directory = os.path.dirname(path)
+        _fsync_directory(directory)
+        while directory != self.objects:
+            try:
+                os.rmdir(directory)
+            except OSError as error:
+                if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    break
+                raise
+            directory = os.path.dirname(directory)
+        return True
+
+    # --- reconciling --------------------------------------------------------------
+
+    def stored_files(self) -> Iterator[Tuple[str, float]]:
+        """(relative path, mtime) of every file under objects/."""
+        for directory, _, files in os.walk(self.objects):
+            for name in files:
+                path = os.path.join(directory, name)
+                try:
+                    mtime = os.stat(path).st_mtime
+                except FileNotFoundError:
+                    continue
+                yield os.path.relpath(path, self.root), mtime
+
+    def reconcile(self, is_indexed, started_before: float) -> Tuple[List[str], List[str]]:
+        """Remove leftovers of interrupted stores.
+
+        Temporary files older than ``started_before`` and stored files the
+        index does not name (``is_indexed(relative path)`` is false) were
+        never acknowledged: they are deleted.  Returns (temporary files
+        removed, orphan files removed).
+        """
+        temps: List[str] = []
+        for name in os.listdir(self.tmp):
+            path = os.path.join(self.tmp, name)
+            try:
+                if os.stat(path).st_mtime < started_before:
+                    os.unlink(path)
+                    temps.append(name)
+            except FileNotFoundError:
+                continue
+        orphans: List[str] = []
+        for relative, mtime in self.stored_files():
+            if mtime < started_before and not is_indexed(relative):
+                self.remove(relative)
+                orphans.append(relative)
+        return temps, orphans
+
+    def free_space(self) -> int:
+        stat = os.statvfs(self.root)
+        return stat.f_bavail * stat.f_frsize

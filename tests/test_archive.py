@@ -1,0 +1,256 @@
+"""The archive: index, files, durability protocol, duplicates, eviction and reconciliation."""
+
+from __future__ import annotations
+
+import os
+
+from pydicom import dcmread
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from appliance.ae.storage import examine
+from appliance.archive.archive import Archive, Duplicate, OutOfResources, StoreOutcome, _reconcile
+from appliance.archive.eviction import StorageLimits, plan, shortfall
+from appliance.archive.index import ArchiveIndex
+from appliance.archive.store import ObjectStore, part10_header, uid_hash
+from appliance.dicom.uids import IMPLEMENTATION_CLASS_UID
+from appliance.net.threads import synchronous_runner
+
+from .support_data import make_dataset, encode_dataset
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+class EvictionPolicyTests(SynchronousTestCase):
+    """The pure storage management policy."""
+
+    def test_no_shortfall_under_limits(self):
+        """Nothing is needed while both limits hold."""
+        limits = StorageLimits(max_archive_size=1000, min_free_space=100)
+        self.assertEqual(shortfall(limits, 500, 10_000, 100).needed, 0)
+
+    def test_size_limit_targets_low_water(self):
+        """Crossing max_archive_size asks for the excess, and targets the low-water mark."""
+        limits = StorageLimits(max_archive_size=1000, min_free_space=0, low_water=0.9)
+        result = shortfall(limits, 950, 10_000, 100)
+        self.assertEqual((result.needed, result.target), (50, 150))
+        self.assertIn("max_archive_size is 1000", result.reason)
+
+    def test_free_space_limit(self):
+        """Leaving less than min_free_space asks for the difference plus headroom."""
+        limits = StorageLimits(max_archive_size=0, min_free_space=1000, low_water=0.9)
+        result = shortfall(limits, 0, 1050, 100)
+        self.assertEqual((result.needed, result.target), (50, 150))
+
+    def test_plan_skips_pinned_and_stops_at_target(self):
+        """Least recently accessed first, pinned studies skipped, stop once the target is met."""
+        candidates = [("a", 10, 1.0), ("b", 10, 2.0), ("c", 10, 3.0), ("d", 10, 4.0)]
+        self.assertEqual(plan(candidates, {"b"}, 15), (["a", "c"], 20))
+        self.assertEqual(plan(candidates, set(), 100), (["a", "b", "c", "d"], 40))
+
+
+class ArchiveTests(SynchronousTestCase):
+    """Archive operations with synchronous runners and a Clock."""
+
+    def setUp(self):
+        self.root = self.mktemp()
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.archive = self.make_archive()
+
+    def make_archive(self, limits=StorageLimits(min_free_space=0), on_duplicate="replace"):
+        archive = Archive(self.root, limits, on_duplicate, self.clock, synchronous_runner, synchronous_runner)
+        self.addCleanup(archive.close)
+        return archive
+
+    def receive(self, archive, ds, source_ae="SCU"):
+        """Write an object as the storage service would, and examine it."""
+        data = encode_dataset(ds, EXPLICIT_LE)
+        temp = self.successResultOf(archive.open_temp())
+        header = part10_header(ds.SOPClassUID, ds.SOPInstanceUID, EXPLICIT_LE, IMPLEMENTATION_CLASS_UID, "T", source_ae)
+        self.successResultOf(archive.write(temp, [header, data]))
+        return examine(temp, len(header), ds.SOPClassUID, ds.SOPInstanceUID, EXPLICIT_LE, source_ae), data
+
+    def store(self, archive, ds):
+        stored, data = self.receive(archive, ds)
+        outcome = self.successResultOf(defer.ensureDeferred(archive.commit(stored)))
+        return outcome, data
+
+    def test_store_indexes_and_files_part10(self):
+        """A stored object is a Part 10 file with our meta header and the data set bytes as received."""
+        ds = make_dataset(patient="Doe^Jane", study="1.2.3", series="1.2.3.4", sop="1.2.3.4.5")
+        outcome, data = self.store(self.archive, ds)
+        self.assertEqual(outcome, StoreOutcome.STORED)
+        row = self.archive.index.lookup("1.2.3.4.5")
+        path = self.archive.store.absolute(row.path)
+        self.assertIn(uid_hash("1.2.3.4.5"), os.path.basename(path))
+        self.assertNotIn("1.2.3.4.5", path)
+        with open(path, "rb") as handle:
+            content = handle.read()
+        self.assertTrue(content.endswith(data))
+        self.assertEqual(content[128:132], b"DICM")
+        read = dcmread(path)
+        self.assertEqual(read.file_meta.SourceApplicationEntityTitle, "SCU")
+        self.assertEqual(read.file_meta.TransferSyntaxUID, EXPLICIT_LE)
+        self.assertEqual(read.file_meta.ImplementationClassUID, IMPLEMENTATION_CLASS_UID)
+        self.assertEqual(self.archive.size, len(content))
+        self.assertEqual(self.archive.index.counts(), (1, 1, 1, 1))
+        self.assertEqual(os.listdir(self.archive.store.tmp), [])
+
+    def test_counters_across_levels(self):
+        """Series and instance counters follow stores into one study and two series."""
+        for sop, series in (("1.9.1", "1.9.10"), ("1.9.2", "1.9.10"), ("1.9.3", "1.9.11")):
+            self.store(self.archive, make_dataset(study="1.9", series=series, sop=sop))
+        study = self.archive.index.studies()[0]
+        self.assertEqual((study.num_series, study.num_instances), (2, 3))
+
+    def test_duplicate_replace(self):
+        """on_duplicate = replace: the new version's file replaces the old, which is removed."""
+        ds = make_dataset(sop="1.5.1", patient="Old^Name")
+        self.store(self.archive, ds)
+        old_path = self.archive.store.absolute(self.archive.index.lookup("1.5.1").path)
+        ds.PatientName = "New^Name"
+        outcome, _ = self.store(self.archive, ds)
+        self.assertEqual(outcome, StoreOutcome.REPLACED)
+        new_path = self.archive.store.absolute(self.archive.index.lookup("1.5.1").path)
+        self.assertNotEqual(old_path, new_path)
+        self.assertFalse(os.path.exists(old_path))
+        self.assertEqual(str(dcmread(new_path).PatientName), "New^Name")
+        self.assertEqual(self.archive.index.counts()[3], 1)
+        self.assertEqual(self.archive.size, os.path.getsize(new_path))
+
+    def test_duplicate_keep(self):
+        """on_duplicate = keep: the stored version stays, the new one is discarded."""
+        archive = self.make_archive(on_duplicate="keep")
+        ds = make_dataset(sop="1.5.2", patient="First^Name")
+        self.store(archive, ds)
+        ds.PatientName = "Second^Name"
+        outcome, _ = self.store(archive, ds)
+        self.assertEqual(outcome, StoreOutcome.KEPT_EXISTING)
+        path = archive.store.absolute(archive.index.lookup("1.5.2").path)
+        self.assertEqual(str(dcmread(path).PatientName), "First^Name")
+        self.assertEqual(os.listdir(archive.store.tmp), [])
+
+    def test_duplicate_reject(self):
+        """on_duplicate = reject: the second store fails with Duplicate and leaves nothing behind."""
+        archive = self.make_archive(on_duplicate="reject")
+        ds = make_dataset(sop="1.5.3")
+        self.store(archive, ds)
+        stored, _ = self.receive(archive, ds)
+        self.failureResultOf(defer.ensureDeferred(archive.commit(stored)), Duplicate)
+        self.assertEqual(os.listdir(archive.store.tmp), [])
+        self.assertEqual(archive.index.counts()[3], 1)
+
+    def test_eviction_least_recently_accessed_first(self):
+        """Over max_archive_size, the least recently accessed unprotected study goes first."""
+        self.store(self.archive, make_dataset(study="2.1", series="2.1.1", sop="2.1.1.1"))
+        size_one = self.archive.size
+        limits = StorageLimits(max_archive_size=int(size_one * 3.5), min_free_space=0, low_water=0.9)
+        archive = self.make_archive(limits)
+        self.clock.advance(10)
+        self.store(archive, make_dataset(study="2.2", series="2.2.1", sop="2.2.1.1"))
+        self.clock.advance(10)
+        self.store(archive, make_dataset(study="2.3", series="2.3.1", sop="2.3.1.1"))
+        self.clock.advance(10)
+        self.successResultOf(archive.touch(["2.1"]))  # 2.1 viewed: now the most recent
+        self.assertTrue(archive.index.set_protected("2.2", True))
+        self.clock.advance(10)
+        self.store(archive, make_dataset(study="2.4", series="2.4.1", sop="2.4.1.1"))
+        remaining = sorted(s.study_uid for s in archive.index.studies())
+        self.assertEqual(remaining, ["2.1", "2.2", "2.4"])  # 2.3 was the oldest unprotected
+        self.assertLessEqual(archive.size, limits.max_archive_size)
+
+    def test_auto_delete_off_refuses(self):
+        """With auto_delete off, a full archive refuses with OutOfResources and keeps nothing partial."""
+        self.store(self.archive, make_dataset(study="3.1", series="3.1.1", sop="3.1.1.1"))
+        limits = StorageLimits(max_archive_size=self.archive.size + 10, min_free_space=0, auto_delete=False)
+        archive = self.make_archive(limits)
+        stored, _ = self.receive(archive, make_dataset(study="3.2", series="3.2.1", sop="3.2.1.1"))
+        failure = self.failureResultOf(defer.ensureDeferred(archive.commit(stored)), OutOfResources)
+        self.assertIn("auto_delete is off", str(failure.value))
+        self.assertEqual(os.listdir(archive.store.tmp), [])
+        self.assertEqual(archive.index.counts()[3], 1)
+
+    def test_pinned_study_not_evicted(self):
+        """A study being retrieved or written (pinned) is never evicted; the store is refused instead."""
+        self.store(self.archive, make_dataset(study="4.1", series="4.1.1", sop="4.1.1.1"))
+        limits = StorageLimits(max_archive_size=self.archive.size + 10, min_free_space=0)
+        archive = self.make_archive(limits)
+        archive.pin("4.1")
+        stored, _ = self.receive(archive, make_dataset(study="4.2", series="4.2.1", sop="4.2.1.1"))
+        self.failureResultOf(defer.ensureDeferred(archive.commit(stored)), OutOfResources)
+        self.assertEqual([s.study_uid for s in archive.index.studies()], ["4.1"])
+
+    def test_delete_study_removes_files_then_rows(self):
+        """Deleting a study removes its files, rows and empty directories."""
+        self.store(self.archive, make_dataset(study="5.1", series="5.1.1", sop="5.1.1.1"))
+        path = self.archive.store.absolute(self.archive.index.lookup("5.1.1.1").path)
+        freed = self.successResultOf(defer.ensureDeferred(self.archive.delete_study("5.1")))
+        self.assertGreater(freed, 0)
+        self.assertFalse(os.path.exists(path))
+        self.assertEqual(self.archive.index.counts(), (0, 0, 0, 0))
+        self.assertEqual(os.listdir(self.archive.store.objects), [])
+        self.assertEqual(self.archive.size, 0)
+
+    def test_reconcile_removes_leftovers(self):
+        """Start-up reconciliation removes temporary files, never-indexed files, and rows without files."""
+        self.store(self.archive, make_dataset(study="6.1", series="6.1.1", sop="6.1.1.1"))
+        self.store(self.archive, make_dataset(study="6.2", series="6.2.1", sop="6.2.1.1"))
+        store = self.archive.store
+        # a store interrupted after its rename but before its index commit
+        orphan = store.relative_path_for("6.3", "6.3.1", "6.3.1.1")
+        os.makedirs(os.path.dirname(store.absolute(orphan)))
+        with open(store.absolute(orphan), "wb") as handle:
+            handle.write(b"never acknowledged")
+        with open(os.path.join(store.tmp, "dead.part"), "wb") as handle:
+            handle.write(b"half")
+        # a file lost behind the index's back
+        os.unlink(store.absolute(self.archive.index.lookup("6.2.1.1").path))
+        counts = _reconcile(store, self.archive.index_path, started_before=float("inf"))
+        self.assertEqual(counts, (1, 1, 1))
+        self.assertFalse(os.path.exists(store.absolute(orphan)))
+        self.assertEqual(os.listdir(store.tmp), [])
+        self.assertEqual([s.study_uid for s in self.archive.index.studies()], ["6.1"])
+
+    def test_reconcile_spares_files_newer_than_start(self):
+        """Files written after start-up (stores in flight) are left alone."""
+        with open(os.path.join(self.archive.store.tmp, "live.part"), "wb") as handle:
+            handle.write(b"in flight")
+        counts = _reconcile(self.archive.store, self.archive.index_path, started_before=0)
+        self.assertEqual(counts, (0, 0, 0))
+        self.assertEqual(os.listdir(self.archive.store.tmp), ["live.part"])
+
+    def test_path_outside_archive_refused(self):
+        """An index path that escapes the archive is refused, never opened or removed."""
+        with self.assertRaises(ValueError):
+            self.archive.store.absolute("objects/../../etc/passwd")
+        with self.assertRaises(ValueError):
+            self.archive.store.remove("/etc/passwd")
+
+
+class IndexReopenTests(SynchronousTestCase):
+    """The index persists and refuses other schema versions."""
+
+    def test_reopen_keeps_rows(self):
+        """Rows committed are there after the database is closed and opened again."""
+        path = os.path.join(self.mktemp(), "index.sqlite")
+        index = ArchiveIndex(path)
+        from appliance.archive.metadata import extract
+
+        index.add(extract(make_dataset(sop="7.1")), "objects/x.dcm", 10, EXPLICIT_LE, "SCU", 1.0)
+        index.close()
+        again = ArchiveIndex(path)
+        self.addCleanup(again.close)
+        self.assertEqual(again.lookup("7.1").size, 10)
+
+    def test_other_schema_version_refused(self):
+        """An index from another schema version stops start-up with a message naming the file."""
+        path = os.path.join(self.mktemp(), "index.sqlite")
+        index = ArchiveIndex(path)
+        index.db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+        index.close()
+        with self.assertRaises(RuntimeError) as raised:
+            ArchiveIndex(path)
+        self.assertIn(path, str(raised.exception))
