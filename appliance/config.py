@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from .archive.eviction import StorageLimits
 from .compat import tomllib
 from .dicom.uids import (
     DEFAULT_TRANSFER_SYNTAX_PRIORITY,
@@ -71,6 +72,16 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class ArchiveConfig:
+    """The Disk-Server's archive and storage management ([disk_server] keys)."""
+
+    path: str
+    sop_classes: str
+    on_duplicate: str
+    limits: StorageLimits
+
+
+@dataclass(frozen=True)
 class ApplianceConfig:
     path: str
     data_dir: str
@@ -79,6 +90,7 @@ class ApplianceConfig:
     implementation_version_name: str
     disk_server: ListenerConfig
     memory_server: ListenerConfig
+    archive: ArchiveConfig
     devices: Mapping[str, DeviceConfig] = field(default_factory=dict)
 
     def device(self, name: str) -> DeviceConfig:
@@ -140,6 +152,61 @@ def _version_name(value: Any) -> str:
     return value
 
 
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+
+
+def byte_size(value: Any) -> int:
+    """An integer number of bytes, or a string such as "64 MiB", "50 GiB" or "2 GB"."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a size in bytes or a string like \"50 GiB\", not {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"must not be negative, not {value}")
+        return value
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ").strip()
+        unit = text[len(number):].strip().lower()
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = -1.0
+        if amount >= 0 and unit in _UNITS:
+            return int(amount * _UNITS[unit])
+    raise ValueError(f"must be a size in bytes or a string like \"50 GiB\" (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), not {value!r}")
+
+
+def _fraction(value: Any) -> float:
+    """A fraction between 0 and 1 exclusive, or a percentage string such as "90%"."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            value = float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"must be a fraction such as 0.9 or a percentage such as \"90%\", not {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"must be a fraction between 0 and 1 such as 0.9, or \"90%\", not {value!r}")
+    return float(value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, not {value!r}")
+    return value
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(repr(o) for o in options)}, not {value!r}")
+        return value
+
+    return check
+
+
 def _list_of(check: Callable[[Any], Any]) -> Callable[[Any], tuple]:
     def run(value: Any) -> tuple:
         if not isinstance(value, list):
@@ -196,9 +263,25 @@ _LISTENER_DEFAULTS = {
 }
 
 
-def _listener(path: str, name: str, table: Any) -> ListenerConfig:
+def _archive(section: "_Section", data_dir: str) -> ArchiveConfig:
+    """The storage keys of [disk_server]."""
+    return ArchiveConfig(
+        path=os.path.join(data_dir, "archive"),
+        sop_classes=section.get("sop_classes", _choice("all", "conformance"), "all"),
+        on_duplicate=section.get("on_duplicate", _choice("replace", "keep", "reject"), "replace"),
+        limits=StorageLimits(
+            max_archive_size=section.get("max_archive_size", byte_size, 0),
+            min_free_space=section.get("min_free_space", byte_size, 1024**3),
+            low_water=section.get("low_water", _fraction, 0.9),
+            auto_delete=section.get("auto_delete", _boolean, True),
+        ),
+    )
+
+
+def _listener(path: str, name: str, table: Any, extra: Optional[Callable[["_Section"], Any]] = None):
     default_title, default_port = _LISTENER_DEFAULTS[name]
     section = _Section(path, name, table)
+    extra_result = extra(section) if extra is not None else None
     timeout = section.get("timeout", _seconds, 30.0)
     config = ListenerConfig(
         ae_title=section.get("ae_title", ae_title, default_title),
@@ -216,7 +299,7 @@ def _listener(path: str, name: str, table: Any) -> ListenerConfig:
         ),
     )
     section.done()
-    return config
+    return config if extra is None else (config, extra_result)
 
 
 def _device(path: str, name: str, table: Any) -> DeviceConfig:
@@ -231,6 +314,15 @@ def _device(path: str, name: str, table: Any) -> DeviceConfig:
     )
     section.done()
     return device
+
+
+def _interfaces_overlap(a: str, b: str) -> bool:
+    """Whether listening on one port at both interfaces conflicts: same address, or a wildcard covers the other."""
+    if a == b:
+        return True
+    if (":" in a) == (":" in b):
+        return a in ("0.0.0.0", "::") or b in ("0.0.0.0", "::")
+    return "::" in (a, b)  # an IPv6 wildcard socket takes IPv4 connections too (dual stack)
 
 
 def parse(data: Mapping[str, Any], path: str) -> ApplianceConfig:
@@ -252,15 +344,17 @@ def parse(data: Mapping[str, Any], path: str) -> ApplianceConfig:
         ),
     )
     appliance.done()
-    disk = _listener(path, "disk_server", data.get("disk_server", {}))
+    disk, archive = _listener(
+        path, "disk_server", data.get("disk_server", {}), lambda section: _archive(section, config_values["data_dir"])
+    )
     memory = _listener(path, "memory_server", data.get("memory_server", {}))
     devices_table = data.get("devices", {})
     if not isinstance(devices_table, dict):
         raise ConfigError(path, "[devices]", "must be a table of [devices.NAME] tables")
     devices = {name: _device(path, name, table) for name, table in devices_table.items()}
-    if disk.port and memory.port and disk.port == memory.port and disk.interface == memory.interface:
+    if disk.port and memory.port and disk.port == memory.port and _interfaces_overlap(disk.interface, memory.interface):
         raise ConfigError(path, "[memory_server] port", f"{memory.port} is the Disk-Server's port too")
-    return ApplianceConfig(disk_server=disk, memory_server=memory, devices=devices, **config_values)
+    return ApplianceConfig(disk_server=disk, memory_server=memory, archive=archive, devices=devices, **config_values)
 
 
 def load(path: str) -> ApplianceConfig:

@@ -6,13 +6,18 @@ import errno
 import socket
 from typing import List, Tuple
 
+import sqlite3
+
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.logger import Logger
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.python import usage
 
 from . import config as configuration
 from .ae.listeners import acceptor_factory, disk_server_services, memory_server_services
+from .archive.archive import Archive
+from .net.threads import ThreadPoolService
 
 __all__ = ["Options", "makeService", "check_ports"]
 
@@ -31,16 +36,43 @@ class Options(usage.Options):
             raise usage.UsageError(str(error))
 
 
-def _listeners(config: configuration.ApplianceConfig) -> List[Tuple[str, configuration.ListenerConfig, list]]:
-    return [
-        ("disk_server", config.disk_server, disk_server_services()),
-        ("memory_server", config.memory_server, memory_server_services()),
-    ]
+def _listener_configs(config: configuration.ApplianceConfig) -> List[Tuple[str, configuration.ListenerConfig]]:
+    return [("disk_server", config.disk_server), ("memory_server", config.memory_server)]
+
+
+class ArchiveService(Service):
+    """Reconciles the archive at start-up and closes its index at shutdown."""
+
+    _log = Logger(namespace="appliance.archive")
+
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        self.setName("archive")
+
+    def startService(self) -> None:
+        super().startService()
+        self.archive.reconcile().addCallbacks(self._reconciled, self._failed)
+
+    def _reconciled(self, counts) -> None:
+        temps, orphans, missing = counts
+        size = self.archive.size
+        self._log.info(
+            "archive {root}: {size} bytes; start-up check removed {temps} unfinished temporary files, "
+            "{orphans} never-indexed files, {missing} rows without files",
+            root=self.archive.root, size=size, temps=temps, orphans=orphans, missing=missing,
+        )
+
+    def _failed(self, failure) -> None:
+        self._log.failure("archive start-up check failed", failure)
+
+    def stopService(self):
+        super().stopService()
+        self.archive.close()
 
 
 def check_ports(config: configuration.ApplianceConfig) -> None:
     """Fail with the file and key of a listener whose port cannot be bound, before any is bound for real."""
-    for section, listener, _ in _listeners(config):
+    for section, listener in _listener_configs(config):
         if not listener.port:
             continue
         family = socket.AF_INET6 if ":" in listener.interface else socket.AF_INET
@@ -75,10 +107,25 @@ def makeService(options, reactor=None) -> MultiService:
     except configuration.ConfigError as error:
         raise usage.UsageError(str(error))
     root = MultiService()
-    for section, listener, services in _listeners(config):
+    # children start in this order and stop in reverse: worker threads first up and last down
+    io = ThreadPoolService(reactor, "archive-io", max_threads=4)
+    db = ThreadPoolService(reactor, "archive-db", max_threads=1)
+    io.setServiceParent(root)
+    db.setServiceParent(root)
+    try:
+        archive = Archive(config.archive.path, config.archive.limits, config.archive.on_duplicate, reactor,
+                          io.runner, db.runner)
+    except (OSError, RuntimeError, sqlite3.Error) as error:
+        raise usage.UsageError(f"{config.path}: [appliance] data_dir: cannot open the archive: {error}")
+    ArchiveService(archive).setServiceParent(root)
+    services = {
+        "disk_server": disk_server_services(config, archive),
+        "memory_server": memory_server_services(),
+    }
+    for section, listener in _listener_configs(config):
         if not listener.port:
             continue
-        factory = acceptor_factory(listener, config, services, reactor)
+        factory = acceptor_factory(listener, config, services[section], reactor)
         endpoint_class = TCP6ServerEndpoint if ":" in listener.interface else TCP4ServerEndpoint
         endpoint = endpoint_class(reactor, listener.port, backlog=128, interface=listener.interface)
         service = StreamServerEndpointService(endpoint, factory)

@@ -46,8 +46,8 @@ def make_dataset(
     ds.InstanceNumber = 1
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = 4
-    ds.Columns = len(pixels) // (4 * (bits_allocated // 8))
+    ds.Columns = min(512, len(pixels) // (bits_allocated // 8))
+    ds.Rows = len(pixels) // (ds.Columns * (bits_allocated // 8))
     ds.BitsAllocated = bits_allocated
     ds.BitsStored = bits_allocated
     ds.HighBit = bits_allocated - 1

@@ -4,17 +4,45 @@ from __future__ import annotations
 
 from typing import Dict, Iterable
 
+from ..archive.archive import Archive
 from ..config import ApplianceConfig, ListenerConfig
 from ..dicom.negotiation import AcceptorPolicy
+from ..dicom.uids import (
+    CONFORMANCE_STORAGE_CLASSES,
+    STORAGE_TRANSFER_SYNTAXES,
+    UNCOMPRESSED_TRANSFER_SYNTAXES,
+    registry_storage_classes,
+)
 from ..net.protocol import AcceptorFactory, Timeouts
+from .storage import StorageService
 from .verification import VerificationService
 
-__all__ = ["acceptor_factory", "disk_server_services", "memory_server_services"]
+__all__ = ["acceptor_factory", "disk_server_services", "memory_server_services", "storage_syntaxes"]
 
 
-def disk_server_services() -> list:
-    """The Disk-Server's service classes (storage and query/retrieve join in later releases)."""
-    return [VerificationService()]
+def storage_syntaxes(sop_classes: str) -> Dict[str, tuple]:
+    """Abstract syntax -> transfer syntaxes for the storage SOP classes.
+
+    ``"conformance"``: the statement's Table 7, uncompressed only.  ``"all"``:
+    every Storage SOP Class pydicom's registry knows, and the compressed
+    transfer syntaxes too (stored as received, never decoded).
+    """
+    if sop_classes == "conformance":
+        return {uid: UNCOMPRESSED_TRANSFER_SYNTAXES for uid in CONFORMANCE_STORAGE_CLASSES}
+    return {uid: STORAGE_TRANSFER_SYNTAXES for uid in registry_storage_classes()}
+
+
+def disk_server_services(config: ApplianceConfig, archive: Archive) -> list:
+    """The Disk-Server's service classes (query/retrieve joins in a later release)."""
+    return [
+        VerificationService(),
+        StorageService(
+            archive,
+            storage_syntaxes(config.archive.sop_classes),
+            config.implementation_class_uid,
+            config.implementation_version_name,
+        ),
+    ]
 
 
 def memory_server_services() -> list:

@@ -199,7 +199,7 @@ class IncomingObject:
 
     def finish(self) -> defer.Deferred:
         self._flush()
-        self._chain.addCallback(lambda _: self._complete())
+        self._chain.addCallback(lambda _: defer.ensureDeferred(self._complete()))
         return self._chain
 
     async def _complete(self) -> StoreResult:
@@ -245,7 +245,7 @@ class IncomingObject:
         if self._paused:
             self._paused = False
         self._chunks = []
-        self._chain.addBoth(lambda _: self._discard() if self.temp is not None else None)
+        self._chain.addBoth(lambda _: defer.ensureDeferred(self._discard()))
 
 
 @implementer(IServiceClass)

@@ -174,12 +174,12 @@ class Archive:
         if short.needed <= 0:
             return
         if not self.limits.auto_delete:
-            raise OutOfResources(f"archive full ({short.reason}) and auto_delete is off")
+            raise OutOfResources(f"archive full and auto_delete is off: {short.reason}")
         freed = await self.evict(short.target)
         if freed < short.needed:
             raise OutOfResources(
-                f"archive full ({short.reason}); eviction freed {freed} of {short.needed} bytes needed"
-                " (the rest is protected or in use)"
+                f"archive full: eviction freed {freed} of {short.needed} bytes needed, the rest is protected "
+                f"or in use; {short.reason}"
             )
 
     async def eviction_plan(self, target: int, limit: int = 100000):

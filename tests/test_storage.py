@@ -1,0 +1,306 @@
+"""C-STORE SCP over the archive, driven in memory: statuses, coercion, hostile input, full disks."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from pydicom import dcmread
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+try:
+    from twisted.internet.testing import StringTransport
+except ImportError:  # Twisted < 19.7
+    from twisted.test.proto_helpers import StringTransport
+
+from appliance import config as configuration
+from appliance.ae.listeners import acceptor_factory, disk_server_services, storage_syntaxes
+from appliance.archive.archive import Archive
+from appliance.archive.eviction import StorageLimits
+from appliance.dicom import dimse as D
+from appliance.dicom import pdu as P
+from appliance.dicom.negotiation import propose
+from appliance.dicom.uids import (
+    CONFORMANCE_STORAGE_CLASSES,
+    EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+)
+from appliance.net.threads import synchronous_runner
+
+from .support_data import CT_IMAGE_STORAGE, encode_dataset, make_dataset
+
+MAX_PDU = 16384
+
+
+class StorageHarness:
+    """An in-memory Disk-Server with a real archive in a temporary folder."""
+
+    def __init__(self, test: SynchronousTestCase, limits=StorageLimits(min_free_space=0), on_duplicate="replace",
+                 sop_classes="all"):
+        self.test = test
+        root = test.mktemp()
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.config = configuration.parse(
+            {"appliance": {"data_dir": root}, "disk_server": {"sop_classes": sop_classes}}, os.path.join(root, "x.toml")
+        )
+        self.archive = Archive(self.config.archive.path, limits, on_duplicate, self.clock, synchronous_runner,
+                               synchronous_runner)
+        test.addCleanup(self.archive.close)
+        self.factory = acceptor_factory(
+            self.config.disk_server, self.config, disk_server_services(self.config, self.archive), self.clock
+        )
+        self.message_id = 0
+
+    def associate(self, contexts):
+        protocol = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        request = propose("MODALITY", "DISK_SERVER", contexts, MAX_PDU, IMPLEMENTATION_CLASS_UID, "T")
+        protocol.dataReceived(request.encode())
+        accept = P.decode_pdu(transport.value())
+        transport.clear()
+        return protocol, transport, accept
+
+    def store(self, ds_bytes, sop_class, sop_uid, transfer_syntax=EXPLICIT_VR_LITTLE_ENDIAN, protocol=None):
+        """C-STORE one data set; returns the response command."""
+        if protocol is None:
+            protocol, transport, accept = self.associate([(sop_class, (transfer_syntax,))])
+            self.test.assertEqual(accept.presentation_contexts[0].result, 0)
+            self._current = (protocol, transport)
+        protocol, transport = self._current
+        self.message_id += 1
+        command = D.Command(CommandField=D.CommandField.C_STORE_RQ, MessageID=self.message_id, Priority=0,
+                            AffectedSOPClassUID=sop_class, AffectedSOPInstanceUID=sop_uid, CommandDataSetType=0)
+        for encoded in D.fragment(1, True, command.encode(), MAX_PDU):
+            protocol.dataReceived(encoded)
+        for encoded in D.fragment(1, False, ds_bytes, MAX_PDU):
+            protocol.dataReceived(encoded)
+        response = P.decode_pdu(transport.value())
+        transport.clear()
+        return D.Command.decode(response.pdvs[0].data)
+
+
+class StoreStatusTests(SynchronousTestCase):
+    """What each kind of C-STORE gets as an answer."""
+
+    def setUp(self):
+        self.harness = StorageHarness(self)
+
+    def stored_files(self):
+        found = []
+        for directory, _, files in os.walk(self.harness.archive.root):
+            found += [os.path.join(directory, f) for f in files if f.endswith(".dcm") or f.endswith(".part")]
+        return found
+
+    def test_success_in_each_uncompressed_syntax(self):
+        """A CT image in each uncompressed transfer syntax is stored byte for byte and answered 0x0000."""
+        for index, syntax in enumerate((IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN)):
+            sop = f"1.2.3.{index}"
+            ds = make_dataset(sop=sop)
+            data = encode_dataset(ds, syntax)
+            response = self.harness.store(data, CT_IMAGE_STORAGE, sop, syntax)
+            self.assertEqual((response.Status, response.AffectedSOPInstanceUID), (0, sop))
+            row = self.harness.archive.index.lookup(sop)
+            self.assertEqual(row.transfer_syntax, syntax)
+            with open(self.harness.archive.store.absolute(row.path), "rb") as handle:
+                self.assertTrue(handle.read().endswith(data))
+            self.assertEqual(dcmread(self.harness.archive.store.absolute(row.path)).file_meta.SourceApplicationEntityTitle,
+                             "MODALITY")
+
+    def test_coercion_ow_to_ob_little_endian(self):
+        """Pixel Data OW with Bits Allocated 8 becomes OB (bytes unchanged) and the answer is B000."""
+        pixels = bytes(range(32))
+        ds = make_dataset(sop="1.2.4.1", pixels=pixels, bits_allocated=8)
+        ds["PixelData"].VR = "OW"
+        data = encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN)
+        self.assertIn(b"\xe0\x7f\x10\x00OW", data)
+        response = self.harness.store(data, CT_IMAGE_STORAGE, "1.2.4.1")
+        self.assertEqual(response.Status, 0xB000)
+        self.assertIn("OW to OB", response.ErrorComment)
+        path = self.harness.archive.store.absolute(self.harness.archive.index.lookup("1.2.4.1").path)
+        with open(path, "rb") as handle:
+            content = handle.read()
+        self.assertIn(b"\xe0\x7f\x10\x00OB\x00\x00", content)
+        self.assertTrue(content.endswith(pixels))
+        self.assertEqual(dcmread(path).PixelData, pixels)
+
+    def test_coercion_ow_to_ob_big_endian_swaps_words(self):
+        """In big endian, 8-bit pixels carried as OW words come out as OB in their plain byte order."""
+        pixels = bytes(range(32))
+        # PS3.5 8.1.1: pixel 0 is the low byte of word 0, so big endian OW puts pixel 1 first
+        swapped = bytearray(pixels)
+        swapped[0::2], swapped[1::2] = pixels[1::2], pixels[0::2]
+        ds = make_dataset(sop="1.2.4.2", pixels=bytes(swapped), bits_allocated=8)
+        ds["PixelData"].VR = "OW"
+        data = encode_dataset(ds, EXPLICIT_VR_BIG_ENDIAN)
+        response = self.harness.store(data, CT_IMAGE_STORAGE, "1.2.4.2", EXPLICIT_VR_BIG_ENDIAN)
+        self.assertEqual(response.Status, 0xB000)
+        path = self.harness.archive.store.absolute(self.harness.archive.index.lookup("1.2.4.2").path)
+        stored = dcmread(path)
+        self.assertEqual(stored["PixelData"].VR, "OB")
+        self.assertEqual(stored.PixelData, pixels)
+
+    def test_no_coercion_for_16_bit(self):
+        """16-bit OW pixel data is left alone and answered 0x0000."""
+        ds = make_dataset(sop="1.2.4.3")
+        response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.2.4.3")
+        self.assertEqual(response.Status, 0)
+
+    def test_instance_uid_mismatch(self):
+        """A data set whose SOP Instance UID differs from the command's is refused with A900 and not stored."""
+        ds = make_dataset(sop="1.2.5.1")
+        response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.2.5.2")
+        self.assertEqual(response.Status, 0xA900)
+        self.assertIn("SOP Instance UID differs", response.ErrorComment)
+        self.assertEqual(self.stored_files(), [])
+
+    def test_class_uid_mismatch(self):
+        """A data set of another SOP class than the command says is refused with A900."""
+        ds = make_dataset(sop="1.2.5.3", sop_class="1.2.840.10008.5.1.4.1.1.4")
+        response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.2.5.3")
+        self.assertEqual(response.Status, 0xA900)
+
+    def test_unparseable_data_set(self):
+        """Bytes that are no data set are refused with C000, nothing written, and the association still works."""
+        response = self.harness.store(b"\xff" * 1000, CT_IMAGE_STORAGE, "1.2.6.1")
+        # pydicom reads most garbage as some data set; it then lacks the SOP class (A900)
+        self.assertIn(response.Status, (0xA900, 0xC000))
+        self.assertEqual(self.stored_files(), [])
+        ds = make_dataset(sop="1.2.6.2")
+        again = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.2.6.2",
+                                   protocol=True)
+        self.assertEqual(again.Status, 0)
+
+    def test_missing_required_uid_in_data_set(self):
+        """A data set without a Study Instance UID is refused with A900."""
+        ds = make_dataset(sop="1.2.6.3")
+        del ds.StudyInstanceUID
+        response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.2.6.3")
+        self.assertEqual(response.Status, 0xA900)
+        self.assertIn("StudyInstanceUID", response.ErrorComment)
+
+    def test_hostile_uids(self):
+        """UIDs that are paths, too long or hold NUL are refused with C000; nothing lands outside the archive."""
+        parent = os.path.dirname(self.harness.archive.root)
+        before = sorted(os.listdir(parent))
+        for uid in ("../../x", "..", "/etc/passwd", "1" * 65, "1.2\x00.3", "1.2.a"):
+            ds = make_dataset(sop="9.9.9")
+            ds.SOPInstanceUID = uid
+            response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, uid,
+                                          protocol=None if uid == "../../x" else True)
+            self.assertEqual(response.Status & 0xF000, 0xC000, uid)
+        self.assertEqual(sorted(os.listdir(parent)), before)
+        self.assertEqual(self.stored_files(), [])
+
+    def test_hostile_study_uid_in_data_set(self):
+        """A study UID like ../../x inside the data set is refused with A900; file names never use UIDs anyway."""
+        ds = make_dataset(sop="1.2.7.1", study="../../x")
+        response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.2.7.1")
+        self.assertEqual(response.Status, 0xA900)
+        self.assertEqual(self.stored_files(), [])
+
+
+class ConformanceClassesTests(SynchronousTestCase):
+    """sop_classes = "conformance" restricts to the statement's table."""
+
+    def test_conformance_list(self):
+        """Only Table 7's classes, only uncompressed; registry mode is a superset with compressed syntaxes."""
+        conformance = storage_syntaxes("conformance")
+        self.assertEqual(set(conformance), set(CONFORMANCE_STORAGE_CLASSES))
+        self.assertIn("1.2.840.10008.5.1.4.1.1.12.1", conformance)  # XA, the erratum's correct UID
+        self.assertNotIn("1.2.840.10008.5.1.4.1.1.7.12.1", conformance)
+        everything = storage_syntaxes("all")
+        self.assertTrue(set(conformance) < set(everything))
+        self.assertIn("1.2.840.10008.1.2.4.50", everything[CT_IMAGE_STORAGE])
+        self.assertNotIn("1.2.840.10008.1.2.4.50", conformance[CT_IMAGE_STORAGE])
+
+    def test_unlisted_class_rejected_in_conformance_mode(self):
+        """An Enhanced CT context is refused (abstract syntax not supported) when only the statement's list is on."""
+        harness = StorageHarness(self, sop_classes="conformance")
+        _, _, accept = harness.associate([("1.2.840.10008.5.1.4.1.1.2.1", (EXPLICIT_VR_LITTLE_ENDIAN,)),
+                                          (CT_IMAGE_STORAGE, (EXPLICIT_VR_LITTLE_ENDIAN,))])
+        self.assertEqual([c.result for c in accept.presentation_contexts], [3, 0])
+
+
+class FullArchiveTests(SynchronousTestCase):
+    """A700 when there is no room, and nothing partial left."""
+
+    def test_out_of_space_refuses_with_a700(self):
+        """max_archive_size reached with auto_delete off: A700 naming the cause, no file left."""
+        harness = StorageHarness(self, limits=StorageLimits(max_archive_size=100, min_free_space=0, auto_delete=False))
+        ds = make_dataset(sop="1.3.1")
+        response = harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.3.1")
+        self.assertEqual(response.Status, 0xA700)
+        self.assertIn("auto_delete is off", response.ErrorComment)
+        self.assertEqual(os.listdir(harness.archive.store.tmp), [])
+        self.assertEqual(harness.archive.index.counts(), (0, 0, 0, 0))
+
+    def test_enospc_while_writing(self):
+        """A real 'no space left on device' while writing gives A700, the temporary file is removed."""
+        harness = StorageHarness(self)
+        store = harness.archive.store
+        original = store.write
+
+        def full(temp, chunks):
+            if temp.size > 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return original(temp, chunks)
+
+        store.write = full
+        ds = make_dataset(sop="1.3.2", pixels=b"\x01\x02" * 200000)
+        response = harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.3.2")
+        self.assertEqual(response.Status, 0xA700)
+        self.assertIn("No space left on device", response.ErrorComment)
+        self.assertEqual(os.listdir(store.tmp), [])
+        store.write = original
+        again = harness.store(encode_dataset(make_dataset(sop="1.3.3"), EXPLICIT_VR_LITTLE_ENDIAN),
+                              CT_IMAGE_STORAGE, "1.3.3", protocol=True)
+        self.assertEqual(again.Status, 0)
+
+    def test_abandoned_store_leaves_nothing(self):
+        """A peer that disconnects mid data set leaves no temporary file."""
+        harness = StorageHarness(self)
+        protocol, transport, _ = harness.associate([(CT_IMAGE_STORAGE, (EXPLICIT_VR_LITTLE_ENDIAN,))])
+        command = D.Command(CommandField=D.CommandField.C_STORE_RQ, MessageID=1, Priority=0,
+                            AffectedSOPClassUID=CT_IMAGE_STORAGE, AffectedSOPInstanceUID="1.3.4", CommandDataSetType=0)
+        for encoded in D.fragment(1, True, command.encode(), MAX_PDU):
+            protocol.dataReceived(encoded)
+        data = encode_dataset(make_dataset(sop="1.3.4", pixels=b"\x00" * 600000), EXPLICIT_VR_LITTLE_ENDIAN)
+        pdus = list(D.fragment(1, False, data, MAX_PDU))
+        for encoded in pdus[: len(pdus) // 2]:
+            protocol.dataReceived(encoded)
+        protocol.connectionLost(None)
+        self.assertEqual(os.listdir(harness.archive.store.tmp), [])
+        self.assertEqual(harness.archive.index.counts(), (0, 0, 0, 0))
+
+
+class FlowControlTests(SynchronousTestCase):
+    """The association stops reading while too much waits to be written."""
+
+    def test_reading_paused_while_writes_lag(self):
+        """With writes that never complete, reading pauses after about 1 MiB is in flight."""
+        from twisted.internet import defer
+
+        harness = StorageHarness(self)
+        pending = []
+        harness.archive.io = lambda f, *a, **k: (defer.maybeDeferred(f, *a, **k) if f.__name__ != "write"
+                                                 else pending.append(defer.Deferred()) or pending[-1])
+        protocol, transport, _ = harness.associate([(CT_IMAGE_STORAGE, (EXPLICIT_VR_LITTLE_ENDIAN,))])
+        command = D.Command(CommandField=D.CommandField.C_STORE_RQ, MessageID=1, Priority=0,
+                            AffectedSOPClassUID=CT_IMAGE_STORAGE, AffectedSOPInstanceUID="1.4.1", CommandDataSetType=0)
+        for encoded in D.fragment(1, True, command.encode(), MAX_PDU):
+            protocol.dataReceived(encoded)
+        data = encode_dataset(make_dataset(sop="1.4.1", pixels=b"\x00" * 4_000_000), EXPLICIT_VR_LITTLE_ENDIAN)
+        fed = 0
+        for encoded in D.fragment(1, False, data, MAX_PDU):
+            if transport.producerState == "paused":
+                break
+            protocol.dataReceived(encoded)
+            fed += len(encoded)
+        self.assertEqual(transport.producerState, "paused")
+        self.assertLess(fed, 2 * 1024 * 1024)
+        self.assertGreater(fed, 1024 * 1024)
