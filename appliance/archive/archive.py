@@ -173,6 +173,11 @@ class Archive:
         short = shortfall(self.limits, self.size, free + incoming, incoming)
         if short.needed <= 0:
             return
+        # appliance-archive may have deleted studies behind our back: count again before evicting
+        self.size = await self.db(self.index.total_size)
+        short = shortfall(self.limits, self.size, free + incoming, incoming)
+        if short.needed <= 0:
+            return
         if not self.limits.auto_delete:
             raise OutOfResources(f"archive full and auto_delete is off: {short.reason}")
         freed = await self.evict(short.target)
