@@ -1,0 +1,221 @@
+"""Helpers shared by the trial test modules: config files, subprocesses, peers and listeners.
+
+Every wait here is bounded: by a number of attempts, or by a Deferred timeout.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import sys
+from typing import Dict, List, Optional, Sequence
+
+from twisted.internet import defer, protocol, task
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent, globalLogPublisher
+
+#: The checkout: the folder holding ``appliance``, ``tests`` and ``twisted/plugins``.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: The configuration shipped with the appliance.
+SHIPPED_CONFIG = os.path.join(ROOT, "etc", "appliance.toml")
+
+#: How long a test waits for a peer process or a connection to end, in seconds.
+WAIT_LIMIT = 20.0
+
+
+def deferred_test(method):
+    """Run an ``async def`` test method as a Deferred.
+
+    Trial on Twisted 22.4 (Debian 12) does not await a coroutine a test method
+    returns: without this the test would pass without running.
+    """
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        return defer.ensureDeferred(method(*args, **kwargs))
+
+    return run
+
+
+def subprocess_env(**extra: str) -> Dict[str, str]:
+    """The environment for a child interpreter: ours, with the checkout first on PYTHONPATH."""
+    env = dict(os.environ)
+    inherited = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = ROOT + (os.pathsep + inherited if inherited else "")
+    env.pop("APPLIANCE_CONFIG", None)  # the default config must not depend on the caller's shell
+    env.update(extra)
+    return env
+
+
+def run_python(args: Sequence[str], path: Optional[str] = None) -> defer.Deferred:
+    """Run ``sys.executable ARGS``; fires with ``(stdout, stderr, exit code)`` as text."""
+    d = getProcessOutputAndValue(sys.executable, list(args), env=subprocess_env(), path=path or ROOT)
+    return d.addCallback(_decode)
+
+
+def run_program(executable: str, args: Sequence[str]) -> defer.Deferred:
+    """Run a program (a DCMTK tool); fires with ``(stdout, stderr, exit code)`` as text."""
+    d = getProcessOutputAndValue(executable, list(args), env=dict(os.environ), path=ROOT)
+    return d.addCallback(_decode)
+
+
+def _decode(result):
+    out, err, code = result
+    return out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), code
+
+
+def write_file(testcase, text: str, name: Optional[str] = None) -> str:
+    """Write ``text`` to a fresh file of ``testcase``'s temporary area; return its path."""
+    folder = os.path.abspath(testcase.mktemp())
+    os.makedirs(folder)
+    path = os.path.join(folder, name or "appliance.toml")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at the moment (bound to port 0, then closed: a small race)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+    finally:
+        probe.close()
+
+
+def track_connections(factory) -> List[defer.Deferred]:
+    """Make every protocol ``factory`` builds fire a Deferred when its connection is lost.
+
+    Returns the (growing) list of those Deferreds, so a cleanup can wait for
+    connections to close before trial checks that the reactor is clean.
+    """
+    lost: List[defer.Deferred] = []
+    build = factory.buildProtocol
+
+    def build_and_track(addr):
+        built = build(addr)
+        if built is None:
+            return None
+        done = defer.Deferred()
+        original = built.connectionLost
+
+        def connection_lost(reason=None):
+            try:
+                original(reason)
+            finally:
+                if not done.called:  # a timed-out wait may have cancelled it
+                    done.callback(None)
+
+        built.connectionLost = connection_lost
+        lost.append(done)
+        return built
+
+    factory.buildProtocol = build_and_track
+    return lost
+
+
+class Listening:
+    """A factory listening on 127.0.0.1, port 0, for one test.
+
+    In cleanup it stops listening and waits until every accepted connection
+    closed, so trial finds the reactor clean.  Log lines of the association
+    namespace (one per association, written when it ends) are collected.
+    """
+
+    def __init__(self, testcase, factory, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.factory = factory
+        self.lost = track_connections(factory)
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.number: int = self.port.getHost().port
+        self.log: List[str] = []
+        globalLogPublisher.addObserver(self._observe)
+        testcase.addCleanup(globalLogPublisher.removeObserver, self._observe)
+        # cleanups run last-added first: stop listening, then wait for the connections
+        testcase.addCleanup(self.closed)
+        testcase.addCleanup(self.port.stopListening)
+
+    def _observe(self, event) -> None:
+        if event.get("log_namespace") == "appliance.association":
+            self.log.append(formatEvent(event))
+
+    def closed(self) -> defer.Deferred:
+        """Fires once every connection accepted so far has closed (at most WAIT_LIMIT seconds)."""
+        pending = [d for d in self.lost if not d.called]
+        gathered = defer.gatherResults(pending)
+        if pending:
+            gathered.addTimeout(WAIT_LIMIT, self.reactor)
+        return gathered
+
+
+class PeerProcess(protocol.ProcessProtocol):
+    """A peer program (storescp, dcmqrscp) run for one test; ``ended`` fires when it is gone."""
+
+    def __init__(self) -> None:
+        self.output: List[bytes] = []
+        self.ended = defer.Deferred()
+        self.running = False
+
+    def connectionMade(self) -> None:
+        self.running = True
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output.append(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        self.running = False
+        self.ended.callback(reason.value)
+
+    def text(self) -> str:
+        return b"".join(self.output).decode("utf-8", "replace")
+
+
+def spawn_peer(testcase, argv: Sequence[str], path: Optional[str] = None, reactor=None) -> PeerProcess:
+    """Start ``argv`` (argv[0] an absolute path); in cleanup kill it and wait until it ended."""
+    if reactor is None:
+        from twisted.internet import reactor
+    peer = PeerProcess()
+    reactor.spawnProcess(peer, argv[0], list(argv), env=dict(os.environ), path=path)
+
+    def stop():
+        if peer.running:
+            try:
+                peer.transport.signalProcess("KILL")
+            except Exception:  # it ended between the check and the signal
+                pass
+        if not peer.ended.called:
+            peer.ended.addTimeout(WAIT_LIMIT, reactor)
+        return peer.ended
+
+    testcase.addCleanup(stop)
+    return peer
+
+
+async def connect_when_listening(reactor, connect, peer: Optional[PeerProcess] = None,
+                                 attempts: int = 200, delay: float = 0.05):
+    """Call ``connect()`` (-> Deferred) until it does not fail with ConnectionFailed; bounded.
+
+    For a peer just started: it listens a moment later.  Gives up after
+    ``attempts`` tries (``attempts * delay`` seconds and then some), or at once
+    when the peer process ended.
+    """
+    from appliance.net.requestor import ConnectionFailed
+
+    last: Optional[Exception] = None
+    for _ in range(attempts):
+        if peer is not None and not peer.running and peer.ended.called:
+            raise AssertionError(f"the peer ended before it listened; its output:\n{peer.text()}")
+        try:
+            return await connect()
+        except ConnectionFailed as error:
+            last = error
+        await task.deferLater(reactor, delay, lambda: None)
+    raise AssertionError(f"no connection after {attempts} attempts: {last}")

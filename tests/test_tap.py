@@ -1,0 +1,270 @@
+"""appliance.tap and the twistd plugin: options, service composition, ports checked before binding."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceMaker, MultiService
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial import unittest
+
+from appliance import config as configuration
+from appliance import tap
+from appliance.net.protocol import AcceptorFactory
+
+from .support import ROOT, deferred_test, free_port, run_python, write_file
+
+#: twistd as a module: ``python -m twisted`` is ``twist``, not twistd, on every Twisted version.
+TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def _twistd_exits_nonzero_on_usage_error() -> bool:
+    """Twisted before the fix of twisted/twisted#12656 printed usage errors and exited 0."""
+    import inspect
+
+    from twisted.application import app
+
+    return "sys.exit(" in inspect.getsource(app.run)
+
+
+def _listener_config(disk_port: int, memory_port: int, extra: str = "") -> str:
+    return (
+        f'[disk_server]\ninterface = "127.0.0.1"\nport = {disk_port}\n'
+        f'[memory_server]\ninterface = "127.0.0.1"\nport = {memory_port}\n' + extra
+    )
+
+
+class OptionsTests(unittest.SynchronousTestCase):
+    """tap.Options: --config loads and validates the file."""
+
+    def test_config_loaded(self):
+        """--config PATH gives the parsed configuration under 'appliance'."""
+        path = write_file(self, '[appliance]\nae_title = "ME"\n[disk_server]\nport = 4104\n')
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        config = options["appliance"]
+        self.assertIsInstance(config, configuration.ApplianceConfig)
+        self.assertEqual((config.path, config.ae_title, config.disk_server.port), (path, "ME", 4104))
+
+    def test_short_option(self):
+        """-c is --config."""
+        path = write_file(self, "[memory_server]\nport = 4105\n")
+        options = tap.Options()
+        options.parseOptions(["-c", path])
+        self.assertEqual(options["appliance"].memory_server.port, 4105)
+
+    def test_default_config(self):
+        """Without --config the shipped (default) configuration is loaded."""
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertEqual(options["config"], configuration.DEFAULT_CONFIG_PATH)
+        self.assertEqual(options["appliance"].path, configuration.DEFAULT_CONFIG_PATH)
+
+    def test_bad_config(self):
+        """A bad value is a UsageError naming the file, the [section] key and the problem."""
+        path = write_file(self, "[disk_server]\nport = 70000\n")
+        with self.assertRaises(usage.UsageError) as caught:
+            tap.Options().parseOptions(["--config", path])
+        self.assertEqual(str(caught.exception), f"{path}: [disk_server] port: must be from 0 to 65535, not 70000")
+
+    def test_unknown_key(self):
+        """An unknown key is a UsageError naming it."""
+        path = write_file(self, '[memory_server]\naetitle = "X"\n')
+        with self.assertRaises(usage.UsageError) as caught:
+            tap.Options().parseOptions(["--config", path])
+        self.assertIn(f"{path}: [memory_server] aetitle: unknown key", str(caught.exception))
+
+    def test_missing_file(self):
+        """A missing file is a UsageError naming it."""
+        path = os.path.join(self.mktemp(), "nowhere.toml")
+        with self.assertRaises(usage.UsageError) as caught:
+            tap.Options().parseOptions(["--config", path])
+        self.assertEqual(str(caught.exception), f"{path}: no such file")
+
+
+def _listeners(root: MultiService) -> dict:
+    """The root's listening children by name (it may hold other services too: thread pools, archive)."""
+    return {service.name: service for service in root if isinstance(service, StreamServerEndpointService)}
+
+
+class MakeServiceTests(unittest.SynchronousTestCase):
+    """tap.makeService: one named child service per enabled listener, ports checked first."""
+
+    def options_for(self, text: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(["--config", write_file(self, text)])
+        return options
+
+    def make_service(self, options: tap.Options, reactor) -> MultiService:
+        """makeService, with whatever it opened (an archive index) closed after the test."""
+        root = tap.makeService(options, reactor)
+
+        def close_archive():
+            for service in root:
+                archive = getattr(service, "archive", None)
+                if archive is not None:
+                    archive.close()
+
+        self.addCleanup(close_archive)
+        return root
+
+    def test_both_listeners(self):
+        """Both listeners become named StreamServerEndpointService children of a MultiService."""
+        disk_port, memory_port = free_port(), free_port()
+        reactor = MemoryReactorClock()
+        root = self.make_service(self.options_for(_listener_config(disk_port, memory_port)), reactor)
+        self.assertIsInstance(root, MultiService)
+        self.assertEqual(sorted(_listeners(root)), ["disk_server", "memory_server"])
+        self.assertIsInstance(root.getServiceNamed("disk_server"), StreamServerEndpointService)
+        self.assertIsInstance(root.getServiceNamed("memory_server"), StreamServerEndpointService)
+        self.assertEqual(reactor.tcpServers, [], "makeService must not listen; startService does")
+
+    def test_start_listens_as_configured(self):
+        """Starting the listener services listens on each configured port and interface with the AE's factory."""
+        disk_port, memory_port = free_port(), free_port()
+        reactor = MemoryReactorClock()
+        root = self.make_service(self.options_for(_listener_config(disk_port, memory_port)), reactor)
+        for service in _listeners(root).values():
+            service.startService()
+            self.addCleanup(service.stopService)
+        listening = {(port, interface): factory for port, factory, backlog, interface in reactor.tcpServers}
+        self.assertEqual(sorted(listening), sorted([(disk_port, "127.0.0.1"), (memory_port, "127.0.0.1")]))
+        disk_factory = listening[(disk_port, "127.0.0.1")]
+        memory_factory = listening[(memory_port, "127.0.0.1")]
+        self.assertIsInstance(disk_factory, AcceptorFactory)
+        self.assertEqual(disk_factory.policy.ae_title, "DISK_SERVER")
+        self.assertEqual(memory_factory.policy.ae_title, "MEMORY_SERVER")
+
+    def test_port_zero_omits_listener(self):
+        """A listener with port = 0 gets no service at all."""
+        disk_port = free_port()
+        root = self.make_service(self.options_for(_listener_config(disk_port, 0)), MemoryReactorClock())
+        self.assertEqual(list(_listeners(root)), ["disk_server"])
+        self.assertRaises(KeyError, root.getServiceNamed, "memory_server")
+
+    def test_both_disabled(self):
+        """With both ports 0 the MultiService has no listening child."""
+        root = self.make_service(self.options_for(_listener_config(0, 0)), MemoryReactorClock())
+        self.assertEqual(_listeners(root), {})
+
+    def test_port_in_use(self):
+        """A port already bound makes makeService raise a UsageError naming '[disk_server] port' and
+        'already in use', before anything is listened on."""
+        busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        busy_port = busy.getsockname()[1]
+        options = self.options_for(_listener_config(busy_port, free_port()))
+        reactor = MemoryReactorClock()
+        with self.assertRaises(usage.UsageError) as caught:
+            tap.makeService(options, reactor)
+        message = str(caught.exception)
+        self.assertEqual(
+            message, f"{options['config']}: [disk_server] port: 127.0.0.1:{busy_port} is already in use"
+        )
+        self.assertEqual(reactor.tcpServers, [])
+
+    def test_memory_port_in_use(self):
+        """The Memory-Server's port is checked the same way, and named as its own key."""
+        busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        options = self.options_for(_listener_config(free_port(), busy.getsockname()[1]))
+        with self.assertRaises(usage.UsageError) as caught:
+            tap.makeService(options, MemoryReactorClock())
+        self.assertIn("[memory_server] port", str(caught.exception))
+        self.assertIn("already in use", str(caught.exception))
+
+    def test_interface_not_local(self):
+        """An interface that is no address of this machine is named as '[disk_server] interface'."""
+        # 192.0.2.0/24 is TEST-NET-1 (RFC 5737): never assigned to a host
+        options = self.options_for(
+            f'[disk_server]\ninterface = "192.0.2.1"\nport = {free_port()}\n[memory_server]\nport = 0\n'
+        )
+        with self.assertRaises(usage.UsageError) as caught:
+            tap.makeService(options, MemoryReactorClock())
+        self.assertIn(f"{options['config']}: [disk_server] interface: ", str(caught.exception))
+        self.assertIn("192.0.2.1", str(caught.exception))
+
+
+class PluginTests(unittest.SynchronousTestCase):
+    """The twistd plugin in twisted/plugins/appliance_plugin.py."""
+
+    def test_discoverable(self):
+        """getPlugins(IServiceMaker) finds tapname 'appliance', wired to appliance.tap."""
+        self.assertIn(ROOT, [os.path.abspath(entry or os.curdir) for entry in sys.path])
+        makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+        self.assertIn("appliance", makers)
+        maker = makers["appliance"]
+        self.assertIs(maker.options, tap.Options)
+        self.assertIs(maker.makeService, tap.makeService)
+
+
+class TwistdTests(unittest.TestCase):
+    """twistd itself, as a subprocess of this interpreter."""
+
+    timeout = 60
+
+    @deferred_test
+    async def test_plugin_found_through_pythonpath(self):
+        """A fresh interpreter run elsewhere, with only PYTHONPATH pointing at the checkout, finds 'appliance'."""
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        script = (
+            "from twisted.plugin import getPlugins\n"
+            "from twisted.application.service import IServiceMaker\n"
+            "print(' '.join(sorted(maker.tapname + '=' + maker.module for maker in getPlugins(IServiceMaker))))\n"
+        )
+        out, err, code = await run_python(["-c", script], path=folder)
+        self.assertEqual(code, 0, err)
+        self.assertIn("appliance=appliance.tap", out.split())
+
+    @deferred_test
+    async def test_twistd_bad_config(self):
+        """`twistd -n appliance --config BAD` stops with the file, key and problem in its output
+        (and, where Twisted's twistd reports usage errors by status, a non-zero exit)."""
+        path = write_file(self, "[disk_server]\nport = 70000\n")
+        out, err, code = await run_python(TWISTD + ["-n", "--pidfile=", "appliance", "--config", path],
+                                          path=os.path.dirname(path))
+        output = out + err
+        self.assertIn(f"{path}: [disk_server] port: must be from 0 to 65535, not 70000", output)
+        self.assertNotIn("Traceback", output)
+        self.assertFalse(os.path.exists(os.path.join(os.path.dirname(path), "twistd.pid")))
+        if _twistd_exits_nonzero_on_usage_error():
+            self.assertNotEqual(code, 0, output)
+
+    @deferred_test
+    async def test_twistd_port_in_use(self):
+        """`twistd -n appliance` with a port in use stops with a non-zero status, naming the file and key.
+
+        (The message comes at the end of a traceback: makeService's UsageError is not one twistd catches.)
+        """
+        busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        path = write_file(self, _listener_config(port, free_port()))
+        out, err, code = await run_python(TWISTD + ["-n", "--pidfile=", "appliance", "--config", path],
+                                          path=os.path.dirname(path))
+        output = out + err
+        self.assertIn(f"{path}: [disk_server] port: 127.0.0.1:{port} is already in use", output)
+        self.assertNotEqual(code, 0, output)
+
+    @deferred_test
+    async def test_twist_bad_config(self):
+        """`python -m twisted appliance --config BAD` (twist) exits 64 (EX_USAGE) naming file and key."""
+        path = write_file(self, '[memory_server]\nae_title = "ABCDEFGHIJKLMNOPQ"\n')
+        out, err, code = await run_python(["-m", "twisted", "appliance", "--config", path],
+                                          path=os.path.dirname(path))
+        output = out + err
+        self.assertEqual(code, 64, output)
+        self.assertIn(f"{path}: [memory_server] ae_title: AE title 'ABCDEFGHIJKLMNOPQ' must be 1 to 16 characters",
+                      output)
