@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 from typing import List, Tuple
 
 import sqlite3
@@ -30,10 +31,23 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        """Load the configuration and check its ports, before anything is bound.
+
+        Under twistd or twist (``self.parent`` is their command line) a
+        problem ends the process at once with one line on standard error and
+        exit status 1: twistd 22.4 would otherwise print its whole usage text
+        and exit 0 on a UsageError.  Called directly, it raises UsageError.
+        """
         try:
-            self["appliance"] = configuration.load(self["config"])
+            config = configuration.load(self["config"])
+            check_ports(config)
         except configuration.ConfigError as error:
+            if getattr(self, "parent", None) is not None:
+                sys.stderr.write(f"appliance: {error}\n")
+                sys.stderr.flush()
+                raise SystemExit(1)
             raise usage.UsageError(str(error))
+        self["appliance"] = config
 
 
 def _listener_configs(config: configuration.ApplianceConfig) -> List[Tuple[str, configuration.ListenerConfig]]:
