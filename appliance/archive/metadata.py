@@ -15,6 +15,8 @@ from typing import Any, Dict, Optional
 
 from pydicom.dataset import Dataset
 
+from .matching import normalize_name
+
 __all__ = ["PATIENT_KEYWORDS", "STUDY_KEYWORDS", "SERIES_KEYWORDS", "INSTANCE_KEYWORDS", "ObjectMetadata", "extract"]
 
 PATIENT_KEYWORDS = (
@@ -117,7 +119,9 @@ def _level_json(ds: Dataset, keywords) -> str:
     for keyword in keywords:
         if keyword in ds:
             level[keyword] = ds[keyword]
-    return json.dumps(level.to_json_dict(bulk_data_threshold=1 << 20, bulk_data_element_handler=None), sort_keys=True)
+    # an attribute whose value does not parse (IS "1A") is left out of the index, not a reason to refuse the object
+    return json.dumps(level.to_json_dict(bulk_data_threshold=1 << 20, bulk_data_element_handler=None,
+                                         suppress_invalid_tags=True), sort_keys=True)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -152,7 +156,7 @@ def extract(ds: Dataset) -> ObjectMetadata:
         series_instance_uid=uids["SeriesInstanceUID"],
         patient_id=_text(ds, "PatientID"),
         issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-        patient_name=_text(ds, "PatientName"),
+        patient_name=normalize_name(_text(ds, "PatientName")),
         patient_birth_date=_text(ds, "PatientBirthDate"),
         patient_sex=_text(ds, "PatientSex"),
         study_date=_text(ds, "StudyDate"),
