@@ -17,6 +17,38 @@ else:  # pragma: no cover - Debian 12 and later ship Python 3.11+
 
 import pydicom
 
-__all__ = ["tomllib", "PYDICOM_VERSION"]
+__all__ = ["tomllib", "PYDICOM_VERSION", "decode_dataset", "encode_dataset"]
 
 PYDICOM_VERSION = tuple(int(part) for part in pydicom.__version__.split(".")[:2] if part.isdigit())
+
+
+def _syntax_flags(transfer_syntax: str):
+    """(implicit VR, little endian) of an uncompressed transfer syntax."""
+    if transfer_syntax == "1.2.840.10008.1.2":
+        return True, True
+    if transfer_syntax == "1.2.840.10008.1.2.2":
+        return False, False
+    return False, True
+
+
+def decode_dataset(data: bytes, transfer_syntax: str):
+    """A data set (a C-FIND or C-MOVE identifier) from its bytes in an uncompressed transfer syntax."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    implicit, little = _syntax_flags(transfer_syntax)
+    return read_dataset(BytesIO(data), implicit, little)
+
+
+def encode_dataset(dataset, transfer_syntax: str) -> bytes:
+    """A data set's bytes in an uncompressed transfer syntax (pydicom 2.3 and 3.x alike)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    implicit, little = _syntax_flags(transfer_syntax)
+    buffer = DicomBytesIO()
+    buffer.is_implicit_VR = implicit
+    buffer.is_little_endian = little
+    write_dataset(buffer, dataset)
+    return buffer.getvalue()

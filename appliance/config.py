@@ -79,6 +79,8 @@ class ArchiveConfig:
     sop_classes: str
     on_duplicate: str
     limits: StorageLimits
+    pn_matching: str = "sensitive"
+    max_results: int = 0
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,8 @@ def _archive(section: "_Section", data_dir: str) -> ArchiveConfig:
             low_water=section.get("low_water", _fraction, 0.9),
             auto_delete=section.get("auto_delete", _boolean, True),
         ),
+        pn_matching=section.get("pn_matching", _choice("sensitive", "insensitive"), "sensitive"),
+        max_results=section.get("max_results", _integer(0, 10**9), 0),
     )
 
 

@@ -124,8 +124,9 @@ def makeService(options, reactor=None) -> MultiService:
     # children start in this order and stop in reverse: worker threads first up and last down
     io = ThreadPoolService(reactor, "archive-io", max_threads=4)
     db = ThreadPoolService(reactor, "archive-db", max_threads=1)
-    io.setServiceParent(root)
-    db.setServiceParent(root)
+    read = ThreadPoolService(reactor, "archive-read", max_threads=2)  # C-FIND queries, read-only connections
+    for pool in (io, db, read):
+        pool.setServiceParent(root)
     try:
         archive = Archive(config.archive.path, config.archive.limits, config.archive.on_duplicate, reactor,
                           io.runner, db.runner)
@@ -133,7 +134,7 @@ def makeService(options, reactor=None) -> MultiService:
         raise usage.UsageError(f"{config.path}: [appliance] data_dir: cannot open the archive: {error}")
     ArchiveService(archive).setServiceParent(root)
     services = {
-        "disk_server": disk_server_services(config, archive),
+        "disk_server": disk_server_services(config, archive, read.runner),
         "memory_server": memory_server_services(),
     }
     for section, listener in _listener_configs(config):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Optional
 
-from ..archive.archive import Archive
+from ..archive.archive import Archive, Runner
 from ..config import ApplianceConfig, ListenerConfig
 from ..dicom.negotiation import AcceptorPolicy
 from ..dicom.uids import (
@@ -14,6 +14,7 @@ from ..dicom.uids import (
     registry_storage_classes,
 )
 from ..net.protocol import AcceptorFactory, Timeouts
+from .query import FindService
 from .storage import StorageService
 from .verification import VerificationService
 
@@ -32,8 +33,8 @@ def storage_syntaxes(sop_classes: str) -> Dict[str, tuple]:
     return {uid: STORAGE_TRANSFER_SYNTAXES for uid in registry_storage_classes()}
 
 
-def disk_server_services(config: ApplianceConfig, archive: Archive) -> list:
-    """The Disk-Server's service classes (query/retrieve joins in a later release)."""
+def disk_server_services(config: ApplianceConfig, archive: Archive, read: Optional[Runner] = None) -> list:
+    """The Disk-Server's service classes; ``read`` runs C-FIND queries (default: the archive's database runner)."""
     return [
         VerificationService(),
         StorageService(
@@ -41,6 +42,13 @@ def disk_server_services(config: ApplianceConfig, archive: Archive) -> list:
             storage_syntaxes(config.archive.sop_classes),
             config.implementation_class_uid,
             config.implementation_version_name,
+        ),
+        FindService(
+            archive,
+            read or archive.db,
+            config.disk_server.ae_title,
+            insensitive_names=config.archive.pn_matching == "insensitive",
+            max_results=config.archive.max_results,
         ),
     ]
 
@@ -59,10 +67,12 @@ def acceptor_factory(
     """An :class:`AcceptorFactory` for one listening AE, from its configuration and services."""
     by_syntax: Dict[str, object] = {}
     abstract_syntaxes: Dict[str, tuple] = {}
+    extended: Dict[str, object] = {}
     for service in services:
         for abstract, transfers in service.abstract_syntaxes.items():
             by_syntax[abstract] = service
             abstract_syntaxes[abstract] = tuple(transfers)
+        extended.update(getattr(service, "extended_negotiation", {}))
     policy = AcceptorPolicy(
         ae_title=listener.ae_title,
         abstract_syntaxes=abstract_syntaxes,
@@ -71,6 +81,7 @@ def acceptor_factory(
         implementation_version_name=config.implementation_version_name,
         transfer_syntax_priority=listener.transfer_syntax_priority,
         allowed_calling_aets=frozenset(listener.allowed_calling_aets),
+        extended_negotiation=extended,
     )
     timeouts = Timeouts(
         artim=listener.artim_timeout,

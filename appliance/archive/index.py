@@ -18,6 +18,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from .matching import fold, name_groups
 from .metadata import ObjectMetadata
 
 __all__ = ["ArchiveIndex", "InstanceRow", "StudyRow", "SCHEMA_VERSION"]
@@ -37,6 +38,14 @@ CREATE TABLE IF NOT EXISTS patients (
     UNIQUE (patient_id, issuer)
 );
 CREATE INDEX IF NOT EXISTS patients_name ON patients (patient_name);
+CREATE TABLE IF NOT EXISTS patient_names (
+    patient_pk INTEGER NOT NULL REFERENCES patients (pk) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    folded TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS patient_names_name ON patient_names (name);
+CREATE INDEX IF NOT EXISTS patient_names_folded ON patient_names (folded);
+CREATE INDEX IF NOT EXISTS patient_names_patient ON patient_names (patient_pk);
 CREATE INDEX IF NOT EXISTS patients_birth_date ON patients (birth_date);
 CREATE TABLE IF NOT EXISTS studies (
     pk INTEGER PRIMARY KEY,
@@ -208,16 +217,24 @@ class ArchiveIndex:
         ).fetchone()
         values = (meta.patient_name, meta.patient_birth_date, meta.patient_sex, meta.patient_json)
         if row is not None:
+            pk = row[0]
             db.execute(
                 "UPDATE patients SET patient_name = ?, birth_date = ?, sex = ?, attributes = ? WHERE pk = ?",
-                values + (row[0],),
+                values + (pk,),
             )
-            return row[0]
-        cursor = db.execute(
-            "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex, attributes) VALUES (?, ?, ?, ?, ?, ?)",
-            (meta.patient_id, meta.issuer_of_patient_id) + values,
+            db.execute("DELETE FROM patient_names WHERE patient_pk = ?", (pk,))
+        else:
+            pk = db.execute(
+                "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex, attributes)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (meta.patient_id, meta.issuer_of_patient_id) + values,
+            ).lastrowid
+        # each component group of the name, as stored and case/accent-folded, for C-FIND
+        db.executemany(
+            "INSERT INTO patient_names (patient_pk, name, folded) VALUES (?, ?, ?)",
+            [(pk, group, fold(group)) for group in name_groups(meta.patient_name)],
         )
-        return cursor.lastrowid
+        return pk
 
     def _upsert_study(self, db: sqlite3.Connection, meta: ObjectMetadata, patient_pk: int, now: float) -> int:
         row = db.execute("SELECT pk FROM studies WHERE study_uid = ?", (meta.study_instance_uid,)).fetchone()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import pdu as P
 from .uids import APPLICATION_CONTEXT, DEFAULT_TRANSFER_SYNTAX_PRIORITY, uid_name
@@ -94,6 +94,9 @@ class AcceptorPolicy:
     transfer_syntax_priority: Tuple[str, ...] = DEFAULT_TRANSFER_SYNTAX_PRIORITY
     allowed_calling_aets: FrozenSet[str] = frozenset()
     scu_role_syntaxes: FrozenSet[str] = frozenset()
+    #: SOP class UID -> function from the proposed service-class application
+    #: information to our reply (None: not supported), PS3.7 D.3.3.5
+    extended_negotiation: Mapping[str, Callable[[bytes], Optional[bytes]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,8 @@ class Negotiated:
     peer_implementation_class_uid: Optional[str] = None
     peer_implementation_version_name: Optional[str] = None
     notes: Tuple[str, ...] = ()
+    #: SOP class extended negotiation as agreed: SOP class UID -> the acceptor's application information
+    extended: Mapping[str, bytes] = field(default_factory=dict)
 
     @cached_property
     def accepted(self) -> Dict[int, ContextOutcome]:
@@ -208,8 +213,14 @@ def negotiate_as_acceptor(
     notes: List[str] = []
     if user_info.user_identity_rq is not None:
         notes.append("user identity negotiation proposed; not supported, no response sent")
-    if user_info.sop_class_extended:
-        notes.append("SOP class extended negotiation proposed; not supported")
+    extended_replies: List[P.SOPClassExtended] = []
+    for item in user_info.sop_class_extended:
+        handler = policy.extended_negotiation.get(item.sop_class_uid)
+        reply = handler(item.application_information) if handler and item.sop_class_uid in proposed_syntaxes else None
+        if reply is None:
+            notes.append(f"SOP class extended negotiation for {uid_name(item.sop_class_uid)} proposed; not supported")
+        else:
+            extended_replies.append(P.SOPClassExtended(item.sop_class_uid, reply))
     if user_info.sop_class_common_extended:
         notes.append("SOP class common extended negotiation proposed; not supported")
     response_info = P.UserInformation(
@@ -219,6 +230,7 @@ def negotiate_as_acceptor(
         # one outstanding operation each way (statement 3.x.1.3)
         async_operations_window=P.AsyncOperationsWindow(1, 1) if user_info.async_operations_window else None,
         role_selections=role_replies,
+        sop_class_extended=tuple(extended_replies),
     )
     response = P.AssociateAC(
         called_ae_title=request.called_ae_title,
@@ -237,6 +249,7 @@ def negotiate_as_acceptor(
         peer_implementation_class_uid=user_info.implementation_class_uid,
         peer_implementation_version_name=user_info.implementation_version_name,
         notes=tuple(notes),
+        extended={item.sop_class_uid: item.application_information for item in extended_replies},
     )
     return Acceptance(response, negotiated)
 
@@ -334,4 +347,5 @@ def negotiate_as_requestor(request: P.AssociateRQ, response: P.AssociateAC) -> N
         peer_max_pdu=info.maximum_length or 0,
         peer_implementation_class_uid=info.implementation_class_uid,
         peer_implementation_version_name=info.implementation_version_name,
+        extended={item.sop_class_uid: item.application_information for item in info.sop_class_extended},
     )

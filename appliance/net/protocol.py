@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ..dicom import dimse as D
 from ..dicom import pdu as P
@@ -77,6 +78,7 @@ class DataSetTooLarge(Exception):
     """A buffered data set exceeded its bound."""
 
 
+@implementer(IDataSetConsumer)
 @dataclass
 class BufferedDataSet:
     """An :class:`IDataSetConsumer` that keeps a small data set (an identifier) in memory, bounded."""
@@ -119,6 +121,16 @@ class AssociationRecord:
     messages: int = 0
     notes: List[str] = field(default_factory=list)
 
+    #: accepted contexts listed one by one up to this many; rejected ones always are
+    ACCEPTED_SHOWN = 8
+
+    def note_contexts(self, contexts) -> None:
+        accepted = [c for c in contexts if c.accepted]
+        self.accepted = [c.describe() for c in accepted[: self.ACCEPTED_SHOWN]]
+        if len(accepted) > self.ACCEPTED_SHOWN:
+            self.accepted.append(f"and {len(accepted) - self.ACCEPTED_SHOWN} more")
+        self.rejected = [c.describe() for c in contexts if not c.accepted]
+
 
 class DicomProtocol(Protocol):
     """Common adapter for both roles; subclasses handle the indications."""
@@ -137,6 +149,7 @@ class DicomProtocol(Protocol):
         self._idle = None
         self._closed = False
         self._finished_log = False
+        self._write_monitor: Optional["_WriteMonitor"] = None
 
     # --- Twisted's side ----------------------------------------------------
 
@@ -227,6 +240,26 @@ class DicomProtocol(Protocol):
         self.record.outcome = f"aborted by us: {why}"
         self._cancel_idle()
         self._process(self.ul.abort())
+
+    def writable(self) -> defer.Deferred:
+        """Fires once the transport's write buffer has drained below its limit.
+
+        For producers of many responses (C-FIND): they wait on this between
+        batches, so a slow reader does not make us buffer the result set.
+        Registers a streaming producer on the transport while in use; call
+        :meth:`done_writing` at the end.
+        """
+        if self._write_monitor is None:
+            self._write_monitor = _WriteMonitor()
+            self.transport.registerProducer(self._write_monitor, True)
+        return self._write_monitor.when_writable()
+
+    def done_writing(self) -> None:
+        if self._write_monitor is not None:
+            monitor, self._write_monitor = self._write_monitor, None
+            monitor.resumeProducing()
+            if not self._closed:
+                self.transport.unregisterProducer()
 
     def pause_reading(self) -> None:
         """Stop reading from the peer (flow control for slow consumers)."""
@@ -345,6 +378,33 @@ class DicomProtocol(Protocol):
             duration=duration,
             notes="".join(f"; {note}" for note in record.notes),
         )
+
+
+class _WriteMonitor:
+    """A streaming producer that only records whether the transport wants us to pause."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self._waiters: List[defer.Deferred] = []
+
+    def when_writable(self) -> defer.Deferred:
+        if not self.paused:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
 
 
 class _DataSetSender:
@@ -478,8 +538,7 @@ class AcceptorProtocol(DicomProtocol):
             return
         self.negotiated = decision.negotiated
         self.factory.associations += 1
-        for context in decision.negotiated.contexts:
-            (self.record.accepted if context.accepted else self.record.rejected).append(context.describe())
+        self.record.note_contexts(decision.negotiated.contexts)
         self.record.notes.extend(decision.negotiated.notes)
         self.record.outcome = "aborted before release"
         self._process(self.ul.accept(decision.response))
@@ -515,7 +574,12 @@ class AcceptorProtocol(DicomProtocol):
             )
         if command.has_data_set:
             if service is not None and request.problem is None:
-                request.consumer = IDataSetConsumer(service.open_data_set(request))
+                try:
+                    request.consumer = IDataSetConsumer(service.open_data_set(request))
+                except Exception:
+                    _log.failure("{command}: the service could not take its data set", command=_command_name(field_value))
+                    request.problem = "internal error: the service could not take the data set"
+                    request.consumer = BufferedDataSet(0)
             else:
                 request.consumer = BufferedDataSet(0)  # drained, then answered with the problem
             return

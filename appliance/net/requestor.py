@@ -240,8 +240,7 @@ class RequestorProtocol(DicomProtocol):
         kind = type(output)
         if kind is ul.AssociateAccepted:
             self.negotiated = negotiate_as_requestor(self.request, output.response)
-            for context in self.negotiated.contexts:
-                (self.record.accepted if context.accepted else self.record.rejected).append(context.describe())
+            self.record.note_contexts(self.negotiated.contexts)
             self.record.outcome = "aborted before release"
             self.association = Association(self)
             self._touch_idle()

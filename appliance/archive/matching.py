@@ -1,0 +1,271 @@
+"""C-FIND attribute matching (PS3.4 C.2.2.2), pure functions on decoded (Unicode) values.
+
+Single value, list of UID, universal, wildcard, range (DA, TM, DT, and
+combined date-time) and sequence matching.  Values are compared after
+pydicom has decoded them with their own Specific Character Set, so a request
+in one character set matches names stored in another.
+
+Person names are matched case-sensitively as the standard says, or
+ignoring case and accents when the archive is configured with
+``pn_matching = "insensitive"``.  A query name without ``=`` matches any of
+the stored name's component groups (alphabetic, ideographic, phonetic);
+with ``=``, each non-empty query group must match the stored group in its
+place.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, List, Optional, Sequence, Tuple
+
+__all__ = [
+    "normalize_name",
+    "fold",
+    "name_groups",
+    "has_wildcard",
+    "wildcard_regex",
+    "glob_pattern",
+    "parse_range",
+    "time_bounds",
+    "date_bounds",
+    "datetime_bounds",
+    "Matcher",
+    "make_matcher",
+    "UNIVERSAL",
+]
+
+WILDCARDS = ("*", "?")
+TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT", "UR"})
+
+
+def normalize_name(name: str) -> str:
+    """A person name without trailing empty components or groups (PS3.5 6.2: they are insignificant)."""
+    groups = [group.rstrip("^ ").strip() for group in name.split("=")]
+    while groups and not groups[-1]:
+        groups.pop()
+    return "=".join(groups)
+
+
+def fold(text: str) -> str:
+    """Case- and accent-insensitive form: NFKD, combining marks removed, casefolded."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def name_groups(name: str) -> List[str]:
+    """The non-empty component groups of a normalized person name."""
+    return [group for group in normalize_name(name).split("=") if group]
+
+
+def has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+@lru_cache(maxsize=1024)
+def wildcard_regex(pattern: str) -> "re.Pattern[str]":
+    """A compiled regex for a C-FIND wildcard pattern: ``*`` any run, ``?`` one character."""
+    parts = []
+    for char in pattern:
+        if char == "*":
+            parts.append(".*")
+        elif char == "?":
+            parts.append(".")
+        else:
+            parts.append(re.escape(char))
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def glob_pattern(pattern: str) -> str:
+    """The same pattern for SQLite's GLOB (case-sensitive, index-friendly prefix)."""
+    out = []
+    for char in pattern:
+        if char in "[]":
+            out.append(f"[{char}]")
+        else:
+            out.append(char)  # * and ? mean the same in GLOB
+    return "".join(out)
+
+
+UNIVERSAL = None
+
+
+def parse_range(value: str) -> Optional[Tuple[str, str]]:
+    """``"a-b"``, ``"a-"``, ``"-b"`` -> (a, b) with '' for an open end; None if not a range."""
+    if "-" not in value:
+        return None
+    if value.count("-") != 1:
+        return None
+    low, high = value.split("-")
+    return low.strip(), high.strip()
+
+
+def _digits(text: str) -> str:
+    return "".join(c for c in text if c.isdigit())
+
+
+def date_bounds(low: str, high: str) -> Tuple[str, str]:
+    """Comparable bounds for DA values (YYYYMMDD; the legacy YYYY.MM.DD accepted)."""
+    low_digits, high_digits = _digits(low), _digits(high)
+    return (low_digits or "00000000", high_digits or "99999999")
+
+
+def time_bounds(low: str, high: str) -> Tuple[str, str]:
+    """Comparable bounds for TM values: HHMMSS.FFFFFF, a partial value covering its whole span."""
+    return (_time_key(low, fill="0") if low else "000000.000000", _time_key(high, fill="9") if high else "999999.999999")
+
+
+def _time_key(value: str, fill: str) -> str:
+    value = value.replace(":", "").strip()
+    whole, _, fraction = value.partition(".")
+    whole = whole[:6]
+    if fill == "9":
+        # an upper bound of "10" means up to 10:59:59.999999
+        whole = whole + "595959"[len(whole):]
+    else:
+        whole = whole.ljust(6, "0")
+    fraction = (fraction + fill * 6)[:6] if fraction or fill == "9" else "000000"
+    return f"{whole}.{fraction}"
+
+
+def time_key(value: str) -> str:
+    """A stored TM value in comparable form."""
+    return _time_key(value, fill="0")
+
+
+def datetime_bounds(low: str, high: str) -> Tuple[str, str]:
+    """Comparable bounds for DT values (offsets ignored): YYYYMMDDHHMMSS.FFFFFF."""
+    def key(value: str, fill: str) -> str:
+        value = re.sub(r"[+-]\d{4}$", "", value.strip())  # the UTC offset is not compared
+        digits, _, fraction = value.partition(".")
+        digits = _digits(digits)[:14]
+        pad = "99991231235959" if fill == "9" else "00000101000000"
+        digits = digits + pad[len(digits):]
+        fraction = (fraction + fill * 6)[:6] if fraction or fill == "9" else "000000"
+        return f"{digits}.{fraction}"
+
+    return (key(low, "0") if low else "00000101000000.000000", key(high, "9") if high else "99991231235959.999999")
+
+
+def datetime_key(date: str, time: str) -> str:
+    """A stored date and time as a comparable DT key."""
+    digits = _digits(date)[:8].ljust(8, "0")
+    return digits + time_key(time or "000000")
+
+
+# --- matchers -------------------------------------------------------------------------
+
+Matcher = Callable[[object], bool]
+
+
+def _values(stored) -> List[str]:
+    """Stored value(s) as a list of strings (multi-valued attributes match on any value)."""
+    if stored is None:
+        return []
+    if isinstance(stored, (list, tuple)):
+        return [str(v) for v in stored]
+    return [str(stored)]
+
+
+def make_matcher(vr: str, query: str, insensitive_names: bool = False) -> Optional[Matcher]:
+    """A predicate on stored values for a non-sequence key, or None for universal matching.
+
+    ``query`` is the decoded value of the key in the identifier (a backslash
+    separates multiple values).
+    """
+    query = query.strip() if vr != "PN" else query
+    if query == "" or query == "*":
+        return UNIVERSAL
+    if vr == "UI":
+        wanted = {uid.strip().rstrip("\x00") for uid in query.split("\\") if uid.strip()}
+        return lambda stored: any(v in wanted for v in _values(stored))
+    if vr == "DA":
+        return _range_matcher(query, date_bounds, lambda v: _digits(v))
+    if vr == "TM":
+        return _range_matcher(query, time_bounds, time_key)
+    if vr == "DT":
+        return _range_matcher(query, datetime_bounds, lambda v: datetime_bounds(v, v)[0])
+    if vr == "PN":
+        return _name_matcher(query, insensitive_names)
+    if vr in ("IS", "DS", "US", "UL", "SS", "SL", "FL", "FD"):
+        return _number_matcher(query)
+    alternatives = query.split("\\")
+    predicates = [_text_predicate(alternative.strip() if vr != "CS" else alternative.strip()) for alternative in alternatives]
+    return lambda stored: any(p(v.strip()) for v in _values(stored) for p in predicates)
+
+
+def _text_predicate(pattern: str) -> Callable[[str], bool]:
+    if has_wildcard(pattern):
+        regex = wildcard_regex(pattern)
+        return lambda value: regex.fullmatch(value) is not None
+    return lambda value: value == pattern
+
+
+def _range_matcher(query: str, bounds, key) -> Matcher:
+    checks = []
+    for alternative in query.split("\\"):
+        span = parse_range(alternative)
+        if span is None:
+            low, high = bounds(alternative, alternative)
+        else:
+            low, high = bounds(*span)
+        checks.append((low, high))
+
+    def match(stored) -> bool:
+        for value in _values(stored):
+            if not value.strip():
+                continue
+            k = key(value.strip())
+            if any(low <= k <= high for low, high in checks):
+                return True
+        return False
+
+    return match
+
+
+def _number_matcher(query: str) -> Matcher:
+    wanted = []
+    for alternative in query.split("\\"):
+        try:
+            wanted.append(float(alternative))
+        except ValueError:
+            wanted.append(alternative.strip())
+
+    def match(stored) -> bool:
+        for value in _values(stored):
+            try:
+                number = float(value)
+            except ValueError:
+                number = value.strip()
+            if number in wanted:
+                return True
+        return False
+
+    return match
+
+
+def _name_matcher(query: str, insensitive: bool) -> Optional[Matcher]:
+    prepare = fold if insensitive else (lambda text: text)
+    query_name = normalize_name(query)
+    if not query_name or query_name == "*":
+        return UNIVERSAL
+    if "=" in query_name:
+        query_groups = [prepare(group) for group in query_name.split("=")]
+        predicates = [(index, _text_predicate(group)) for index, group in enumerate(query_groups) if group]
+
+        def by_group(stored) -> bool:
+            for value in _values(stored):
+                groups = [prepare(g) for g in normalize_name(value).split("=")]
+                if all(index < len(groups) and predicate(groups[index]) for index, predicate in predicates):
+                    return True
+            return False
+
+        return by_group
+    predicate = _text_predicate(prepare(query_name))
+
+    def any_group(stored) -> bool:
+        return any(predicate(prepare(group)) for value in _values(stored) for group in name_groups(value))
+
+    return any_group
