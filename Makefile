@@ -53,3 +53,22 @@ test:
 
 clean:
 	rm -rf $(VENV) _trial_temp* _trial_*.log
+
+# The crash-durability test at length (tools/torture.py; the suite runs 3 rounds):
+# storescu streams, kill -9, restart, check every acknowledged object, 50 times.
+# Options through TORTURE_ARGS, e.g. make torture TORTURE_ARGS="--rounds 200 --seed 7".
+.PHONY: torture
+torture: system-packages $(VENV)/.installed
+	$(VENV)/bin/python tools/torture.py --rounds 50 $(TORTURE_ARGS)
+
+# The storage benchmark (bench/store_bench.py): the Disk-Server against DCMTK's
+# storescp and Debian's Orthanc. Results go to bench/results/.
+# Options through BENCH_ARGS, e.g. make bench BENCH_ARGS="--repeat 3".
+BENCH_PACKAGES := dcmtk orthanc
+.PHONY: bench bench-packages
+
+bench-packages:
+	@$(MAKE) --no-print-directory system-packages DEBIAN_PACKAGES="$(BENCH_PACKAGES)"
+
+bench: bench-packages $(VENV)/.installed
+	$(VENV)/bin/python bench/store_bench.py $(BENCH_ARGS)

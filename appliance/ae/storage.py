@@ -13,6 +13,7 @@ is 8), fsynced, installed and indexed; only then is Success sent.
 from __future__ import annotations
 
 import os
+import sqlite3
 import struct
 from dataclasses import dataclass
 from typing import List, Mapping, Optional, Tuple
@@ -228,6 +229,11 @@ class IncomingObject:
             return StoreResult(DUPLICATE_REJECTED, str(error))
         except OSError as error:
             return StoreResult(S.OUT_OF_RESOURCES, f"cannot write to the archive: {error.strerror}")
+        except sqlite3.OperationalError as error:
+            # SQLITE_FULL: the index commit found the file system full (the object was not stored)
+            if getattr(error, "sqlite_errorcode", None) != getattr(sqlite3, "SQLITE_FULL", 13):
+                raise
+            return StoreResult(S.OUT_OF_RESOURCES, f"cannot write to the archive's index: {error}")
         if outcome is not StoreOutcome.STORED:
             _log.info("SOP instance {sop} from {ae}: {outcome} (on_duplicate = {policy})",
                       sop=self.sop_instance_uid, ae=self.source_ae, outcome=outcome.value,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
+import sqlite3
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable, Dict, List, Optional
@@ -204,17 +205,33 @@ class Archive:
         return freed
 
     async def delete_study(self, study_uid: str, why: str = "deleted") -> int:
-        """Remove a study: files first, then rows, so a crash never leaves a row without its file."""
+        """Remove a study: rows first, then files.
+
+        The index never names a file that is gone; a crash in between leaves
+        files no row names, which the start-up reconciliation removes.  On a
+        file system so full that SQLite cannot even record the deletion, the
+        files go first to make the room, then the rows.
+        """
         rows: List[InstanceRow] = await self.db(self.index.study_instances, study_uid)
         if not rows:
             return 0
+        sop_uids = [row.sop_uid for row in rows]
+        freed = sum(row.size for row in rows)
+        try:
+            await self.db(self.index.delete_instances, sop_uids)
+        except sqlite3.OperationalError as error:
+            if getattr(error, "sqlite_errorcode", sqlite3.SQLITE_FULL) != sqlite3.SQLITE_FULL:
+                raise
+            _log.warn("index full while deleting study {study}: removing its files first", study=study_uid)
+            for row in rows:
+                await self.io(self.store.remove, row.path)
+            await self.db(self.index.delete_instances, sop_uids)
+            rows = []
         for row in rows:
             await self.io(self.store.remove, row.path)
-        await self.db(self.index.delete_instances, [row.sop_uid for row in rows])
-        freed = sum(row.size for row in rows)
         self.size -= freed
         _log.info("study {study} {why}: {count} instances, {size} bytes", study=study_uid, why=why,
-                  count=len(rows), size=freed)
+                  count=len(sop_uids), size=freed)
         return freed
 
     def touch(self, study_uids: List[str]) -> defer.Deferred:
