@@ -15,6 +15,7 @@ from ..dicom.uids import (
 )
 from ..net.protocol import AcceptorFactory, Timeouts
 from .query import FindService
+from .retrieve import RetrieveService
 from .storage import StorageService
 from .verification import VerificationService
 
@@ -50,6 +51,7 @@ def disk_server_services(config: ApplianceConfig, archive: Archive, read: Option
             insensitive_names=config.archive.pn_matching == "insensitive",
             max_results=config.archive.max_results,
         ),
+        RetrieveService(config, archive),
     ]
 
 

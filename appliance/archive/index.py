@@ -308,6 +308,37 @@ class ArchiveIndex:
         ).fetchall()
         return [InstanceRow(*row) for row in rows]
 
+    def retrieve_instances(
+        self, study_uids: Sequence[str], series_uids: Sequence[str] = (), sop_uids: Sequence[str] = ()
+    ) -> List[InstanceRow]:
+        """The instances a retrieve names, with no relational matching (PS3.4 C.4.2.2.1).
+
+        STUDY level: ``study_uids`` only, one or more.  SERIES level: one study
+        UID and ``series_uids``.  IMAGE level: one study UID, one series UID and
+        ``sop_uids``.  UIDs that match nothing are skipped.  In study, series,
+        instance order; long lists are queried in chunks (SQLite's parameter limit).
+        """
+        columns = """SELECT i.sop_uid, i.sop_class, st.study_uid, se.series_uid, i.transfer_syntax, i.path, i.size
+               FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies st ON se.study_pk = st.pk"""
+        order = "ORDER BY st.pk, se.series_number, se.pk, i.instance_number, i.pk"
+        if sop_uids:
+            fixed, column, listed = (study_uids[0], series_uids[0]), "i.sop_uid", sop_uids
+            where = "st.study_uid = ? AND se.series_uid = ? AND "
+        elif series_uids:
+            fixed, column, listed = (study_uids[0],), "se.series_uid", series_uids
+            where = "st.study_uid = ? AND "
+        else:
+            fixed, column, listed = (), "st.study_uid", study_uids
+            where = ""
+        unique = list(dict.fromkeys(listed))
+        found: List[InstanceRow] = []
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = self.db.execute(f"{columns} WHERE {where}{column} IN ({marks}) {order}", (*fixed, *chunk)).fetchall()
+            found.extend(InstanceRow(*row) for row in rows)
+        return found
+
     # --- storage management --------------------------------------------------------
 
     def total_size(self) -> int:

@@ -168,6 +168,31 @@ class Association:
     def request(self, abstract_syntax: str, command: D.Command, data: Optional[bytes] = None,
                 transfer_syntax: Optional[str] = None) -> ResponseStream:
         """Send a request on the first context accepted for ``abstract_syntax``."""
+        context, stream = self._begin(abstract_syntax, transfer_syntax, command)
+        self._protocol.send_message(context.id, command, data)
+        self._protocol.start_dimse_timer()
+        return stream
+
+    def request_from_file(self, abstract_syntax: str, command: D.Command, source, length: int,
+                          transfer_syntax: Optional[str] = None) -> ResponseStream:
+        """Like :meth:`request`, the data set being ``length`` bytes read from the file object ``source``
+        only as the transport asks for more (:meth:`DicomProtocol.send_message_from_file`).
+
+        The DIMSE timeout restarts with every chunk read, so it bounds a peer
+        that stops reading, not the time a large data set takes.  A send that
+        fails ends the association, which ends the stream with the error.
+        """
+        context, stream = self._begin(abstract_syntax, transfer_syntax, command)
+        protocol = self._protocol
+        protocol.outstanding_context = context.id
+        protocol.start_dimse_timer()
+        sent = protocol.send_message_from_file(context.id, command, _TimedSource(source, protocol), length)
+        # the association's end (abort or close) already reports a failed send to the stream
+        sent.addCallbacks(lambda _: protocol.start_dimse_timer() if protocol.outstanding is stream else None,
+                          lambda _: None)
+        return stream
+
+    def _begin(self, abstract_syntax: str, transfer_syntax: Optional[str], command: D.Command):
         context = self.negotiated.context_for(abstract_syntax, transfer_syntax)
         if context is None:
             raise AssociationError(f"no accepted presentation context for {abstract_syntax}")
@@ -180,9 +205,7 @@ class Association:
         command.MessageID = message_id
         stream = ResponseStream(self, message_id)
         self._protocol.outstanding = stream
-        self._protocol.send_message(context.id, command, data)
-        self._protocol.start_dimse_timer()
-        return stream
+        return context, stream
 
     def echo(self) -> defer.Deferred:
         """C-ECHO; fires with the response status."""
@@ -205,6 +228,20 @@ class Association:
 
     def abort(self, why: str = "aborted by the local user") -> None:
         self._protocol.abort(why)
+
+
+class _TimedSource:
+    """A file object whose every read restarts the requestor's DIMSE timer (progress, not a deadline)."""
+
+    def __init__(self, source, protocol: "RequestorProtocol") -> None:
+        self._source = source
+        self._protocol = protocol
+
+    def read(self, size: int) -> bytes:
+        data = self._source.read(size)
+        if self._protocol.outstanding is not None:
+            self._protocol.start_dimse_timer()
+        return data
 
 
 class RequestorProtocol(DicomProtocol):

@@ -1,0 +1,655 @@
+"""Study Root Query/Retrieve Information Model - MOVE as SCP (PS3.4 C.4.2) over the archive.
+
+A C-MOVE names studies, series or images by their unique keys only (no
+relational retrieve, statement 3.1.3.3.2.1).  The instances are looked up in
+the index, their studies pinned against eviction and marked accessed, and the
+Disk-Server opens ONE association to the Move Destination (an AE title of the
+configured devices) and sends every instance over it as a C-STORE
+sub-operation, as the statement's sections 3.1.2 and 3.1.3.3 describe:
+
+* **Contexts.** For each SOP class, one context per transfer syntax its files
+  are stored in (that syntax alone), and one with the three uncompressed
+  syntaxes.  When that is more than PS3.8's 128, the exact contexts of
+  uncompressed syntaxes are dropped (the uncompressed context covers them),
+  then each class gets a single context listing its stored syntaxes and the
+  uncompressed ones; classes beyond 128 (fewest instances first) get none.
+* **Sending.** A file's data set, after its File Meta Information, goes out
+  verbatim through the association's pull producer: read one PDU at a time as
+  the destination takes it, so a slow destination never makes us hold the
+  study.  When the destination accepted only another *uncompressed* syntax, the
+  object is re-encoded with pydicom on the archive's I/O threads into a
+  temporary file (byte order of OW/OF/OL/OD/OV values swapped when the
+  endianness changes), and that is sent.  A compressed object is never decoded:
+  without a context in its own syntax its sub-operation fails.
+* **Statuses** (PS3.4 C.4.2.1.5).  Pending (FF00) after each sub-operation with the
+  four counts (in moves of more than ``pending_every`` instances at most one per
+  ``pending_interval`` seconds of the injected clock).  Final: 0000 all
+  completed; B000 some completed with warnings, or could not be sent (no
+  suitable context, file unreadable); A702 a C-STORE answered with a failure
+  status or the sub-association was lost: the sub-association is ended at once
+  (the statement's policy) and the sub-operations not attempted count as
+  failed; FE00 after a C-CANCEL, once the sub-operation in flight is done.
+  A801 only for a Move Destination that is not a configured device (nothing is
+  connected); a destination that cannot be reached or rejects the association
+  is C000 ("unable to process") with the reason as Error Comment, because the
+  destination is known and PS3.4 has no refused-by-destination status.  A900
+  for an identifier that is not a Study Root retrieve identifier (level, keys,
+  UIDs), C000 for one that cannot be decoded.  Every final response after a
+  failed sub-operation carries the Failed SOP Instance UID List (0008,0058).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filewriter import correct_ambiguous_vr
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..archive.archive import Archive
+from ..archive.index import InstanceRow
+from ..compat import decode_dataset, encode_dataset
+from ..config import ApplianceConfig, DeviceConfig
+from ..dicom import dimse as D
+from ..dicom import status as S
+from ..dicom.negotiation import Negotiated, describe_rejection
+from ..dicom.uids import (
+    EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    STUDY_ROOT_MOVE,
+    UNCOMPRESSED_TRANSFER_SYNTAXES,
+    is_received_uid,
+)
+from ..interfaces import IServiceClass
+from ..net import requestor
+from ..net.protocol import BufferedDataSet, Timeouts
+
+__all__ = [
+    "RetrieveService",
+    "RetrieveKeys",
+    "IdentifierError",
+    "parse_identifier",
+    "propose_contexts",
+    "choose_context",
+    "data_set_offset",
+    "open_stored_data_set",
+    "convert_stored_data_set",
+    "failed_uid_list",
+    "MAX_CONTEXTS",
+    "UNABLE_TO_PROCESS",
+]
+
+_log = Logger(namespace="appliance.retrieve")
+
+#: PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255.
+MAX_CONTEXTS = 128
+#: An identifier is a handful of UIDs; a larger one is refused (C000) without being held.
+IDENTIFIER_LIMIT = 1024 * 1024
+#: Failure "unable to process" (PS3.4 C.4.2.1.5 Cxxx): undecodable identifier, destination unreachable or refusing.
+UNABLE_TO_PROCESS = 0xC000
+#: Our preference among the uncompressed syntaxes for the fallback context.
+_FALLBACK_SYNTAXES = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN)
+#: VRs whose values are arrays of binary words (their byte order follows the transfer syntax).
+_WORD_VRS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+_LEVELS = ("STUDY", "SERIES", "IMAGE")
+_LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+
+_QUERY_RETRIEVE_LEVEL = 0x00080052
+_STUDY_UID, _SERIES_UID, _SOP_UID = 0x0020000D, 0x0020000E, 0x00080018
+
+
+def _comment(text: str) -> str:
+    """An Error Comment (LO): at most 64 characters of ISO 646."""
+    return text.encode("ascii", "replace").decode("ascii")[:64]
+
+
+# --- the identifier ------------------------------------------------------------------------------------
+
+
+class IdentifierError(Exception):
+    """The identifier cannot be served: the status to answer, and why."""
+
+    def __init__(self, status: int, comment: str, offending: Optional[int] = None) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+        self.offending = offending
+
+
+@dataclass(frozen=True)
+class RetrieveKeys:
+    """The unique keys of a Study Root retrieve identifier (PS3.4 C.4.2.2.1)."""
+
+    level: str
+    study_uids: Tuple[str, ...]
+    series_uids: Tuple[str, ...] = ()
+    sop_uids: Tuple[str, ...] = ()
+
+
+def _uid_values(ds: Dataset, tag: int) -> Optional[List[str]]:
+    """The UIDs of a key: None when absent, [] when empty (universal matching)."""
+    if tag not in ds:
+        return None
+    value = ds[tag].value
+    if value is None or value == "":
+        return []
+    values = [value] if isinstance(value, (str, bytes)) else list(value)
+    found = []
+    for item in values:
+        text = item.decode("ascii", "replace") if isinstance(item, bytes) else str(item)
+        text = text.strip().rstrip("\x00").strip()
+        if text:
+            found.append(text)
+    return found
+
+
+def parse_identifier(data: bytes, transfer_syntax: str) -> RetrieveKeys:
+    """Decode a C-MOVE identifier in the context's transfer syntax and check it is a Study Root
+    retrieve at STUDY, SERIES or IMAGE level; raise :class:`IdentifierError` otherwise."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's notes on odd values: we judge them ourselves
+            ds = decode_dataset(data, transfer_syntax)
+            level_value = ds[_QUERY_RETRIEVE_LEVEL].value if _QUERY_RETRIEVE_LEVEL in ds else None
+            keys = {tag: _uid_values(ds, tag) for tag in (_STUDY_UID, _SERIES_UID, _SOP_UID)}
+    except Exception as error:  # pydicom raises many kinds on bytes that are no data set
+        raise IdentifierError(UNABLE_TO_PROCESS, f"cannot decode the identifier: {error}") from None
+    level = str(level_value or "").strip().upper()
+    if not level:
+        raise IdentifierError(S.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "no Query/Retrieve Level (0008,0052)",
+                              _QUERY_RETRIEVE_LEVEL)
+    if level not in _LEVELS:
+        raise IdentifierError(S.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                              f"Query/Retrieve Level {level} is not STUDY, SERIES or IMAGE", _QUERY_RETRIEVE_LEVEL)
+    depth = _LEVELS.index(level)
+    names = {_STUDY_UID: "Study Instance UID", _SERIES_UID: "Series Instance UID", _SOP_UID: "SOP Instance UID"}
+    found: List[Tuple[str, ...]] = []
+    for position, tag in enumerate((_STUDY_UID, _SERIES_UID, _SOP_UID)):
+        values = keys[tag]
+        if position > depth:
+            if values:  # a key below the level: that would be a relational retrieve
+                raise IdentifierError(S.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                                      f"{names[tag]} below the {level} level (no relational retrieve)", tag)
+            continue
+        if not values:
+            raise IdentifierError(S.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{names[tag]} is required at {level} level",
+                                  tag)
+        if position < depth and len(values) != 1:
+            raise IdentifierError(S.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                                  f"one {names[tag]} above the {level} level, not {len(values)}", tag)
+        for uid in values:
+            if not is_received_uid(uid):
+                raise IdentifierError(S.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{names[tag]} is not a UID", tag)
+        found.append(tuple(dict.fromkeys(values)))
+    return RetrieveKeys(level, *found)
+
+
+# --- presentation contexts --------------------------------------------------------------------------------
+
+
+def propose_contexts(rows: Sequence[InstanceRow]) -> List[Tuple[str, Tuple[str, ...]]]:
+    """The presentation contexts of the sub-association for these instances (see the module docstring)."""
+    by_class: Dict[str, Dict[str, int]] = {}
+    for row in rows:
+        counts = by_class.setdefault(row.sop_class, {})
+        counts[row.transfer_syntax] = counts.get(row.transfer_syntax, 0) + 1
+    classes = sorted(by_class)
+    contexts = []
+    for sop_class in classes:
+        contexts += [(sop_class, (ts,)) for ts in sorted(by_class[sop_class])]
+        contexts.append((sop_class, _FALLBACK_SYNTAXES))
+    if len(contexts) <= MAX_CONTEXTS:
+        return contexts
+    contexts = []
+    for sop_class in classes:
+        contexts += [(sop_class, (ts,)) for ts in sorted(by_class[sop_class]) if ts not in UNCOMPRESSED_TRANSFER_SYNTAXES]
+        contexts.append((sop_class, _FALLBACK_SYNTAXES))
+    if len(contexts) <= MAX_CONTEXTS:
+        return contexts
+    ranked = sorted(classes, key=lambda c: (-sum(by_class[c].values()), c))[:MAX_CONTEXTS]
+    merged = []
+    for sop_class in sorted(ranked):
+        stored = sorted(by_class[sop_class], key=lambda ts: (-by_class[sop_class][ts], ts))
+        merged.append((sop_class, tuple(dict.fromkeys(stored + list(_FALLBACK_SYNTAXES)))))
+    return merged
+
+
+def choose_context(negotiated: Negotiated, sop_class: str, transfer_syntax: str) -> Optional[Tuple[str, bool]]:
+    """(transfer syntax to send in, whether to convert) for an object, or None if it cannot be sent.
+
+    The stored syntax itself when any context of the class was accepted in
+    it; otherwise, for an uncompressed object, another uncompressed syntax
+    accepted for the class (the same byte order first), converted.
+    """
+    accepted = [c.transfer_syntax for c in negotiated.contexts if c.accepted and c.abstract_syntax == sop_class]
+    if transfer_syntax in accepted:
+        return transfer_syntax, False
+    if transfer_syntax not in UNCOMPRESSED_TRANSFER_SYNTAXES:
+        return None
+    big = transfer_syntax == EXPLICIT_VR_BIG_ENDIAN
+    candidates = [ts for ts in _FALLBACK_SYNTAXES if ts in accepted]
+    candidates.sort(key=lambda ts: (ts == EXPLICIT_VR_BIG_ENDIAN) != big)
+    return (candidates[0], True) if candidates else None
+
+
+# --- the archive's files (worker threads) --------------------------------------------------------------
+
+
+def data_set_offset(handle) -> int:
+    """Where the data set of the Part 10 file ``handle`` starts: after 'DICM' and the File Meta
+    Information, from its group length (0002,0000), else by walking group 0002 (PS3.10 7.1)."""
+    handle.seek(0)
+    head = handle.read(132)
+    if len(head) != 132 or head[128:132] != b"DICM":
+        raise ValueError("not a Part 10 file: no 'DICM' at byte 128")
+    first = handle.read(12)
+    if first[:6] == b"\x02\x00\x00\x00UL" and first[6:8] == b"\x04\x00":
+        return 144 + struct.unpack("<L", first[8:12])[0]
+    position = 132
+    while True:
+        handle.seek(position)
+        header = handle.read(12)
+        if header[:2] != b"\x02\x00":
+            return position
+        if header[4:6] in _LONG_VRS:
+            position += 12 + struct.unpack("<L", header[8:12])[0]
+        else:
+            position += 8 + struct.unpack("<H", header[6:8])[0]
+
+
+def open_stored_data_set(path: str):
+    """I/O thread: (file object positioned at the data set, its length in bytes)."""
+    handle = open(path, "rb")
+    try:
+        offset = data_set_offset(handle)
+        length = os.fstat(handle.fileno()).st_size - offset
+        if length < 0:
+            raise ValueError("file shorter than its File Meta Information")
+        handle.seek(offset)
+    except BaseException:
+        handle.close()
+        raise
+    return handle, length
+
+
+def _swap_words(ds: Dataset) -> None:
+    """Reverse the byte order of every OW/OF/OL/OD/OV value, nested ones too."""
+    for element in ds:
+        vr = str(element.VR)
+        if vr == "SQ":
+            for item in element.value or ():
+                _swap_words(item)
+        elif vr in _WORD_VRS and isinstance(element.value, (bytes, bytearray)):
+            size = _WORD_VRS[vr]
+            value = bytearray(element.value)
+            usable = len(value) - len(value) % size
+            for index in range(size):
+                value[index:usable:size] = element.value[size - 1 - index:usable:size]
+            element.value = bytes(value)
+
+
+def convert_stored_data_set(path: str, stored: str, target: str, tmp_dir: Optional[str] = None):
+    """I/O thread: the stored object re-encoded by pydicom in another uncompressed transfer syntax,
+    as (temporary file positioned at 0, length).  Only uncompressed objects are converted."""
+    if stored not in UNCOMPRESSED_TRANSFER_SYNTAXES or target not in UNCOMPRESSED_TRANSFER_SYNTAXES:
+        raise ValueError(f"cannot convert {stored} to {target}: only uncompressed syntaxes are converted")
+    ds = dcmread(path)
+    stored_little, target_little = stored != EXPLICIT_VR_BIG_ENDIAN, target != EXPLICIT_VR_BIG_ENDIAN
+    if stored_little != target_little:
+        correct_ambiguous_vr(ds, stored_little)
+        _swap_words(ds)
+    encoded = encode_dataset(ds, target)
+    spool = tempfile.TemporaryFile(dir=tmp_dir)
+    try:
+        spool.write(encoded)
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    return spool, len(encoded)
+
+
+def failed_uid_list(uids: Sequence[str], transfer_syntax: str) -> Tuple[bytes, int]:
+    """The identifier of a final response: Failed SOP Instance UID List (0008,0058), encoded in
+    ``transfer_syntax``; returns (bytes, number of UIDs listed).  In explicit VR a UI value
+    holds at most 65534 bytes, so a longer list is cut there."""
+    listed = list(uids)
+    if transfer_syntax != IMPLICIT_VR_LITTLE_ENDIAN:
+        total = -1
+        for count, uid in enumerate(listed):
+            total += len(uid) + 1
+            if total + (total % 2) > 0xFFFE:
+                listed = listed[:count]
+                break
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = listed if len(listed) != 1 else listed[0]
+    return encode_dataset(ds, transfer_syntax), len(listed)
+
+
+# --- the service -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Move:
+    """One C-MOVE being served: counts and what the final response says."""
+
+    request: object
+    destination: str
+    started: float
+    rows: List[InstanceRow] = field(default_factory=list)
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: List[str] = field(default_factory=list)
+    cancelled: bool = False
+    last_pending: float = 0.0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.rows) - self.completed - self.failed - self.warning
+
+    def counts(self, with_remaining: bool) -> Dict[str, int]:
+        counts = {
+            "NumberOfCompletedSuboperations": self.completed,
+            "NumberOfFailedSuboperations": self.failed,
+            "NumberOfWarningSuboperations": self.warning,
+        }
+        if with_remaining:
+            counts["NumberOfRemainingSuboperations"] = self.remaining
+        return counts
+
+
+class _SubOperationFailed(Exception):
+    """A sub-operation that could not be attempted (no context, unreadable file): the move goes on."""
+
+
+#: ``connect(host, port, calling, called, contexts, *, max_pdu, timeouts, implementation_class_uid,
+#: implementation_version_name) -> Deferred[Association]``: :func:`appliance.net.requestor.connect`
+#: bound to a reactor, or a test's in-memory association.
+Connect = Callable[..., defer.Deferred]
+
+
+@implementer(IServiceClass)
+class RetrieveService:
+    """The Disk-Server's Study Root C-MOVE SCP."""
+
+    def __init__(
+        self,
+        config: ApplianceConfig,
+        archive: Archive,
+        *,
+        reactor=None,
+        connect: Optional[Connect] = None,
+        clock=None,
+        pending_interval: float = 0.5,
+        pending_every: int = 100,
+    ) -> None:
+        self.archive = archive
+        self.ae_title = config.disk_server.ae_title
+        self.implementation_class_uid = config.implementation_class_uid
+        self.implementation_version_name = config.implementation_version_name
+        self.devices: Dict[str, DeviceConfig] = {}
+        for device in config.devices.values():
+            self.devices.setdefault(device.ae_title, device)  # the first device configured for a title
+        # in the appliance the archive's clock is the reactor (tap.py)
+        self.clock = clock if clock is not None else archive.clock
+        self.connect: Connect = connect if connect is not None else partial(
+            requestor.connect, reactor if reactor is not None else archive.clock)
+        self.pending_interval = pending_interval
+        self.pending_every = pending_every
+        self.abstract_syntaxes: Mapping[str, Tuple[str, ...]] = {STUDY_ROOT_MOVE: UNCOMPRESSED_TRANSFER_SYNTAXES}
+        self._moves: Dict[int, _Move] = {}
+
+    # --- IServiceClass ---
+
+    def open_data_set(self, request) -> BufferedDataSet:
+        return BufferedDataSet(limit=IDENTIFIER_LIMIT)
+
+    def handle(self, request):
+        if request.command.CommandField != D.CommandField.C_MOVE_RQ:
+            request.respond(S.UNRECOGNIZED_OPERATION, ErrorComment="only C-MOVE on Study Root MOVE")
+            return None
+        destination = (request.command.MoveDestination or "").strip()
+        move = _Move(request, destination, self.clock.seconds())
+        move.last_pending = move.started
+        self._moves[id(request)] = move
+        d = defer.ensureDeferred(self._serve(move))
+
+        def forget(result):
+            self._moves.pop(id(request), None)
+            return result
+
+        return d.addBoth(forget)
+
+    def cancel(self, request) -> None:
+        """C-CANCEL: stop after the sub-operation in flight and answer FE00 (PS3.4 C.4.2.3.2)."""
+        move = self._moves.get(id(request))
+        if move is not None and not move.cancelled:
+            move.cancelled = True
+            _log.debug("C-MOVE {message_id} to {destination}: C-CANCEL received", message_id=request.message_id,
+                       destination=move.destination)
+
+    # --- serving a move ---
+
+    async def _serve(self, move: _Move) -> None:
+        request = move.request
+        device = self.devices.get(move.destination)
+        if device is None:
+            self._finish(move, S.MOVE_DESTINATION_UNKNOWN, f"move destination {move.destination!r} is unknown",
+                         counts=False)
+            return
+        try:
+            keys = parse_identifier(request.data or b"", request.context.transfer_syntax)
+        except IdentifierError as error:
+            extra = {"OffendingElement": error.offending} if error.offending is not None else {}
+            self._finish(move, error.status, error.comment, counts=False, **extra)
+            return
+        pinned = list(keys.study_uids)
+        for study_uid in pinned:
+            self.archive.pin(study_uid)
+        try:
+            move.rows = await self.archive.db(
+                self.archive.index.retrieve_instances, keys.study_uids, keys.series_uids, keys.sop_uids)
+            if not move.rows:
+                self._finish(move, S.SUCCESS, f"{keys.level}: nothing matched")
+                return
+            await self.archive.touch(sorted({row.study_uid for row in move.rows}))
+            await self._transfer(move, device)
+        finally:
+            for study_uid in pinned:
+                self.archive.unpin(study_uid)
+
+    async def _transfer(self, move: _Move, device: DeviceConfig) -> None:
+        if move.cancelled or not self._still_wanted(move):
+            self._finish(move, S.CANCEL, None if move.cancelled else "the C-MOVE association ended")
+            return
+        timeouts = Timeouts(artim=device.timeout, association=device.timeout, dimse=device.timeout, idle=None)
+        where = f"{device.ae_title} at {device.host}:{device.port}"
+        try:
+            association = await self.connect(
+                device.host, device.port, self.ae_title, device.ae_title, propose_contexts(move.rows),
+                max_pdu=device.max_pdu, timeouts=timeouts,
+                implementation_class_uid=self.implementation_class_uid,
+                implementation_version_name=self.implementation_version_name,
+            )
+        except requestor.AssociationError as error:
+            self._fail_all(move, move.rows)
+            if isinstance(error, requestor.AssociationRejected):
+                rejection = error.rejection
+                why = describe_rejection(rejection).split(": ", 1)[-1].split(" (")[0]
+                comment = (f"association rejected ({rejection.result},{rejection.source},{rejection.reason}) "
+                           f"by {device.ae_title}: {why}")
+            elif isinstance(error, (requestor.ConnectionFailed, requestor.AssociationTimeout)):
+                comment = str(error)  # names the destination, its address and what failed
+            else:
+                comment = f"{device.ae_title}: {error}"
+            _log.warn("C-MOVE to {where}: no sub-association: {error}", where=where, error=error)
+            self._finish(move, UNABLE_TO_PROCESS, comment)
+            return
+        try:
+            await self._sub_operations(move, device, association)
+        except BaseException:
+            association.abort("C-MOVE ended by an internal error")
+            raise
+
+    async def _sub_operations(self, move: _Move, device: DeviceConfig, association) -> None:
+        for index, row in enumerate(move.rows):
+            if move.cancelled or not self._still_wanted(move):
+                break
+            try:
+                response = await self._store(move, association, row)
+            except _SubOperationFailed as error:
+                move.failed += 1
+                move.failed_uids.append(row.sop_uid)
+                _log.warn("C-MOVE to {destination}: sub-operation for {sop} failed: {why}",
+                          destination=device.ae_title, sop=row.sop_uid, why=error)
+                self._maybe_pending(move)
+                continue
+            except requestor.AssociationError as error:
+                move.failed += 1
+                move.failed_uids.append(row.sop_uid)
+                self._fail_all(move, move.rows[index + 1:])
+                _log.warn("C-MOVE to {destination}: sub-association lost during the C-STORE of {sop}: {error}",
+                          destination=device.ae_title, sop=row.sop_uid, error=error)
+                await self._end(association, device)  # in case it is still open
+                self._finish(move, S.SUBOPERATIONS_FAILED, f"sub-association to {device.ae_title} lost: {error}")
+                return
+            category = S.category(response.status)
+            if category == "success":
+                move.completed += 1
+            elif category == "warning":
+                move.warning += 1
+            else:
+                move.failed += 1
+                move.failed_uids.append(row.sop_uid)
+                self._fail_all(move, move.rows[index + 1:])
+                comment = response.command.ErrorComment
+                _log.warn("C-MOVE to {destination}: C-STORE of {sop} answered {status}{comment}; "
+                          "sub-association ended, {rest} remaining sub-operations failed",
+                          destination=device.ae_title, sop=row.sop_uid, status=S.describe(response.status),
+                          comment=f" ({comment})" if comment else "", rest=len(move.rows) - index - 1)
+                await self._end(association, device)
+                self._finish(move, S.SUBOPERATIONS_FAILED,
+                             f"{device.ae_title} answered a C-STORE 0x{response.status:04X}; sub-association ended")
+                return
+            self._maybe_pending(move)
+        await self._end(association, device)
+        if move.cancelled:
+            self._finish(move, S.CANCEL, None)
+        elif not self._still_wanted(move):
+            self._finish(move, S.CANCEL, "the C-MOVE association ended")
+        elif move.failed or move.warning:
+            self._finish(move, S.WARNING, None)
+        else:
+            self._finish(move, S.SUCCESS, None)
+
+    async def _store(self, move: _Move, association, row: InstanceRow) -> requestor.Response:
+        """One C-STORE sub-operation; raises _SubOperationFailed when it cannot be attempted."""
+        choice = choose_context(association.negotiated, row.sop_class, row.transfer_syntax)
+        if choice is None:
+            compressed = row.transfer_syntax not in UNCOMPRESSED_TRANSFER_SYNTAXES
+            raise _SubOperationFailed(
+                f"the destination accepted no context for {row.sop_class} in {row.transfer_syntax}"
+                + (" (compressed, never decoded: only its own syntax will do)" if compressed
+                   else " or another uncompressed syntax")
+            )
+        transfer_syntax, convert = choice
+        try:
+            path = self.archive.store.absolute(row.path)
+            if convert:
+                source, length = await self.archive.io(convert_stored_data_set, path, row.transfer_syntax,
+                                                       transfer_syntax, self.archive.store.tmp)
+            else:
+                source, length = await self.archive.io(open_stored_data_set, path)
+        except Exception as error:
+            raise _SubOperationFailed(f"cannot read the stored object: {type(error).__name__}: {error}") from None
+        request = move.request
+        command = D.Command(
+            CommandField=D.CommandField.C_STORE_RQ,
+            AffectedSOPClassUID=row.sop_class,
+            AffectedSOPInstanceUID=row.sop_uid,
+            Priority=request.command.Priority or 0,  # prioritisation is not supported: passed on
+            MoveOriginatorApplicationEntityTitle=request.association.record.calling,
+            MoveOriginatorMessageID=request.message_id,
+        )
+        try:
+            stream = association.request_from_file(row.sop_class, command, source, length, transfer_syntax)
+            return await defer.ensureDeferred(stream.final())
+        finally:
+            source.close()
+
+    async def _end(self, association, device: DeviceConfig) -> None:
+        """Release the sub-association; abort it when the release is not confirmed in time."""
+        if not association.is_open:
+            return
+        released = association.release()
+        released.addTimeout(device.timeout, self.clock)
+        try:
+            await released
+        except Exception as error:
+            association.abort(f"A-RELEASE not confirmed: {error}")
+
+    # --- responses ---
+
+    def _still_wanted(self, move: _Move) -> bool:
+        """False once the C-MOVE's own association ended (nobody would read the responses)."""
+        return move.request.association.current is move.request
+
+    @staticmethod
+    def _fail_all(move: _Move, rows: Sequence[InstanceRow]) -> None:
+        move.failed += len(rows)
+        move.failed_uids.extend(row.sop_uid for row in rows)
+
+    def _maybe_pending(self, move: _Move) -> None:
+        """A pending response after each sub-operation; in moves of more than ``pending_every``
+        sub-operations, at most one per ``pending_interval`` seconds.  None after the last one:
+        the final response follows at once."""
+        now = self.clock.seconds()
+        if not move.remaining:
+            return
+        if len(move.rows) <= self.pending_every or now - move.last_pending >= self.pending_interval:
+            move.last_pending = now
+            move.request.respond(S.PENDING, **move.counts(with_remaining=True))
+
+    def _finish(self, move: _Move, status: int, comment: Optional[str], counts: bool = True, **extra) -> None:
+        """The final response, and the move's one log line."""
+        request = move.request
+        elements = dict(extra)
+        if counts:
+            elements.update(move.counts(with_remaining=status == S.CANCEL))
+        if comment and S.category(status) not in ("success", "pending"):
+            elements["ErrorComment"] = _comment(comment)
+        data = None
+        listed = 0
+        if move.failed_uids:
+            data, listed = failed_uid_list(move.failed_uids, request.context.transfer_syntax)
+        request.respond(status, data, **elements)
+        duration = self.clock.seconds() - move.started
+        _log.info(
+            "C-MOVE {message_id} from {calling} to {destination}: {status}{comment}; {total} matched, "
+            "{completed} completed, {failed} failed, {warned} warning, {remaining} not attempted; {duration:.3f} s"
+            "{cut}",
+            message_id=request.message_id,
+            calling=request.association.record.calling,
+            destination=move.destination or "''",
+            status=S.describe(status),
+            comment=f" ({comment})" if comment else "",
+            total=len(move.rows),
+            completed=move.completed,
+            failed=move.failed,
+            warned=move.warning,  # not 'warning': trial's log observer takes that for a Python warning
+            remaining=move.remaining,
+            duration=duration,
+            cut=(f"; Failed SOP Instance UID List cut to {listed} of {len(move.failed_uids)}"
+                 if listed < len(move.failed_uids) else ""),
+        )
