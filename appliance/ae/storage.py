@@ -12,6 +12,7 @@ is 8), fsynced, installed and indexed; only then is Success sent.
 
 from __future__ import annotations
 
+import io
 import os
 import sqlite3
 import struct
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import List, Mapping, Optional, Tuple
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -29,7 +30,13 @@ from ..archive.metadata import extract
 from ..archive.store import ObjectStore, TempObject, part10_header, pixel_data_coercion
 from ..dicom import dimse as D
 from ..dicom import status as S
-from ..dicom.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, is_received_uid
+from ..dicom.uids import (
+    EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    UNCOMPRESSED_TRANSFER_SYNTAXES,
+    is_received_uid,
+)
 from ..interfaces import IDataSetConsumer, IServiceClass
 
 __all__ = ["StorageService", "IncomingObject", "StoreResult", "DUPLICATE_REJECTED"]
@@ -43,6 +50,13 @@ MAX_IN_FLIGHT = 1024 * 1024
 #: PS3.7 C.4 "Duplicate SOP instance", answered when on_duplicate = "reject".
 DUPLICATE_REJECTED = 0x0111
 
+#: Transfer syntaxes whose data set bytes pydicom can read straight from memory
+#: (deflated ones are read through dcmread, which inflates).
+_PLAIN_SYNTAXES = frozenset(UNCOMPRESSED_TRANSFER_SYNTAXES) | {
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.5",
+}
 _PIXEL_DATA_LE = b"\xe0\x7f\x10\x00"
 _PIXEL_DATA_BE = b"\x7f\xe0\x00\x10"
 
@@ -62,6 +76,26 @@ class _Refused(Exception):
         self.comment = comment
 
 
+def _at_pixel_data(tag, vr, length) -> bool:
+    return tag == 0x7FE00010
+
+
+def _parse(temp: TempObject, header_length: int, data: Optional[bytes], transfer_syntax: str):
+    """The data set up to its pixel data, the file offset of the Pixel Data element and its first 4 bytes."""
+    if data is not None and transfer_syntax in _PLAIN_SYNTAXES:
+        # the whole data set is in memory (a small object): no need to read the file back
+        implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+        reader = io.BytesIO(data)
+        ds = read_dataset(reader, implicit, transfer_syntax != EXPLICIT_VR_BIG_ENDIAN, stop_when=_at_pixel_data)
+        offset = reader.tell()
+        return ds, header_length + offset, data[offset : offset + 4]
+    temp.handle.flush()
+    with open(temp.path, "rb") as reader:
+        ds = dcmread(reader, stop_before_pixels=True, defer_size=1 << 20)
+        offset = reader.tell()
+        return ds, offset, reader.read(4)
+
+
 def examine(
     temp: TempObject,
     header_length: int,
@@ -69,22 +103,15 @@ def examine(
     sop_instance_uid: str,
     transfer_syntax: str,
     source_ae: str,
+    data: Optional[bytes] = None,
 ) -> StoredObject:
     """I/O thread: parse the received object up to its pixel data, check it, coerce, fsync.
 
-    Raises :class:`_Refused` with the status PS3.4 calls for.
+    ``data`` is the whole data set when it is still in memory.  Raises
+    :class:`_Refused` with the status PS3.4 calls for.
     """
-    temp.handle.flush()
     try:
-        with open(temp.path, "rb") as reader:
-            try:
-                ds = dcmread(reader, stop_before_pixels=True, defer_size=1 << 20)
-            except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, NotImplementedError, OverflowError) as error:
-                raise _Refused(S.CANNOT_UNDERSTAND, f"cannot parse data set: {error}") from None
-            pixel_offset = reader.tell()
-            tag = reader.read(4)
-    except _Refused:
-        raise
+        ds, pixel_offset, tag = _parse(temp, header_length, data, transfer_syntax)
     except Exception as error:  # pydicom raises many kinds on garbage
         raise _Refused(S.CANNOT_UNDERSTAND, f"cannot parse data set: {type(error).__name__}: {error}") from None
     try:
@@ -116,6 +143,37 @@ def examine(
     return StoredObject(temp, metadata, transfer_syntax, source_ae, coerced)
 
 
+def receive(
+    store: ObjectStore,
+    temp: Optional[TempObject],
+    header: bytes,
+    chunks: List[bytes],
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    source_ae: str,
+) -> StoredObject:
+    """I/O thread, once the data set is whole: write what is left, examine, seal, measure free space.
+
+    One job per object for small objects (the file is created here too);
+    the temporary file is discarded if anything fails.
+    """
+    data = None
+    try:
+        if temp is None:
+            data = b"".join(chunks)
+            temp = store.open_temp([header, data])
+        else:
+            store.write(temp, chunks)
+        stored = examine(temp, len(header), sop_class_uid, sop_instance_uid, transfer_syntax, source_ae, data)
+    except BaseException:
+        if temp is not None:
+            store.discard(temp)
+        raise
+    stored.free_space = store.free_space()
+    return stored
+
+
 @implementer(IDataSetConsumer)
 class IncomingObject:
     """One C-STORE data set on its way to the archive."""
@@ -135,25 +193,21 @@ class IncomingObject:
         self._buffered = 0
         self._in_flight = 0
         self._paused = False
-        self._header_length = 0
         for keyword, uid in (("Affected SOP Instance UID", self.sop_instance_uid),
                              ("Affected SOP Class UID", self.sop_class_uid)):
             if not is_received_uid(uid or ""):
                 self.refusal = _Refused(S.CANNOT_UNDERSTAND, f"{keyword} is not a valid UID")
                 self._chain: defer.Deferred = defer.succeed(None)
                 return
-        header = part10_header(
+        self._header = part10_header(
             self.sop_class_uid, self.sop_instance_uid, self.transfer_syntax,
             service.implementation_class_uid, service.implementation_version_name, self.source_ae,
         )
-        self._header_length = len(header)
-        self._chain = self.archive.open_temp()
-        self._chain.addCallback(self._opened, header)
-        self._chain.addErrback(self._failed)
+        # the file is created with the first chunk; a small object's whole life is one job at finish()
+        self._chain = defer.succeed(None)
 
-    def _opened(self, temp: TempObject, header: bytes) -> defer.Deferred:
+    def _opened(self, temp: TempObject) -> None:
         self.temp = temp
-        return self.archive.write(temp, [header])
 
     def _failed(self, failure) -> None:
         if self.refusal is None:
@@ -180,8 +234,10 @@ class IncomingObject:
         self._in_flight += size
 
         def write(_):
-            if self.refusal is not None or self.temp is None:
+            if self.refusal is not None:
                 return None
+            if self.temp is None:
+                return self.archive.io(self.archive.store.open_temp, [self._header] + chunks).addCallback(self._opened)
             return self.archive.write(self.temp, chunks)
 
         def written(result):
@@ -199,7 +255,6 @@ class IncomingObject:
             self.request.association.pause_reading()
 
     def finish(self) -> defer.Deferred:
-        self._flush()
         self._chain.addCallback(lambda _: defer.ensureDeferred(self._complete()))
         return self._chain
 
@@ -210,16 +265,16 @@ class IncomingObject:
         if self.refusal is not None:
             await self._discard()
             return StoreResult(self.refusal.status, self.refusal.comment)
+        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        temp, self.temp = self.temp, None  # receive() owns it now: it stores it or discards it
         try:
             stored = await self.archive.io(
-                examine, self.temp, self._header_length, self.sop_class_uid, self.sop_instance_uid,
-                self.transfer_syntax, self.source_ae,
+                receive, self.archive.store, temp, self._header, chunks, self.sop_class_uid,
+                self.sop_instance_uid, self.transfer_syntax, self.source_ae,
             )
         except _Refused as refusal:
-            await self._discard()
             return StoreResult(refusal.status, refusal.comment)
         except OSError as error:
-            await self._discard()
             return StoreResult(S.OUT_OF_RESOURCES, f"cannot write to the archive: {error.strerror}")
         try:
             outcome = await self.archive.commit(stored)

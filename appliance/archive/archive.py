@@ -54,6 +54,8 @@ class StoredObject:
     transfer_syntax: str
     source_ae: str
     coerced: bool = False
+    #: free space on the archive's file system when the object was sealed (None: not measured)
+    free_space: Optional[int] = None
 
 
 @dataclass
@@ -132,7 +134,7 @@ class Archive:
         study_uid = obj.metadata.study_instance_uid
         self.pin(study_uid)
         try:
-            await self._make_room(obj.temp.size)
+            await self._make_room(obj.temp.size, obj.free_space)
             outcome, previous, size_delta = await self.db(self._install, obj, self.clock.seconds())
         except BaseException:
             yield_ = self.io(self.store.discard, obj.temp)
@@ -168,8 +170,9 @@ class Archive:
 
     # --- storage management ----------------------------------------------------------
 
-    async def _make_room(self, incoming: int) -> None:
-        free = await self.io(self.store.free_space)
+    async def _make_room(self, incoming: int, free: Optional[int] = None) -> None:
+        if free is None:
+            free = await self.io(self.store.free_space)
         # the temporary file already takes its room on disk
         short = shortfall(self.limits, self.size, free + incoming, incoming)
         if short.needed <= 0:
