@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from .matching import normalize_name
@@ -73,6 +74,7 @@ INSTANCE_KEYWORDS = (
     "ContentTime",
     "AcquisitionDate",
     "AcquisitionTime",
+    "AcquisitionDateTime",
     "ImageType",
     "InstanceCreationDate",
     "InstanceCreationTime",
@@ -114,14 +116,67 @@ class ObjectMetadata:
     instance_json: str
 
 
+_NUMBER_VRS = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": int, "FL": float, "FD": float}
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+
+
+def _json_value(element) -> Optional[dict]:
+    """One element in the DICOM JSON model (PS3.18 F.2), built directly for the common VRs.
+
+    Falls back to pydicom's own conversion for the rest (binary VRs); an
+    element whose value does not convert (IS "1A") is left out (None).
+    """
+    vr = element.VR
+    value = element.value
+    if value is None or value == "" or (vr != "SQ" and isinstance(value, (list, tuple)) and not value):
+        return {"vr": vr}
+    values = list(value) if element.VM > 1 else [value]
+    try:
+        if vr in _TEXT_VRS:
+            return {"vr": vr, "Value": [str(v) for v in values]}
+        if vr == "PN":
+            names = []
+            for name in values:
+                groups = name.components if hasattr(name, "components") else str(name).split("=")
+                names.append({label: group for label, group in zip(("Alphabetic", "Ideographic", "Phonetic"), groups)
+                              if group})
+            return {"vr": vr, "Value": names}
+        if vr == "IS":
+            return {"vr": vr, "Value": [int(str(v)) for v in values]}
+        if vr == "DS":
+            return {"vr": vr, "Value": [float(str(v)) for v in values]}
+        if vr in _NUMBER_VRS:
+            return {"vr": vr, "Value": [_NUMBER_VRS[vr](v) for v in values]}
+        if vr == "SQ":
+            return {"vr": vr, "Value": [_dataset_json(item) for item in value]}
+        return element.to_json_dict(None, 1 << 20)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _dataset_json(ds: Dataset) -> dict:
+    out = {}
+    for element in ds:
+        entry = _json_value(element)
+        if entry is not None:
+            out[f"{int(element.tag):08X}"] = entry
+    return out
+
+
+_TAGS: dict = {}
+
+
 def _level_json(ds: Dataset, keywords) -> str:
-    level = Dataset()
-    for keyword in keywords:
-        if keyword in ds:
-            level[keyword] = ds[keyword]
-    # an attribute whose value does not parse (IS "1A") is left out of the index, not a reason to refuse the object
-    return json.dumps(level.to_json_dict(bulk_data_threshold=1 << 20, bulk_data_element_handler=None,
-                                         suppress_invalid_tags=True), sort_keys=True)
+    tags = _TAGS.get(keywords)
+    if tags is None:
+        tags = _TAGS[keywords] = [(keyword, tag_for_keyword(keyword)) for keyword in keywords]
+    level = {}
+    for _, tag in tags:
+        if tag in ds:
+            entry = _json_value(ds[tag])
+            if entry is not None:  # an attribute whose value does not parse is left out of the index
+                level[f"{tag:08X}"] = entry
+    return json.dumps(level, sort_keys=True, ensure_ascii=False)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
