@@ -67,13 +67,18 @@ class ArchiveService(Service):
         super().startService()
         self.archive.reconcile().addCallbacks(self._reconciled, self._failed)
 
-    def _reconciled(self, counts) -> None:
-        temps, orphans, missing = counts
-        size = self.archive.size
+    def _reconciled(self, result) -> None:
+        # objects indexed again count toward the archive's size
+        return self.archive.db(self.archive.index.total_size).addCallback(self._report, result)
+
+    def _report(self, size: int, result) -> None:
+        self.archive.size = size
         self._log.info(
             "archive {root}: {size} bytes; start-up check removed {temps} unfinished temporary files, "
-            "{orphans} never-indexed files, {missing} rows without files",
-            root=self.archive.root, size=size, temps=temps, orphans=orphans, missing=missing,
+            "{stale} never-indexed files, {missing} rows without files; indexed {reindexed} whole objects "
+            "again, quarantined {quarantined}",
+            root=self.archive.root, size=self.archive.size, temps=len(result.temps), stale=len(result.stale),
+            missing=len(result.missing), reindexed=len(result.reindexed), quarantined=len(result.quarantined),
         )
 
     def _failed(self, failure) -> None:

@@ -195,31 +195,73 @@ class ArchiveTests(SynchronousTestCase):
         self.assertEqual(self.archive.size, 0)
 
     def test_reconcile_removes_leftovers(self):
-        """Start-up reconciliation removes temporary files, never-indexed files, and rows without files."""
+        """Start-up reconciliation removes temporary files, quarantines unreadable files, drops rows without files."""
         self.store(self.archive, make_dataset(study="6.1", series="6.1.1", sop="6.1.1.1"))
         self.store(self.archive, make_dataset(study="6.2", series="6.2.1", sop="6.2.1.1"))
         store = self.archive.store
-        # a store interrupted after its rename but before its index commit
-        orphan = store.relative_path_for("6.3", "6.3.1", "6.3.1.1")
-        os.makedirs(os.path.dirname(store.absolute(orphan)))
-        with open(store.absolute(orphan), "wb") as handle:
-            handle.write(b"never acknowledged")
+        garbage = store.relative_path_for("6.3", "6.3.1", "6.3.1.1")
+        os.makedirs(os.path.dirname(store.absolute(garbage)))
+        with open(store.absolute(garbage), "wb") as handle:
+            handle.write(b"not DICOM at all")
         with open(os.path.join(store.tmp, "dead.part"), "wb") as handle:
             handle.write(b"half")
         # a file lost behind the index's back
         os.unlink(store.absolute(self.archive.index.lookup("6.2.1.1").path))
-        counts = _reconcile(store, self.archive.index_path, started_before=float("inf"))
-        self.assertEqual(counts, (1, 1, 1))
-        self.assertFalse(os.path.exists(store.absolute(orphan)))
+        result = _reconcile(store, self.archive.index_path, started_before=float("inf"))
+        self.assertEqual(result.temps, ["dead.part"])
+        self.assertEqual([row.sop_uid for row in result.missing], ["6.2.1.1"])
+        self.assertEqual(len(result.quarantined), 1)
+        self.assertFalse(os.path.exists(store.absolute(garbage)))
+        self.assertTrue(os.path.exists(result.quarantined[0]))
         self.assertEqual(os.listdir(store.tmp), [])
         self.assertEqual([s.study_uid for s in self.archive.index.studies()], ["6.1"])
+
+    def test_reconcile_indexes_whole_objects_the_index_lost(self):
+        """A stored file whose index row was lost (a power cut after the fsync) is indexed again."""
+        self.store(self.archive, make_dataset(study="8.1", series="8.1.1", sop="8.1.1.1", patient="Lost^Row"))
+        row = self.archive.index.lookup("8.1.1.1")
+        self.archive.index.delete_instances(["8.1.1.1"])  # as if the commit never reached the disk
+        result = _reconcile(self.archive.store, self.archive.index_path, started_before=float("inf"))
+        self.assertEqual(result.reindexed, [row.path])
+        again = self.archive.index.lookup("8.1.1.1")
+        self.assertEqual((again.path, again.size, again.transfer_syntax), (row.path, row.size, row.transfer_syntax))
+        self.assertEqual(self.archive.index.studies()[0].patient_name, "Lost^Row")
+
+    def test_reconcile_keeps_the_newest_version(self):
+        """An older version left behind by a replace is removed; a newer one whose row was lost wins."""
+        ds = make_dataset(study="9.1", series="9.1.1", sop="9.1.1.1", patient="First^Version")
+        self.store(self.archive, ds)
+        first = self.archive.index.lookup("9.1.1.1").path
+        # keep a copy of the first version's file, as a crash before its removal would
+        with open(self.archive.store.absolute(first), "rb") as handle:
+            first_bytes = handle.read()
+        ds.PatientName = "Second^Version"
+        self.store(self.archive, ds)
+        second = self.archive.index.lookup("9.1.1.1").path
+        with open(self.archive.store.absolute(first), "wb") as handle:
+            handle.write(first_bytes)
+        os.utime(self.archive.store.absolute(first), (1, 1))  # older than the second version
+        result = _reconcile(self.archive.store, self.archive.index_path, started_before=float("inf"))
+        self.assertEqual(result.stale, [first])
+        self.assertFalse(os.path.exists(self.archive.store.absolute(first)))
+        self.assertEqual(self.archive.index.lookup("9.1.1.1").path, second)
+        # now the other way round: the second version's row is lost, the first one's row is back
+        os.utime(self.archive.store.absolute(second), None)
+        self.archive.index.delete_instances(["9.1.1.1"])
+        with open(self.archive.store.absolute(first), "wb") as handle:
+            handle.write(first_bytes)
+        os.utime(self.archive.store.absolute(first), (1, 1))
+        _reconcile(self.archive.store, self.archive.index_path, started_before=float("inf"))
+        self.assertEqual(self.archive.index.lookup("9.1.1.1").path, second)
+        self.assertEqual(self.archive.index.studies()[0].patient_name, "Second^Version")
+        self.assertEqual(self.archive.index.counts()[3], 1)
 
     def test_reconcile_spares_files_newer_than_start(self):
         """Files written after start-up (stores in flight) are left alone."""
         with open(os.path.join(self.archive.store.tmp, "live.part"), "wb") as handle:
             handle.write(b"in flight")
-        counts = _reconcile(self.archive.store, self.archive.index_path, started_before=0)
-        self.assertEqual(counts, (0, 0, 0))
+        result = _reconcile(self.archive.store, self.archive.index_path, started_before=0)
+        self.assertEqual((result.temps, result.reindexed, result.missing), ([], [], []))
         self.assertEqual(os.listdir(self.archive.store.tmp), ["live.part"])
 
     def test_path_outside_archive_refused(self):

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import enum
 import os
-import sqlite3
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable, Dict, List, Optional
 
+from pydicom import dcmread
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from .eviction import StorageLimits, plan, shortfall
 from .index import ArchiveIndex, InstanceRow
-from .metadata import ObjectMetadata
+from .metadata import ObjectMetadata, extract
 from .store import ObjectStore, TempObject
 
 __all__ = ["Archive", "OutOfResources", "Duplicate", "StoredObject", "StoreOutcome", "Runner"]
@@ -208,33 +208,22 @@ class Archive:
         return freed
 
     async def delete_study(self, study_uid: str, why: str = "deleted") -> int:
-        """Remove a study: rows first, then files.
+        """Remove a study: files first, then rows.
 
-        The index never names a file that is gone; a crash in between leaves
-        files no row names, which the start-up reconciliation removes.  On a
-        file system so full that SQLite cannot even record the deletion, the
-        files go first to make the room, then the rows.
+        The start-up reconciliation indexes files the index does not name, so
+        the files must go first: a crash in between leaves rows without
+        files, which it removes.
         """
         rows: List[InstanceRow] = await self.db(self.index.study_instances, study_uid)
         if not rows:
             return 0
-        sop_uids = [row.sop_uid for row in rows]
-        freed = sum(row.size for row in rows)
-        try:
-            await self.db(self.index.delete_instances, sop_uids)
-        except sqlite3.OperationalError as error:
-            if getattr(error, "sqlite_errorcode", sqlite3.SQLITE_FULL) != sqlite3.SQLITE_FULL:
-                raise
-            _log.warn("index full while deleting study {study}: removing its files first", study=study_uid)
-            for row in rows:
-                await self.io(self.store.remove, row.path)
-            await self.db(self.index.delete_instances, sop_uids)
-            rows = []
         for row in rows:
             await self.io(self.store.remove, row.path)
+        await self.db(self.index.delete_instances, [row.sop_uid for row in rows])
+        freed = sum(row.size for row in rows)
         self.size -= freed
         _log.info("study {study} {why}: {count} instances, {size} bytes", study=study_uid, why=why,
-                  count=len(sop_uids), size=freed)
+                  count=len(rows), size=freed)
         return freed
 
     def touch(self, study_uids: List[str]) -> defer.Deferred:
@@ -248,19 +237,76 @@ class Archive:
         return self.io(_reconcile, self.store, self.index_path, self.started_at)
 
 
-def _reconcile(store: ObjectStore, index_path: str, started_before: float):
+@dataclass
+class Reconciliation:
+    """What the start-up check found and did."""
+
+    temps: List[str] = field(default_factory=list)  # unfinished stores, removed
+    reindexed: List[str] = field(default_factory=list)  # whole objects the index had lost, indexed again
+    stale: List[str] = field(default_factory=list)  # older versions of re-stored instances, removed
+    quarantined: List[str] = field(default_factory=list)  # unreadable files, moved aside
+    missing: List[InstanceRow] = field(default_factory=list)  # rows whose file was gone, removed
+
+
+def _reconcile(store: ObjectStore, index_path: str, started_before: float) -> Reconciliation:
+    """I/O thread, at start-up: bring the index and the files back into agreement.
+
+    Files are the truth.  A file under objects/ was fsynced and renamed into
+    place only after it was checked, so one the index does not name is a
+    whole object whose row was lost (the index commits with
+    ``synchronous=NORMAL``: a power cut may drop the last commits) or whose
+    store was cut short before its commit: it is indexed again, unless the
+    index holds a newer version of the same instance.  Rows whose file is
+    gone are removed.  Files newer than ``started_before`` belong to stores
+    in flight and are left alone.
+    """
+    result = Reconciliation(temps=store.remove_stale_temps(started_before))
     index = ArchiveIndex(index_path)  # a connection of this thread's own
     try:
-        temps, orphans = store.reconcile(index.has_path, started_before)
-        missing = [row for row in index.all_instances() if not os.path.exists(store.absolute(row.path))]
-        index.delete_instances([row.sop_uid for row in missing])
+        for relative, mtime in store.stored_files():
+            if mtime >= started_before or index.has_path(relative):
+                continue
+            _adopt(store, index, relative, mtime, result)
+        result.missing = [row for row in index.all_instances() if not os.path.exists(store.absolute(row.path))]
+        index.delete_instances([row.sop_uid for row in result.missing])
     finally:
         index.close()
-    for name in temps:
+    for name in result.temps:
         _log.info("removed the unfinished temporary file {name} of an interrupted store", name=name)
-    for path in orphans:
-        _log.warn("removed {path}: stored but never indexed (a store interrupted before its commit)", path=path)
-    for row in missing:
+    for path in result.reindexed:
+        _log.warn("indexed {path} again: a whole stored object whose index row was lost", path=path)
+    for path in result.stale:
+        _log.info("removed {path}: an older version of an instance stored again since", path=path)
+    for path in result.quarantined:
+        _log.error("moved {path} to quarantine: it cannot be read as a DICOM object", path=path)
+    for row in result.missing:
         _log.error("index row for SOP instance {sop} pointed to missing file {path}; row removed",
                    sop=row.sop_uid, path=row.path)
-    return len(temps), len(orphans), len(missing)
+    return result
+
+
+def _adopt(store: ObjectStore, index: ArchiveIndex, relative: str, mtime: float, result: Reconciliation) -> None:
+    """Index a stored file the index does not name, or drop it if the index has a newer version."""
+    path = store.absolute(relative)
+    try:
+        ds = dcmread(path, stop_before_pixels=True, defer_size=1 << 20)
+        meta = extract(ds)
+        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+        source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()
+    except Exception:  # whatever makes it unreadable, a person should look at it
+        result.quarantined.append(store.quarantine(relative))
+        return
+    existing = index.lookup(meta.sop_instance_uid)
+    if existing is not None:
+        try:
+            existing_mtime = os.stat(store.absolute(existing.path)).st_mtime
+        except FileNotFoundError:
+            existing_mtime = -1.0
+        if existing_mtime >= mtime:
+            store.remove(relative)
+            result.stale.append(relative)
+            return
+    previous = index.add(meta, relative, os.path.getsize(path), transfer_syntax, source_ae, mtime)
+    if previous is not None and previous.path != relative:
+        store.remove(previous.path)
+    result.reindexed.append(relative)

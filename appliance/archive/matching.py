@@ -39,6 +39,8 @@ __all__ = [
 
 WILDCARDS = ("*", "?")
 TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT", "UR"})
+#: VRs whose value is one string in which a backslash is an ordinary character (PS3.5 6.2)
+SINGLE_VALUED_VRS = frozenset({"LT", "ST", "UT", "UR"})
 
 
 def normalize_name(name: str) -> str:
@@ -92,10 +94,28 @@ def glob_pattern(pattern: str) -> str:
 UNIVERSAL = None
 
 
-def parse_range(value: str) -> Optional[Tuple[str, str]]:
-    """``"a-b"``, ``"a-"``, ``"-b"`` -> (a, b) with '' for an open end; None if not a range."""
+#: a DT value as a C-FIND key may hold it: digits, fraction, UTC offset (PS3.5 6.2)
+_DT_VALUE = r"\d{1,14}(?:\.\d{1,6})?(?:[+-](?:0\d|1[0-4])[0-5]\d)?"
+_DT_SINGLE = re.compile(rf"\s*{_DT_VALUE}\s*")
+_DT_RANGE = re.compile(rf"\s*({_DT_VALUE})?\s*-\s*({_DT_VALUE})?\s*")
+
+
+def parse_range(value: str, vr: str = "DA") -> Optional[Tuple[str, str]]:
+    """``"a-b"``, ``"a-"``, ``"-b"`` -> (a, b) with '' for an open end; None if not a range.
+
+    A DT value may end with a UTC offset whose sign is a hyphen
+    (``"20240102101500-0500-20240103"``): for DT the hyphen that separates
+    two DT values is found by the value's syntax (an offset is -1400 to
+    +1459), and a single DT with a negative offset (``"20240102-0500"``) is
+    no range, while ``"2023-2024"`` (no such offset) is one.
+    """
     if "-" not in value:
         return None
+    if vr == "DT":
+        if _DT_SINGLE.fullmatch(value):
+            return None
+        found = _DT_RANGE.fullmatch(value)
+        return (found.group(1) or "", found.group(2) or "") if found else None
     if value.count("-") != 1:
         return None
     low, high = value.split("-")
@@ -108,8 +128,9 @@ def _digits(text: str) -> str:
 
 def date_bounds(low: str, high: str) -> Tuple[str, str]:
     """Comparable bounds for DA values (YYYYMMDD; the legacy YYYY.MM.DD accepted)."""
-    low_digits, high_digits = _digits(low), _digits(high)
-    return (low_digits or "00000000", high_digits or "99999999")
+    low_digits, high_digits = _digits(low)[:8], _digits(high)[:8]
+    # a partial upper bound ("202401") covers its whole span, like TM and DT bounds
+    return (low_digits.ljust(8, "0"), high_digits.ljust(8, "9"))
 
 
 def time_bounds(low: str, high: str) -> Tuple[str, str]:
@@ -173,7 +194,8 @@ def make_matcher(vr: str, query: str, insensitive_names: bool = False) -> Option
     """A predicate on stored values for a non-sequence key, or None for universal matching.
 
     ``query`` is the decoded value of the key in the identifier (a backslash
-    separates multiple values).
+    separates multiple values, except in LT, ST, UT and UR, whose one value
+    may hold backslashes).
     """
     query = query.strip() if vr != "PN" else query
     if query == "" or query == "*":
@@ -182,17 +204,17 @@ def make_matcher(vr: str, query: str, insensitive_names: bool = False) -> Option
         wanted = {uid.strip().rstrip("\x00") for uid in query.split("\\") if uid.strip()}
         return lambda stored: any(v in wanted for v in _values(stored))
     if vr == "DA":
-        return _range_matcher(query, date_bounds, lambda v: _digits(v))
+        return _range_matcher(query, vr, date_bounds, lambda v: _digits(v))
     if vr == "TM":
-        return _range_matcher(query, time_bounds, time_key)
+        return _range_matcher(query, vr, time_bounds, time_key)
     if vr == "DT":
-        return _range_matcher(query, datetime_bounds, lambda v: datetime_bounds(v, v)[0])
+        return _range_matcher(query, vr, datetime_bounds, lambda v: datetime_bounds(v, v)[0])
     if vr == "PN":
         return _name_matcher(query, insensitive_names)
-    if vr in ("IS", "DS", "US", "UL", "SS", "SL", "FL", "FD"):
+    if vr in ("IS", "DS", "US", "UL", "SS", "SL", "FL", "FD", "SV", "UV"):
         return _number_matcher(query)
-    alternatives = query.split("\\")
-    predicates = [_text_predicate(alternative.strip() if vr != "CS" else alternative.strip()) for alternative in alternatives]
+    alternatives = [query] if vr in SINGLE_VALUED_VRS else query.split("\\")
+    predicates = [_text_predicate(alternative.strip()) for alternative in alternatives]
     return lambda stored: any(p(v.strip()) for v in _values(stored) for p in predicates)
 
 
@@ -203,10 +225,10 @@ def _text_predicate(pattern: str) -> Callable[[str], bool]:
     return lambda value: value == pattern
 
 
-def _range_matcher(query: str, bounds, key) -> Matcher:
+def _range_matcher(query: str, vr: str, bounds, key) -> Matcher:
     checks = []
     for alternative in query.split("\\"):
-        span = parse_range(alternative)
+        span = parse_range(alternative, vr)
         if span is None:
             low, high = bounds(alternative, alternative)
         else:
@@ -247,6 +269,19 @@ def _number_matcher(query: str) -> Matcher:
 
 
 def _name_matcher(query: str, insensitive: bool) -> Optional[Matcher]:
+    """Person name matching: any of the query's values (backslash) against any stored value."""
+    matchers = []
+    for alternative in query.split("\\"):
+        matcher = _one_name_matcher(alternative, insensitive)
+        if matcher is UNIVERSAL:
+            return UNIVERSAL
+        matchers.append(matcher)
+    if len(matchers) == 1:
+        return matchers[0]
+    return lambda stored: any(matcher(stored) for matcher in matchers)
+
+
+def _one_name_matcher(query: str, insensitive: bool) -> Optional[Matcher]:
     prepare = fold if insensitive else (lambda text: text)
     query_name = normalize_name(query)
     if not query_name or query_name == "*":
@@ -258,7 +293,8 @@ def _name_matcher(query: str, insensitive: bool) -> Optional[Matcher]:
         def by_group(stored) -> bool:
             for value in _values(stored):
                 groups = [prepare(g) for g in normalize_name(value).split("=")]
-                if all(index < len(groups) and predicate(groups[index]) for index, predicate in predicates):
+                # a group the stored name lacks is empty: only "*" matches it
+                if all(predicate(groups[index] if index < len(groups) else "") for index, predicate in predicates):
                     return True
             return False
 

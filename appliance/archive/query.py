@@ -13,7 +13,9 @@ the whole result set in memory.  Files are never opened.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -25,6 +27,9 @@ from . import matching as M
 __all__ = ["QueryError", "Key", "KEYS", "FindQuery", "build_query", "QueryRun", "LEVELS"]
 
 LEVELS = ("STUDY", "SERIES", "IMAGE")
+#: Longest list of values pushed down to SQL as parameters (SQLite allows 32766 per statement;
+#: longer lists, like a UID list of thousands, are matched in Python only).
+MAX_SQL_LIST = 500
 _DEPTH = {"PATIENT": 0, "STUDY": 0, "SERIES": 1, "IMAGE": 2}
 
 
@@ -149,7 +154,11 @@ class FindQuery:
 
 def _element_text(element) -> str:
     """A decoded element value as C-FIND text (multiple values joined by backslash)."""
-    value = element.value
+    return _value_text(element.value)
+
+
+def _value_text(value) -> str:
+    """A decoded value (one, or several) as C-FIND text, multiple values joined by backslash."""
     if value is None or value == "":
         return ""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
@@ -183,18 +192,19 @@ def build_query(
     level = str(level_element or "").strip().upper()
     if level == "PATIENT":
         raise QueryError(0xA900, "Study Root has no PATIENT level (use STUDY)")
+    # Error Comments are LO: at most 64 characters, so these are kept short
+    if not level:
+        raise QueryError(0xA900, "no Query/Retrieve Level (0008,0052): STUDY, SERIES or IMAGE")
     if level not in LEVELS:
-        raise QueryError(0xA900, f"Query/Retrieve Level {level or '(missing)'} is not STUDY, SERIES or IMAGE")
+        raise QueryError(0xA900, f"Query/Retrieve Level {level[:16]} is not STUDY/SERIES/IMAGE")
     depth = _DEPTH[level]
     # hierarchical search (PS3.4 C.4.1.2.2.1): one value for the unique key of each level above
     for keyword, level_above in (("StudyInstanceUID", 1), ("SeriesInstanceUID", 2)):
         if depth >= level_above:
-            value = str(identifier.get(keyword, "") or "").strip()
+            value = _value_text(identifier.get(keyword)).strip()
             if not value or "\\" in value or M.has_wildcard(value):
-                raise QueryError(
-                    0xA900,
-                    f"{level} level needs one {keyword} (hierarchical search: unique keys above the level)",
-                )
+                # hierarchical search: no relational queries (statement 3.1.3.4.2.1)
+                raise QueryError(0xA900, f"{level} level needs a single {keyword} (unique key above)")
 
     terms: List[_Term] = []
     unsupported: List[str] = []
@@ -206,6 +216,8 @@ def build_query(
         keyword = keyword_for_tag(tag) if not element.tag.is_private else ""
         if tag >> 16 in (0x0000, 0x0002) or keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
             continue
+        if tag & 0xFFFF == 0:
+            continue  # a (retired) group length is no key
         key = KEYS.get(keyword)
         if key is None or _DEPTH[key.level] > depth:
             unsupported.append(f"{tag:08X}")
@@ -266,31 +278,42 @@ def _pushdown(key: Key, text: str, insensitive: bool) -> Optional[Tuple[str, Lis
     column = key.column
     if vr == "UI":
         uids = [uid.strip() for uid in text.split("\\") if uid.strip()]
+        if len(uids) > MAX_SQL_LIST:
+            return None  # beyond SQLite's parameter limit; the Python matcher decides alone
         return f"{column} IN ({', '.join('?' * len(uids))})", uids
     if vr == "DA":
         spans = []
         for alternative in text.split("\\"):
             span = M.parse_range(alternative) or (alternative, alternative)
             spans.append(M.date_bounds(*span))
+        if len(spans) > MAX_SQL_LIST:
+            return None
+        # a legacy YYYY.MM.DD value sorts apart from the digits: its own dotted bounds, still indexed
+        spans += [tuple(f"{bound[:4]}.{bound[4:6]}.{bound[6:]}" for bound in span) for span in spans]
         clause = " OR ".join(f"{column} BETWEEN ? AND ?" for _ in spans)
         return f"({clause})", [bound for span in spans for bound in span]
     if vr == "PN":
         name = M.normalize_name(text)
         if "=" in name or "\\" in name:
             return None
-        pattern = M.glob_pattern(M.fold(name) if insensitive else name)
+        value = M.fold(name) if insensitive else name
         column_name = "folded" if insensitive else "name"
-        operator = "GLOB" if M.has_wildcard(name) else "="
-        return f"p.pk IN (SELECT patient_pk FROM patient_names WHERE {column_name} {operator} ?)", [pattern]
+        if M.has_wildcard(name):
+            operator, value = "GLOB", M.glob_pattern(value)
+        else:
+            operator = "="  # compared as it is: GLOB's escapes would make "[" never match
+        return f"p.pk IN (SELECT patient_pk FROM patient_names WHERE {column_name} {operator} ?)", [value]
     if vr == "IS":
         try:
             numbers = [int(v) for v in text.split("\\")]
         except ValueError:
             return None
+        if len(numbers) > MAX_SQL_LIST:
+            return None
         return f"{column} IN ({', '.join('?' * len(numbers))})", numbers
     if vr in M.TEXT_VRS:
         alternatives = _glob_terms(vr, text)
-        if alternatives is None:
+        if alternatives is None or len(alternatives) > MAX_SQL_LIST:
             return None
         clause = " OR ".join(f"{column} {op} ?" for op, _ in alternatives)
         return f"({clause})", [value for _, value in alternatives]
@@ -338,7 +361,9 @@ class QueryRun:
 
     def __init__(self, index_path: str, query: FindQuery) -> None:
         self.query = query
-        self.db = sqlite3.connect(f"file:{index_path}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
+        # a URI, so the connection is read-only: the path is quoted ("?", "#" or "%" in a folder name)
+        uri = f"file:{urllib.parse.quote(os.path.abspath(index_path))}?mode=ro"
+        self.db = sqlite3.connect(uri, uri=True, timeout=30.0, check_same_thread=False)
         self.cursor = self.db.execute(query.sql, query.params)
         self._modalities: Dict[int, List[str]] = {}
         self.done = False

@@ -230,29 +230,26 @@ class ObjectStore:
                     continue
                 yield os.path.relpath(path, self.root), mtime
 
-    def reconcile(self, is_indexed, started_before: float) -> Tuple[List[str], List[str]]:
-        """Remove leftovers of interrupted stores.
-
-        Temporary files older than ``started_before`` and stored files the
-        index does not name (``is_indexed(relative path)`` is false) were
-        never acknowledged: they are deleted.  Returns (temporary files
-        removed, orphan files removed).
-        """
-        temps: List[str] = []
+    def remove_stale_temps(self, started_before: float) -> List[str]:
+        """Delete temporary files older than ``started_before``: stores that never finished."""
+        removed: List[str] = []
         for name in os.listdir(self.tmp):
             path = os.path.join(self.tmp, name)
             try:
                 if os.stat(path).st_mtime < started_before:
                     os.unlink(path)
-                    temps.append(name)
+                    removed.append(name)
             except FileNotFoundError:
                 continue
-        orphans: List[str] = []
-        for relative, mtime in self.stored_files():
-            if mtime < started_before and not is_indexed(relative):
-                self.remove(relative)
-                orphans.append(relative)
-        return temps, orphans
+        return removed
+
+    def quarantine(self, relative_path: str) -> str:
+        """Move a stored file that cannot be read aside, into quarantine/, for a person to look at."""
+        folder = os.path.join(self.root, "quarantine")
+        os.makedirs(folder, exist_ok=True)
+        target = os.path.join(folder, os.path.basename(relative_path))
+        os.replace(self.absolute(relative_path), target)
+        return target
 
     def free_space(self) -> int:
         stat = os.statvfs(self.root)
