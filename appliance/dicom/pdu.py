@@ -252,7 +252,8 @@ class PresentationContextAC:
         result = data[start + 2]
         transfer: Optional[str] = None
         for item_type, b, e in _iter_items(data, start + 4, end, f"presentation context {context_id}"):
-            if item_type == ItemType.TRANSFER_SYNTAX:
+            # not significant, and not tested, unless accepted (PS3.8 Table 9-18)
+            if item_type == ItemType.TRANSFER_SYNTAX and result == cls.ACCEPTANCE:
                 transfer = _decode_text(data[b:e], "transfer syntax name") or None
         if result == cls.ACCEPTANCE and transfer is None:
             raise PDUDecodeError(
@@ -506,8 +507,13 @@ class _AssociateBase:
                 AbortReason.INVALID_PDU_PARAMETER_VALUE,
             )
         (version,) = _U16.unpack_from(data, 6)
-        called = _decode_text(data[10:26], "called AE title").strip()
-        calling = _decode_text(data[26:42], "calling AE title").strip()
+        if cls._pdu_type == PDUType.A_ASSOCIATE_AC:
+            # reserved echoes of the request's fields, not tested (PS3.8 Table 9-17)
+            called = data[10:26].decode("ascii", "replace").rstrip("\x00 ").strip()
+            calling = data[26:42].decode("ascii", "replace").rstrip("\x00 ").strip()
+        else:
+            called = _decode_text(data[10:26], "called AE title").strip()
+            calling = _decode_text(data[26:42], "calling AE title").strip()
         application_context: Optional[str] = None
         contexts = []
         user_info: Optional[UserInformation] = None
