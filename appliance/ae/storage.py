@@ -80,40 +80,29 @@ def _at_pixel_data(tag, vr, length) -> bool:
     return tag == 0x7FE00010
 
 
-def _parse(temp: TempObject, header_length: int, data: Optional[bytes], transfer_syntax: str):
-    """The data set up to its pixel data, the file offset of the Pixel Data element and its first 4 bytes."""
-    if data is not None and transfer_syntax in _PLAIN_SYNTAXES:
-        # the whole data set is in memory (a small object): no need to read the file back
-        implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
-        reader = io.BytesIO(data)
-        ds = read_dataset(reader, implicit, transfer_syntax != EXPLICIT_VR_BIG_ENDIAN, stop_when=_at_pixel_data)
-        offset = reader.tell()
-        return ds, header_length + offset, data[offset : offset + 4]
-    temp.handle.flush()
-    with open(temp.path, "rb") as reader:
-        ds = dcmread(reader, stop_before_pixels=True, defer_size=1 << 20)
-        offset = reader.tell()
-        return ds, offset, reader.read(4)
+@dataclass(frozen=True)
+class _Coercion:
+    """Where a top-level Pixel Data element sent as OW with Bits Allocated 8 starts, to become OB."""
+
+    offset: int
+    big_endian: bool
+    length: int
 
 
-def examine(
-    temp: TempObject,
-    header_length: int,
+def inspect(
+    ds,
+    pixel_offset: int,
+    pixel_header: bytes,
     sop_class_uid: str,
     sop_instance_uid: str,
     transfer_syntax: str,
-    source_ae: str,
-    data: Optional[bytes] = None,
-) -> StoredObject:
-    """I/O thread: parse the received object up to its pixel data, check it, coerce, fsync.
+):
+    """Check a parsed data set against its command; return its metadata and the coercion it needs.
 
-    ``data`` is the whole data set when it is still in memory.  Raises
-    :class:`_Refused` with the status PS3.4 calls for.
+    ``pixel_header`` is the 12 bytes at ``pixel_offset`` (tag, VR, reserved,
+    length of an explicit VR element).  Raises :class:`_Refused` with the
+    status PS3.4 calls for.
     """
-    try:
-        ds, pixel_offset, tag = _parse(temp, header_length, data, transfer_syntax)
-    except Exception as error:  # pydicom raises many kinds on garbage
-        raise _Refused(S.CANNOT_UNDERSTAND, f"cannot parse data set: {type(error).__name__}: {error}") from None
     try:
         metadata = extract(ds)
     except ValueError as error:
@@ -128,47 +117,94 @@ def examine(
                          ("Series Instance UID", metadata.series_instance_uid)):
         if not is_received_uid(uid):
             raise _Refused(0xA900, f"{keyword} is not a valid UID")
-    coerced = False
+    coercion = None
     big_endian = transfer_syntax == EXPLICIT_VR_BIG_ENDIAN
     if metadata.bits_allocated == 8 and transfer_syntax in (EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN):
-        if tag == (_PIXEL_DATA_BE if big_endian else _PIXEL_DATA_LE):
-            temp.handle.seek(pixel_offset + 4)
-            header = temp.handle.read(8)
-            if header[:2] == b"OW":
-                length = struct.unpack(">L" if big_endian else "<L", header[4:8])[0]
-                pixel_data_coercion(temp.handle, pixel_offset, big_endian, length)
-                coerced = True
-            temp.handle.seek(0, os.SEEK_END)
-    ObjectStore.seal(temp)
-    return StoredObject(temp, metadata, transfer_syntax, source_ae, coerced)
+        if pixel_header[:4] == (_PIXEL_DATA_BE if big_endian else _PIXEL_DATA_LE) and pixel_header[4:6] == b"OW":
+            length = struct.unpack(">L" if big_endian else "<L", pixel_header[8:12])[0]
+            coercion = _Coercion(pixel_offset, big_endian, length)
+    return metadata, coercion
 
 
-def receive(
-    store: ObjectStore,
-    temp: Optional[TempObject],
-    header: bytes,
-    chunks: List[bytes],
+def _parse_or_refuse(parse, *args):
+    try:
+        return parse(*args)
+    except Exception as error:  # pydicom raises many kinds on garbage
+        raise _Refused(S.CANNOT_UNDERSTAND, f"cannot parse data set: {type(error).__name__}: {error}") from None
+
+
+def _parse_memory(data: bytes, header_length: int, transfer_syntax: str):
+    implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    reader = io.BytesIO(data)
+    ds = read_dataset(reader, implicit, transfer_syntax != EXPLICIT_VR_BIG_ENDIAN, stop_when=_at_pixel_data)
+    offset = reader.tell()
+    return ds, header_length + offset, data[offset : offset + 12]
+
+
+def _parse_file(path: str):
+    with open(path, "rb") as reader:
+        ds = dcmread(reader, stop_before_pixels=True, defer_size=1 << 20)
+        offset = reader.tell()
+        return ds, offset, reader.read(12)
+
+
+def inspect_memory(data: bytes, header_length: int, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str):
+    """Worker thread: parse a data set still in memory (no file read back) and inspect it."""
+    ds, offset, pixel_header = _parse_or_refuse(_parse_memory, data, header_length, transfer_syntax)
+    return inspect(ds, offset, pixel_header, sop_class_uid, sop_instance_uid, transfer_syntax)
+
+
+def coerce(handle, coercion: _Coercion) -> None:
+    """Apply the OW to OB coercion to an open file."""
+    pixel_data_coercion(handle, coercion.offset, coercion.big_endian, coercion.length)
+
+
+def examine(
+    temp: TempObject,
+    header_length: int,
     sop_class_uid: str,
     sop_instance_uid: str,
     transfer_syntax: str,
     source_ae: str,
 ) -> StoredObject:
-    """I/O thread, once the data set is whole: write what is left, examine, seal, measure free space.
+    """I/O thread, for an object written to its temporary file: read it back up to the pixel data,
+    check it, coerce, fsync."""
+    temp.handle.flush()
+    ds, offset, pixel_header = _parse_or_refuse(_parse_file, temp.path)
+    metadata, coercion = inspect(ds, offset, pixel_header, sop_class_uid, sop_instance_uid, transfer_syntax)
+    if coercion is not None:
+        coerce(temp.handle, coercion)
+    ObjectStore.seal(temp)
+    return StoredObject(temp, metadata, transfer_syntax, source_ae, coercion is not None)
 
-    One job per object for small objects (the file is created here too);
-    the temporary file is discarded if anything fails.
-    """
-    data = None
+
+def write_sealed(store: ObjectStore, header: bytes, data: bytes) -> Tuple[TempObject, int]:
+    """I/O thread: a new temporary file holding the object, fsynced; and the free space after it."""
+    temp = store.open_temp([header, data])
     try:
-        if temp is None:
-            data = b"".join(chunks)
-            temp = store.open_temp([header, data])
-        else:
-            store.write(temp, chunks)
-        stored = examine(temp, len(header), sop_class_uid, sop_instance_uid, transfer_syntax, source_ae, data)
+        ObjectStore.seal(temp)
     except BaseException:
-        if temp is not None:
-            store.discard(temp)
+        store.discard(temp)
+        raise
+    return temp, store.free_space()
+
+
+def coerce_sealed(temp: TempObject, coercion: _Coercion) -> None:
+    """I/O thread: apply a coercion to a sealed temporary file and fsync it again."""
+    with open(temp.path, "r+b") as handle:
+        coerce(handle, coercion)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def finish_streamed(store: ObjectStore, temp: TempObject, chunks: List[bytes], header_length: int,
+                    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str) -> StoredObject:
+    """I/O thread, for an object already streaming to its file: write the rest, examine, seal."""
+    try:
+        store.write(temp, chunks)
+        stored = examine(temp, header_length, sop_class_uid, sop_instance_uid, transfer_syntax, source_ae)
+    except BaseException:
+        store.discard(temp)
         raise
     stored.free_space = store.free_space()
     return stored
@@ -266,12 +302,19 @@ class IncomingObject:
             await self._discard()
             return StoreResult(self.refusal.status, self.refusal.comment)
         chunks, self._chunks, self._buffered = self._chunks, [], 0
-        temp, self.temp = self.temp, None  # receive() owns it now: it stores it or discards it
+        temp, self.temp = self.temp, None  # from here on, the code below stores it or discards it
         try:
-            stored = await self.archive.io(
-                receive, self.archive.store, temp, self._header, chunks, self.sop_class_uid,
-                self.sop_instance_uid, self.transfer_syntax, self.source_ae,
-            )
+            if temp is None and self.transfer_syntax in _PLAIN_SYNTAXES:
+                stored = await self._receive_small(b"".join(chunks))
+            elif temp is None:
+                # deflated: pydicom inflates it reading the file
+                temp = await self.archive.io(self.archive.store.open_temp, [self._header] + chunks)
+                chunks = []
+            if temp is not None:
+                stored = await self.archive.io(
+                    finish_streamed, self.archive.store, temp, chunks, len(self._header), self.sop_class_uid,
+                    self.sop_instance_uid, self.transfer_syntax, self.source_ae,
+                )
         except _Refused as refusal:
             return StoreResult(refusal.status, refusal.comment)
         except OSError as error:
@@ -296,6 +339,27 @@ class IncomingObject:
         if stored.coerced:
             return StoreResult(S.WARNING, "Pixel Data coerced from OW to OB (Bits Allocated 8)")
         return StoreResult(S.SUCCESS)
+
+    async def _receive_small(self, data: bytes) -> StoredObject:
+        """A data set held whole in memory: write and fsync it while it is parsed, in parallel."""
+        writing = self.archive.io(write_sealed, self.archive.store, self._header, data)
+        checking = self.archive.io(inspect_memory, data, len(self._header), self.sop_class_uid,
+                                   self.sop_instance_uid, self.transfer_syntax)
+        results = await defer.DeferredList([writing, checking], consumeErrors=True)
+        (wrote, written), (checked, inspected) = results
+        if not wrote:
+            written.raiseException()
+        temp, free_space = written
+        try:
+            if not checked:
+                inspected.raiseException()
+            metadata, coercion = inspected
+            if coercion is not None:
+                await self.archive.io(coerce_sealed, temp, coercion)
+        except BaseException:
+            await self.archive.discard(temp)
+            raise
+        return StoredObject(temp, metadata, self.transfer_syntax, self.source_ae, coercion is not None, free_space)
 
     async def _discard(self) -> None:
         if self.temp is not None:
