@@ -17,7 +17,15 @@ else:  # pragma: no cover - Debian 12 and later ship Python 3.11+
 
 import pydicom
 
-__all__ = ["tomllib", "PYDICOM_VERSION", "decode_dataset", "encode_dataset"]
+__all__ = [
+    "tomllib",
+    "PYDICOM_VERSION",
+    "decode_dataset",
+    "encode_dataset",
+    "certificate_validity",
+    "peer_certificate",
+    "verify_error_text",
+]
 
 PYDICOM_VERSION = tuple(int(part) for part in pydicom.__version__.split(".")[:2] if part.isdigit())
 
@@ -52,3 +60,42 @@ def encode_dataset(dataset, transfer_syntax: str) -> bytes:
     buffer.is_little_endian = little
     write_dataset(buffer, dataset)
     return buffer.getvalue()
+
+
+# --- TLS: pyOpenSSL 23 / cryptography 38 (Debian 12) and the newest releases -------------------------------
+
+
+def certificate_validity(certificate):
+    """(not before, not after) of a ``cryptography`` certificate, as timezone-aware UTC datetimes.
+
+    cryptography 42 added the ``*_utc`` properties and deprecated the naive
+    ones; Debian 12's cryptography 38 has only the naive ones.
+    """
+    from datetime import timezone
+
+    if hasattr(certificate, "not_valid_after_utc"):
+        return certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    return (certificate.not_valid_before.replace(tzinfo=timezone.utc),
+            certificate.not_valid_after.replace(tzinfo=timezone.utc))
+
+
+def peer_certificate(connection):
+    """The peer's certificate of an ``OpenSSL.SSL.Connection`` as a ``cryptography`` certificate, or None.
+
+    pyOpenSSL 24.3 added ``as_cryptography=True``; before, the X509 wrapper converts.
+    """
+    try:
+        return connection.get_peer_certificate(as_cryptography=True)
+    except TypeError:
+        x509 = connection.get_peer_certificate()
+        return x509.to_cryptography() if x509 is not None else None
+
+
+def verify_error_text(code: int) -> str:
+    """OpenSSL's words for an X.509 verification error code (X509_verify_cert_error_string)."""
+    try:
+        from OpenSSL._util import ffi, lib
+
+        return ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
+    except Exception:  # pragma: no cover - a binding without the function
+        return f"X.509 verification error {code}"

@@ -8,7 +8,7 @@ silently ignored, so a typo never passes for a setting.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .archive.eviction import StorageLimits
@@ -20,7 +20,19 @@ from .dicom.uids import (
     is_valid_uid,
 )
 
-__all__ = ["ConfigError", "ListenerConfig", "DeviceConfig", "ApplianceConfig", "load", "parse", "DEFAULT_CONFIG_PATH"]
+__all__ = [
+    "ConfigError",
+    "TLSConfig",
+    "ListenerConfig",
+    "DeviceConfig",
+    "ApplianceConfig",
+    "load",
+    "parse",
+    "DEFAULT_CONFIG_PATH",
+    "TLS_VERSIONS",
+    "BCP195_CIPHERS",
+    "LEGACY_CIPHERS",
+]
 
 #: The shipped configuration, used when no --config is given.
 DEFAULT_CONFIG_PATH = os.environ.get(
@@ -34,12 +46,74 @@ MIN_PDU = 2048
 MAX_PDU = 4 * 1024 * 1024
 
 
+#: The TLS versions ``minimum_version`` may name.  "1.0" and "1.1" only when set explicitly (PS3.15 retired them).
+TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
+
+#: TLS 1.2 cipher suites of the BCP 195 profile (RFC 9325 4.2; PS3.15 Annex B): ECDHE key exchange with an AEAD
+#: cipher only -- no RSA key exchange, no CBC, no 3DES, no NULL.  TLS 1.3 suites are OpenSSL's own (all AEAD).
+BCP195_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+))
+
+#: The default for a context that allows TLS 1.0/1.1: the BCP 195 suites first, then the CBC suites those
+#: versions have (ECDHE, then RSA key exchange as in the retired "AES TLS Secure Transport Connection Profile").
+LEGACY_CIPHERS = BCP195_CIPHERS + ":" + ":".join((
+    "ECDHE-ECDSA-AES128-SHA",
+    "ECDHE-RSA-AES128-SHA",
+    "ECDHE-ECDSA-AES256-SHA",
+    "ECDHE-RSA-AES256-SHA",
+    "AES128-SHA",
+    "AES256-SHA",
+))
+
+
 class ConfigError(Exception):
     """A configuration problem: ``path: [section] key: problem``."""
 
     def __init__(self, path: str, key: str, problem: str) -> None:
         self.path, self.key, self.problem = path, key, problem
         super().__init__(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """The TLS settings of one listener or one device: ``[tls]`` with that table's overrides.
+
+    Paths are absolute.  ``origin`` maps each key to the table it was read
+    from (``"[tls]"``, ``"[disk_server]"``, ``"[devices.ct]"``), so that a
+    problem found when the files are read names the key where it was set.
+    """
+
+    certificate: Optional[str] = None
+    private_key: Optional[str] = None
+    private_key_password_file: Optional[str] = None
+    ca_certificates: Tuple[str, ...] = ()
+    require_client_certificate: bool = True
+    minimum_version: str = "1.2"
+    #: an OpenSSL cipher string for TLS 1.2 and below; None: the default for ``minimum_version``
+    ciphers: Optional[str] = None
+    bind_aet_to_certificate: bool = False
+    origin: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def legacy(self) -> bool:
+        """Whether TLS 1.0 or 1.1 is allowed (explicitly: the default is 1.2)."""
+        return self.minimum_version in ("1.0", "1.1")
+
+    @property
+    def cipher_string(self) -> str:
+        if self.ciphers is not None:
+            return self.ciphers
+        return LEGACY_CIPHERS if self.legacy else BCP195_CIPHERS
+
+    def key(self, name: str) -> str:
+        """``[table] name``: where ``name`` was set (or would be, for a key left to its default)."""
+        return f"{self.origin.get(name, '[tls]')} {name}"
 
 
 @dataclass(frozen=True)
@@ -57,6 +131,10 @@ class ListenerConfig:
     idle_timeout: float
     allowed_calling_aets: Tuple[str, ...]
     transfer_syntax_priority: Tuple[str, ...]
+    #: the DICOM-over-TLS port; 0 when disabled or when no certificate is configured
+    tls_port: int = 0
+    #: the TLS listener's settings; None when it is off
+    tls: Optional[TLSConfig] = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +147,16 @@ class DeviceConfig:
     port: int
     max_pdu: int
     timeout: float
+    #: TLS for associations to this device (``tls = true``); None: plain TCP
+    tls: Optional[TLSConfig] = None
+    #: names one of which a certificate presented under this device's AE title must carry
+    #: (bind_aet_to_certificate); empty: the device's host
+    certificate_names: Tuple[str, ...] = ()
+
+    @property
+    def identities(self) -> Tuple[str, ...]:
+        """The names a certificate calling with this device's AE title must carry one of."""
+        return self.certificate_names or (self.host,)
 
 
 @dataclass(frozen=True)
@@ -94,6 +182,8 @@ class ApplianceConfig:
     memory_server: ListenerConfig
     archive: ArchiveConfig
     devices: Mapping[str, DeviceConfig] = field(default_factory=dict)
+    #: the [tls] section as written (listeners and devices hold their merged settings)
+    tls: TLSConfig = field(default_factory=TLSConfig)
 
     def device(self, name: str) -> DeviceConfig:
         try:
@@ -263,6 +353,8 @@ _LISTENER_DEFAULTS = {
     "disk_server": ("DISK_SERVER", 11112),
     "memory_server": ("MEMORY_SERVER", 11113),
 }
+#: 2762 is IANA's "dicom-tls"; used once a certificate is configured
+_LISTENER_TLS_PORTS = {"disk_server": 2762, "memory_server": 2763}
 
 
 def _archive(section: "_Section", data_dir: str) -> ArchiveConfig:
@@ -282,11 +374,25 @@ def _archive(section: "_Section", data_dir: str) -> ArchiveConfig:
     )
 
 
-def _listener(path: str, name: str, table: Any, extra: Optional[Callable[["_Section"], Any]] = None):
+def _listener(path: str, name: str, table: Any, extra: Optional[Callable[["_Section"], Any]] = None,
+              tls: Optional[TLSConfig] = None, base: str = "."):
     default_title, default_port = _LISTENER_DEFAULTS[name]
+    default_tls_port = _LISTENER_TLS_PORTS[name]
     section = _Section(path, name, table)
     extra_result = extra(section) if extra is not None else None
     timeout = section.get("timeout", _seconds, 30.0)
+    tls_port = section.get("tls_port", _integer(0, 65535), default_tls_port)
+    listener_tls = _merged_tls(section, tls if tls is not None else TLSConfig(), base, _SERVER_TLS_KEYS)
+    if listener_tls.certificate is None:
+        if "tls_port" in section.table and tls_port:
+            raise ConfigError(path, f"[{name}] tls_port",
+                              "DICOM over TLS needs a certificate: set certificate and private_key in [tls] "
+                              f"(or in [{name}]), or tls_port = 0")
+        tls_port = 0
+    if not tls_port:
+        listener_tls = None
+    else:
+        _check_tls(path, listener_tls, server=True)
     config = ListenerConfig(
         ae_title=section.get("ae_title", ae_title, default_title),
         interface=section.get("interface", _text, "0.0.0.0"),
@@ -301,13 +407,26 @@ def _listener(path: str, name: str, table: Any, extra: Optional[Callable[["_Sect
         transfer_syntax_priority=section.get(
             "transfer_syntax_priority", _non_empty(_list_of(_uid)), DEFAULT_TRANSFER_SYNTAX_PRIORITY
         ),
+        tls_port=tls_port,
+        tls=listener_tls,
     )
     section.done()
     return config if extra is None else (config, extra_result)
 
 
-def _device(path: str, name: str, table: Any) -> DeviceConfig:
+def _device(path: str, name: str, table: Any, tls: Optional[TLSConfig] = None, base: str = ".") -> DeviceConfig:
     section = _Section(path, f"devices.{name}", table)
+    use_tls = section.get("tls", _boolean, False)
+    device_tls: Optional[TLSConfig] = _merged_tls(section, tls if tls is not None else TLSConfig(), base,
+                                                  _CLIENT_TLS_KEYS)
+    if use_tls:
+        _check_tls(path, device_tls, server=False, device=name)
+    else:
+        overridden = sorted(key for key in _CLIENT_TLS_KEYS if key in section.table)
+        if overridden:
+            raise ConfigError(path, f"[devices.{name}] {overridden[0]}",
+                              "is a TLS setting, and this device does not use TLS (set tls = true)")
+        device_tls = None
     device = DeviceConfig(
         name=name,
         ae_title=section.get("ae_title", ae_title),
@@ -315,9 +434,108 @@ def _device(path: str, name: str, table: Any) -> DeviceConfig:
         port=section.get("port", _integer(1, 65535)),
         max_pdu=section.get("max_pdu", _integer(MIN_PDU, MAX_PDU), 16384),
         timeout=section.get("timeout", _seconds, 30.0),
+        tls=device_tls,
+        certificate_names=section.get("certificate_names", _list_of(_text), ()),
     )
     section.done()
     return device
+
+
+# --- TLS ------------------------------------------------------------------------------------------------
+
+#: keys of [tls] that a device may override (the client side of a connection)
+_CLIENT_TLS_KEYS = ("certificate", "private_key", "private_key_password_file", "ca_certificates",
+                    "minimum_version", "ciphers")
+#: keys of [tls] that a listener may override (all of them)
+_SERVER_TLS_KEYS = _CLIENT_TLS_KEYS + ("require_client_certificate", "bind_aet_to_certificate")
+
+
+def _tls_version(value: Any) -> str:
+    if isinstance(value, float):  # minimum_version = 1.2 written as a TOML float
+        value = f"{value:.1f}"
+    if value not in TLS_VERSIONS:
+        raise ValueError(f"must be one of {', '.join(repr(v) for v in TLS_VERSIONS)}, not {value!r}")
+    return value
+
+
+def _cipher_string(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or not value.isascii() or any(c.isspace() for c in value):
+        raise ValueError(f"must be an OpenSSL cipher string such as \"ECDHE-RSA-AES128-GCM-SHA256\" "
+                         f"(names joined by ':', no spaces), not {value!r}")
+    return value
+
+
+def _file(base: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        return os.path.normpath(os.path.join(base, _text(value)))
+
+    return check
+
+
+def _files(base: str) -> Callable[[Any], Tuple[str, ...]]:
+    single = _file(base)
+
+    def check(value: Any) -> Tuple[str, ...]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("must name at least one PEM file")
+            return tuple(single(item) for item in value)
+        return (single(value),)
+
+    return check
+
+
+def _tls_checks(base: str) -> Dict[str, Callable[[Any], Any]]:
+    return {
+        "certificate": _file(base),
+        "private_key": _file(base),
+        "private_key_password_file": _file(base),
+        "ca_certificates": _files(base),
+        "minimum_version": _tls_version,
+        "ciphers": _cipher_string,
+        "require_client_certificate": _boolean,
+        "bind_aet_to_certificate": _boolean,
+    }
+
+
+def _merged_tls(section: "_Section", inherited: TLSConfig, base: str, keys: Tuple[str, ...]) -> TLSConfig:
+    """``inherited`` with the keys of ``section`` that override it (paths resolved against ``base``)."""
+    checks = _tls_checks(base)
+    values: Dict[str, Any] = {}
+    for key in keys:
+        value = section.get(key, checks[key], None)
+        if value is not None:
+            values[key] = value
+    if not values:
+        return inherited
+    origin = dict(inherited.origin)
+    origin.update((key, f"[{section.name}]") for key in values)
+    return replace(inherited, origin=origin, **values)
+
+
+def _tls(path: str, table: Any, base: str) -> TLSConfig:
+    section = _Section(path, "tls", table)
+    config = _merged_tls(section, TLSConfig(), base, _SERVER_TLS_KEYS)
+    section.done()
+    if config.private_key is not None and config.certificate is None:
+        raise ConfigError(path, config.key("certificate"), "is required with private_key")
+    return config
+
+
+def _check_tls(path: str, tls: TLSConfig, server: bool, device: str = "") -> None:
+    """The settings a TLS listener (``server``) or a device's TLS connections need, present together."""
+    if tls.certificate is not None and tls.private_key is None:
+        raise ConfigError(path, tls.key("private_key"), f"is required with certificate ({tls.certificate})")
+    if tls.private_key is not None and tls.certificate is None:
+        raise ConfigError(path, tls.key("certificate"), "is required with private_key")
+    if server and tls.require_client_certificate and not tls.ca_certificates:
+        raise ConfigError(path, tls.key("ca_certificates"),
+                          "is required to verify client certificates (require_client_certificate = true): "
+                          "set the trust roots, or require_client_certificate = false")
+    if not server and not tls.ca_certificates:
+        raise ConfigError(path, tls.key("ca_certificates"),
+                          f"is required with [devices.{device}] tls = true: the trust roots that verify "
+                          "the device's certificate")
 
 
 def _interfaces_overlap(a: str, b: str) -> bool:
@@ -329,9 +547,26 @@ def _interfaces_overlap(a: str, b: str) -> bool:
     return "::" in (a, b)  # an IPv6 wildcard socket takes IPv4 connections too (dual stack)
 
 
+def _check_port_conflicts(path: str, listeners: List[Tuple[str, ListenerConfig]]) -> None:
+    """No two enabled listening ports (plain or TLS, of either AE) may take the same port on one interface."""
+    taken: List[Tuple[str, str, str, int]] = []
+    for name, listener in listeners:
+        for key, port in (("port", listener.port), ("tls_port", listener.tls_port)):
+            if not port:
+                continue
+            for other_name, other_key, interface, other_port in taken:
+                if port == other_port and _interfaces_overlap(interface, listener.interface):
+                    if (other_name, other_key, key) == ("disk_server", "port", "port"):
+                        problem = f"{port} is the Disk-Server's port too"
+                    else:
+                        problem = f"{port} is [{other_name}] {other_key} too"
+                    raise ConfigError(path, f"[{name}] {key}", problem)
+            taken.append((name, key, listener.interface, port))
+
+
 def parse(data: Mapping[str, Any], path: str) -> ApplianceConfig:
     """Validate a parsed TOML document; ``path`` names it in errors and anchors relative paths."""
-    known_sections = {"appliance", "disk_server", "memory_server", "devices"}
+    known_sections = {"appliance", "disk_server", "memory_server", "devices", "tls"}
     for key in data:
         if key not in known_sections:
             raise ConfigError(path, f"[{key}]", f"unknown section (known sections: {', '.join(sorted(known_sections))})")
@@ -348,17 +583,19 @@ def parse(data: Mapping[str, Any], path: str) -> ApplianceConfig:
         ),
     )
     appliance.done()
+    tls = _tls(path, data.get("tls", {}), base)
     disk, archive = _listener(
-        path, "disk_server", data.get("disk_server", {}), lambda section: _archive(section, config_values["data_dir"])
+        path, "disk_server", data.get("disk_server", {}), lambda section: _archive(section, config_values["data_dir"]),
+        tls=tls, base=base,
     )
-    memory = _listener(path, "memory_server", data.get("memory_server", {}))
+    memory = _listener(path, "memory_server", data.get("memory_server", {}), tls=tls, base=base)
     devices_table = data.get("devices", {})
     if not isinstance(devices_table, dict):
         raise ConfigError(path, "[devices]", "must be a table of [devices.NAME] tables")
-    devices = {name: _device(path, name, table) for name, table in devices_table.items()}
-    if disk.port and memory.port and disk.port == memory.port and _interfaces_overlap(disk.interface, memory.interface):
-        raise ConfigError(path, "[memory_server] port", f"{memory.port} is the Disk-Server's port too")
-    return ApplianceConfig(disk_server=disk, memory_server=memory, archive=archive, devices=devices, **config_values)
+    devices = {name: _device(path, name, table, tls=tls, base=base) for name, table in devices_table.items()}
+    _check_port_conflicts(path, [("disk_server", disk), ("memory_server", memory)])
+    return ApplianceConfig(disk_server=disk, memory_server=memory, archive=archive, devices=devices, tls=tls,
+                           **config_values)
 
 
 def load(path: str) -> ApplianceConfig:

@@ -1,4 +1,10 @@
-"""The composition root: ``twistd appliance --config PATH`` builds every enabled AE here."""
+"""The composition root: ``twistd appliance --config PATH`` builds every enabled AE here.
+
+Each listening AE has a plain port and a DICOM-over-TLS port (``tls_port``),
+either of which may be off; both serve the same factory.  The TLS contexts are
+built once from the configuration (every file read and checked before anything
+is bound) and reloaded on SIGHUP by :class:`appliance.net.tls.TLSService`.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from twisted.python import usage
 from . import config as configuration
 from .ae.listeners import acceptor_factory, disk_server_services, memory_server_services
 from .archive.archive import Archive
+from .net import tls
 from .net.threads import ThreadPoolService
 
 __all__ = ["Options", "makeService", "check_ports"]
@@ -31,7 +38,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        """Load the configuration and check its ports, before anything is bound.
+        """Load the configuration, check its ports and read its TLS files, before anything is bound.
 
         Under twistd or twist (``self.parent`` is their command line) a
         problem ends the process at once with one line on standard error and
@@ -41,6 +48,7 @@ class Options(usage.Options):
         try:
             config = configuration.load(self["config"])
             check_ports(config)
+            contexts = tls.TLSContexts(config)
         except configuration.ConfigError as error:
             if getattr(self, "parent", None) is not None:
                 sys.stderr.write(f"appliance: {error}\n")
@@ -48,6 +56,7 @@ class Options(usage.Options):
                 raise SystemExit(1)
             raise usage.UsageError(str(error))
         self["appliance"] = config
+        self["tls"] = contexts
 
 
 def _listener_configs(config: configuration.ApplianceConfig) -> List[Tuple[str, configuration.ListenerConfig]]:
@@ -89,29 +98,37 @@ class ArchiveService(Service):
         self.archive.close()
 
 
+def _bound_ports(config: configuration.ApplianceConfig) -> List[Tuple[str, str, str, int]]:
+    """(section, key, interface, port) of every listening port to bind: plain and TLS."""
+    ports = []
+    for section, listener in _listener_configs(config):
+        for key, port in (("port", listener.port), ("tls_port", listener.tls_port)):
+            if port:
+                ports.append((section, key, listener.interface, port))
+    return ports
+
+
 def check_ports(config: configuration.ApplianceConfig) -> None:
     """Fail with the file and key of a listener whose port cannot be bound, before any is bound for real."""
-    for section, listener in _listener_configs(config):
-        if not listener.port:
-            continue
-        family = socket.AF_INET6 if ":" in listener.interface else socket.AF_INET
+    for section, port_key, interface, port in _bound_ports(config):
+        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
         probe = socket.socket(family, socket.SOCK_STREAM)
         try:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((listener.interface, listener.port))
+            probe.bind((interface, port))
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
-                problem = f"{listener.interface}:{listener.port} is already in use"
+                problem = f"{interface}:{port} is already in use"
             elif error.errno == errno.EACCES:
-                problem = f"permission denied binding {listener.interface}:{listener.port} (ports below 1024 need root)"
+                problem = f"permission denied binding {interface}:{port} (ports below 1024 need root)"
             elif error.errno == errno.EADDRNOTAVAIL:
-                problem = f"interface {listener.interface} is not an address of this machine"
+                problem = f"interface {interface} is not an address of this machine"
             else:
-                problem = f"cannot bind {listener.interface}:{listener.port}: {error.strerror}"
-            key = "port" if error.errno != errno.EADDRNOTAVAIL else "interface"
+                problem = f"cannot bind {interface}:{port}: {error.strerror}"
+            key = port_key if error.errno != errno.EADDRNOTAVAIL else "interface"
             raise configuration.ConfigError(config.path, f"[{section}] {key}", problem) from None
         except socket.gaierror as error:
-            raise configuration.ConfigError(config.path, f"[{section}] interface", f"{listener.interface!r}: {error}") from None
+            raise configuration.ConfigError(config.path, f"[{section}] interface", f"{interface!r}: {error}") from None
         finally:
             probe.close()
 
@@ -123,6 +140,7 @@ def makeService(options, reactor=None) -> MultiService:
     config: configuration.ApplianceConfig = options["appliance"]
     try:
         check_ports(config)
+        contexts = options.get("tls") or tls.TLSContexts(config)
     except configuration.ConfigError as error:
         raise usage.UsageError(str(error))
     root = MultiService()
@@ -138,17 +156,27 @@ def makeService(options, reactor=None) -> MultiService:
     except (OSError, RuntimeError, sqlite3.Error) as error:
         raise usage.UsageError(f"{config.path}: [appliance] data_dir: cannot open the archive: {error}")
     ArchiveService(archive).setServiceParent(root)
+    if contexts.active:
+        # before the listeners: its start-up lines (and warnings) come first
+        tls.TLSService(contexts, reactor).setServiceParent(root)
     services = {
-        "disk_server": disk_server_services(config, archive, read.runner),
+        "disk_server": disk_server_services(config, archive, read.runner, tls=contexts),
         "memory_server": memory_server_services(),
     }
     for section, listener in _listener_configs(config):
-        if not listener.port:
+        if not listener.port and not listener.tls_port:
             continue
+        # one factory per AE: its plain and TLS ports share the association limit
         factory = acceptor_factory(listener, config, services[section], reactor)
         endpoint_class = TCP6ServerEndpoint if ":" in listener.interface else TCP4ServerEndpoint
-        endpoint = endpoint_class(reactor, listener.port, backlog=128, interface=listener.interface)
-        service = StreamServerEndpointService(endpoint, factory)
-        service.setName(section)
-        service.setServiceParent(root)
+        if listener.port:
+            endpoint = endpoint_class(reactor, listener.port, backlog=128, interface=listener.interface)
+            service = StreamServerEndpointService(endpoint, factory)
+            service.setName(section)
+            service.setServiceParent(root)
+        if listener.tls_port:
+            endpoint = endpoint_class(reactor, listener.tls_port, backlog=128, interface=listener.interface)
+            service = StreamServerEndpointService(endpoint, tls.server_factory(contexts.servers[section], factory))
+            service.setName(f"{section}_tls")
+            service.setServiceParent(root)
     return root

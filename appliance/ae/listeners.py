@@ -14,6 +14,7 @@ from ..dicom.uids import (
     registry_storage_classes,
 )
 from ..net.protocol import AcceptorFactory, Timeouts
+from ..net.tls import CertificateBinding, TLSContexts
 from .query import FindService
 from .retrieve import RetrieveService
 from .storage import StorageService
@@ -34,8 +35,10 @@ def storage_syntaxes(sop_classes: str) -> Dict[str, tuple]:
     return {uid: STORAGE_TRANSFER_SYNTAXES for uid in registry_storage_classes()}
 
 
-def disk_server_services(config: ApplianceConfig, archive: Archive, read: Optional[Runner] = None) -> list:
-    """The Disk-Server's service classes; ``read`` runs C-FIND queries (default: the archive's database runner)."""
+def disk_server_services(config: ApplianceConfig, archive: Archive, read: Optional[Runner] = None,
+                         tls: Optional[TLSContexts] = None) -> list:
+    """The Disk-Server's service classes; ``read`` runs C-FIND queries (default: the archive's database runner);
+    ``tls`` holds the contexts of devices with ``tls = true`` (C-MOVE destinations)."""
     return [
         VerificationService(),
         StorageService(
@@ -51,7 +54,7 @@ def disk_server_services(config: ApplianceConfig, archive: Archive, read: Option
             insensitive_names=config.archive.pn_matching == "insensitive",
             max_results=config.archive.max_results,
         ),
-        RetrieveService(config, archive),
+        RetrieveService(config, archive, tls=tls),
     ]
 
 
@@ -91,4 +94,7 @@ def acceptor_factory(
         dimse=listener.dimse_timeout,
         idle=listener.idle_timeout,
     )
-    return AcceptorFactory(policy, by_syntax, clock, timeouts, listener.max_associations)
+    binding = None
+    if listener.tls is not None and listener.tls.bind_aet_to_certificate:
+        binding = CertificateBinding(config.devices.values())
+    return AcceptorFactory(policy, by_syntax, clock, timeouts, listener.max_associations, binding)

@@ -374,8 +374,9 @@ class _SubOperationFailed(Exception):
 
 
 #: ``connect(host, port, calling, called, contexts, *, max_pdu, timeouts, implementation_class_uid,
-#: implementation_version_name) -> Deferred[Association]``: :func:`appliance.net.requestor.connect`
-#: bound to a reactor, or a test's in-memory association.
+#: implementation_version_name[, endpoint]) -> Deferred[Association]``: :func:`appliance.net.requestor.connect`
+#: bound to a reactor, or a test's in-memory association.  ``endpoint`` is passed only for a destination
+#: with ``tls = true`` (TCP then TLS, from :meth:`appliance.net.tls.TLSContexts.client_endpoint`).
 Connect = Callable[..., defer.Deferred]
 
 
@@ -393,8 +394,11 @@ class RetrieveService:
         clock=None,
         pending_interval: float = 0.5,
         pending_every: int = 100,
+        tls=None,
     ) -> None:
         self.archive = archive
+        #: TLSContexts: the contexts of destinations with ``tls = true``
+        self.tls = tls
         self.ae_title = config.disk_server.ae_title
         self.implementation_class_uid = config.implementation_class_uid
         self.implementation_version_name = config.implementation_version_name
@@ -403,8 +407,8 @@ class RetrieveService:
             self.devices.setdefault(device.ae_title, device)  # the first device configured for a title
         # in the appliance the archive's clock is the reactor (tap.py)
         self.clock = clock if clock is not None else archive.clock
-        self.connect: Connect = connect if connect is not None else partial(
-            requestor.connect, reactor if reactor is not None else archive.clock)
+        self.reactor = reactor if reactor is not None else archive.clock
+        self.connect: Connect = connect if connect is not None else partial(requestor.connect, self.reactor)
         self.pending_interval = pending_interval
         self.pending_every = pending_every
         self.abstract_syntaxes: Mapping[str, Tuple[str, ...]] = {STUDY_ROOT_MOVE: UNCOMPRESSED_TRANSFER_SYNTAXES}
@@ -475,12 +479,22 @@ class RetrieveService:
             return
         timeouts = Timeouts(artim=device.timeout, association=device.timeout, dimse=device.timeout, idle=None)
         where = f"{device.ae_title} at {device.host}:{device.port}"
+        options = {}
+        if device.tls is not None:
+            if self.tls is None or device.name not in self.tls.clients:
+                self._fail_all(move, move.rows)
+                _log.error("C-MOVE to {where}: [devices.{name}] has tls = true but no TLS context was built",
+                           where=where, name=device.name)
+                self._finish(move, UNABLE_TO_PROCESS, f"no TLS context for {device.ae_title}")
+                return
+            options["endpoint"] = self.tls.client_endpoint(self.reactor, device, device.timeout)
         try:
             association = await self.connect(
                 device.host, device.port, self.ae_title, device.ae_title, propose_contexts(move.rows),
                 max_pdu=device.max_pdu, timeouts=timeouts,
                 implementation_class_uid=self.implementation_class_uid,
                 implementation_version_name=self.implementation_version_name,
+                **options,
             )
         except requestor.AssociationError as error:
             self._fail_all(move, move.rows)

@@ -3,6 +3,11 @@
 Exit status 0 when the device answered Success; otherwise non-zero with the
 reason on standard error: 2 unknown device or bad configuration, 3 no
 connection, 4 association rejected, 5 timeout, 6 aborted, 7 non-success status.
+
+A device with ``tls = true`` is echoed over TLS: its certificate is verified
+against ``ca_certificates`` and its host name or address, and the appliance's
+certificate is presented.  A TLS file problem is a configuration error (2); a
+failed handshake is no connection (3), with OpenSSL's reason.
 """
 
 from __future__ import annotations
@@ -15,12 +20,19 @@ from .. import config as configuration
 from ..dicom import status as S
 from ..net import requestor
 from ..net.protocol import Timeouts
+from ..net.tls import TLSContexts
 
 EXIT_OK, EXIT_CONFIG, EXIT_CONNECT, EXIT_REJECTED, EXIT_TIMEOUT, EXIT_ABORTED, EXIT_STATUS = 0, 2, 3, 4, 5, 6, 7
 
 
-async def echo(reactor, config: configuration.ApplianceConfig, device: configuration.DeviceConfig) -> int:
+async def echo(reactor, config: configuration.ApplianceConfig, device: configuration.DeviceConfig,
+               contexts: Optional[TLSContexts] = None) -> int:
     timeouts = Timeouts(artim=device.timeout, association=device.timeout, dimse=device.timeout, idle=None)
+    endpoint = None
+    if device.tls is not None:
+        if contexts is None:
+            contexts = TLSContexts(config, listeners=False, devices=[device.name])
+        endpoint = contexts.client_endpoint(reactor, device, device.timeout)
     association = await requestor.connect(
         reactor,
         device.host,
@@ -31,6 +43,7 @@ async def echo(reactor, config: configuration.ApplianceConfig, device: configura
         timeouts=timeouts,
         implementation_class_uid=config.implementation_class_uid,
         implementation_version_name=config.implementation_version_name,
+        endpoint=endpoint,
     )
     if association.negotiated.context_for(requestor.VERIFICATION) is None:
         association.abort("no Verification context accepted")
@@ -50,6 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config = configuration.load(args.config)
         device = config.device(args.device)
+        contexts = TLSContexts(config, listeners=False, devices=[device.name]) if device.tls is not None else None
     except configuration.ConfigError as error:
         print(f"appliance-echo: {error}", file=sys.stderr)
         return EXIT_CONFIG
@@ -59,8 +73,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from twisted.internet import defer, task
 
+    if contexts is not None:
+        for warning in contexts.warnings:
+            print(f"appliance-echo: warning: {warning}", file=sys.stderr)
+
     async def run(reactor) -> None:
-        code = await _report(reactor, config, device)
+        code = await _report(reactor, config, device, contexts)
         if code != EXIT_OK:
             raise SystemExit(code)
 
@@ -68,9 +86,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     return EXIT_OK  # pragma: no cover - react exits
 
 
-async def _report(reactor, config: configuration.ApplianceConfig, device: configuration.DeviceConfig) -> int:
+async def _report(reactor, config: configuration.ApplianceConfig, device: configuration.DeviceConfig,
+                  contexts: Optional[TLSContexts] = None) -> int:
     """Echo, print the outcome, and return the exit status."""
-    where = f"{device.name} ({device.ae_title} at {device.host}:{device.port})"
+    where = f"{device.name} ({device.ae_title} at {device.host}:{device.port}{', TLS' if device.tls else ''})"
     failures = (
         (requestor.AssociationRejected, EXIT_REJECTED),
         (requestor.AssociationTimeout, EXIT_TIMEOUT),
@@ -78,7 +97,7 @@ async def _report(reactor, config: configuration.ApplianceConfig, device: config
         (requestor.AssociationError, EXIT_ABORTED),
     )
     try:
-        status = await echo(reactor, config, device)
+        status = await echo(reactor, config, device, contexts)
     except requestor.AssociationError as error:
         print(f"appliance-echo: {where}: {error}", file=sys.stderr)
         return next(code for kind, code in failures if isinstance(error, kind))

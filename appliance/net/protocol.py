@@ -12,7 +12,9 @@ indications to the role-specific subclass:
   contexts and exposes the association to SCU code.
 
 Each association ends with one log line: peer, AE titles, contexts accepted
-and rejected with reasons, outcome, duration and bytes.
+and rejected with reasons, outcome, duration and bytes, and over TLS the
+protocol version, cipher suite and peer certificate subject.  A TLS handshake
+that fails ends the line with the peer and OpenSSL's reason.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,6 +43,7 @@ from ..dicom.negotiation import (
     negotiate_as_acceptor,
 )
 from ..interfaces import IDataSetConsumer, IServiceClass
+from . import tls
 
 __all__ = [
     "Timeouts",
@@ -120,6 +123,8 @@ class AssociationRecord:
     bytes_out: int = 0
     messages: int = 0
     notes: List[str] = field(default_factory=list)
+    #: over TLS, once the handshake completed: "TLSv1.3 TLS_AES_256_GCM_SHA384, peer CN=..."
+    tls: Optional[str] = None
 
     #: accepted contexts listed one by one up to this many; rejected ones always are
     ACCEPTED_SHOWN = 8
@@ -132,8 +137,14 @@ class AssociationRecord:
         self.rejected = [c.describe() for c in contexts if not c.accepted]
 
 
+@implementer(IHandshakeListener)
 class DicomProtocol(Protocol):
-    """Common adapter for both roles; subclasses handle the indications."""
+    """Common adapter for both roles; subclasses handle the indications.
+
+    Over TLS (Twisted's TLSMemoryBIOProtocol is the transport) the connection
+    is made before the handshake: what is written waits for it, and ARTIM
+    bounds a handshake that never ends.
+    """
 
     role: ul.Role
 
@@ -168,13 +179,37 @@ class DicomProtocol(Protocol):
         self._touch_idle()
         self._process(self.ul.receive_data(data))
 
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake is done; record version, cipher and peer certificate."""
+        try:
+            self.record.tls = tls.describe_session(self.transport)
+        except Exception as error:  # a description must never break the association
+            self.record.tls = f"(no description: {error!r})"
+
     def connectionLost(self, reason: Failure = None) -> None:
         self._closed = True
         self._cancel_idle()
         self._process(self.ul.transport_closed())
         self._cancel_artim()
+        if tls.is_tls(self.transport):
+            self._note_tls_end(reason)
         self.association_ended()
         self._log_summary()
+
+    def _note_tls_end(self, reason: Optional[Failure]) -> None:
+        """A TLS connection ended: before an association, say why the handshake failed (OpenSSL's reason)."""
+        why = tls.handshake_failure(self.transport, reason)
+        outcome = self.record.outcome
+        if why is not None:
+            if self.negotiated is None and not outcome.startswith("aborted by us"):
+                self.record.outcome = f"TLS handshake failed: {why}"
+            else:
+                self.record.notes.append(f"TLS error: {why}")
+        elif self.record.tls is None:
+            if outcome.startswith("connection closed"):
+                self.record.outcome = "connection closed during the TLS handshake"
+            else:  # e.g. ARTIM expired during it
+                self.record.notes.append("the TLS handshake did not complete")
 
     # --- performing the core's outputs --------------------------------------
 
@@ -364,7 +399,7 @@ class DicomProtocol(Protocol):
         duration = self.clock.seconds() - record.started if record.started else 0.0
         _log.info(
             "{role} {peer} {calling}->{called}: {outcome}; accepted [{accepted}]; rejected [{rejected}]; "
-            "{messages} messages, {bytes_in} bytes in, {bytes_out} bytes out, {duration:.3f} s{notes}",
+            "{messages} messages, {bytes_in} bytes in, {bytes_out} bytes out, {duration:.3f} s{tls}{notes}",
             role=self.role.value,
             peer=record.peer,
             calling=record.calling,
@@ -376,6 +411,7 @@ class DicomProtocol(Protocol):
             bytes_in=record.bytes_in,
             bytes_out=record.bytes_out,
             duration=duration,
+            tls=f"; TLS: {record.tls}" if record.tls else "",
             notes="".join(f"; {note}" for note in record.notes),
         )
 
@@ -536,6 +572,14 @@ class AcceptorProtocol(DicomProtocol):
             self.record.outcome = f"rejected: {describe_rejection(decision.rejection)}; {decision.reason}"
             self._process(self.ul.reject(decision.rejection))
             return
+        binding = self.factory.certificate_binding
+        if binding is not None and tls.is_tls(self.transport):
+            problem = binding.check(request.calling_ae_title, tls.peer_certificate(self.transport))
+            if problem is not None:
+                rejection = P.AssociateRJ(1, 1, 3)  # calling AE title not recognized
+                self.record.outcome = f"rejected: {describe_rejection(rejection)}; {problem}"
+                self._process(self.ul.reject(rejection))
+                return
         self.negotiated = decision.negotiated
         self.factory.associations += 1
         self.record.note_contexts(decision.negotiated.contexts)
@@ -678,6 +722,7 @@ class AcceptorFactory(Factory):
         clock: IReactorTime,
         timeouts: Timeouts,
         max_associations: int,
+        certificate_binding: Optional["tls.CertificateBinding"] = None,
     ) -> None:
         for service in set(services.values()):
             IServiceClass(service)  # adapt or fail loudly
@@ -686,6 +731,8 @@ class AcceptorFactory(Factory):
         self.clock = clock
         self.timeouts = timeouts
         self.max_associations = max_associations
+        #: over TLS with bind_aet_to_certificate: who may call with which certificate
+        self.certificate_binding = certificate_binding
         #: open transport connections, and established associations among them
         self.connections = 0
         self.associations = 0
