@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from typing import Dict, List, Optional
 
-from pydicom.charset import convert_encodings, encode_string
+from pydicom.charset import convert_encodings, encode_string, python_encoding
 from pydicom.dataset import Dataset
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -30,7 +30,7 @@ from ..dicom.uids import STUDY_ROOT_FIND, UNCOMPRESSED_TRANSFER_SYNTAXES
 from ..interfaces import IServiceClass
 from ..net.protocol import BufferedDataSet
 
-__all__ = ["FindService", "find_extended_negotiation", "response_character_set"]
+__all__ = ["FindService", "find_extended_negotiation", "known_character_set", "response_character_set"]
 
 _log = Logger(namespace="appliance.find")
 
@@ -67,8 +67,20 @@ def _text_values(ds: Dataset):
                 yield str(single)
 
 
+def known_character_set(terms: Optional[List[str]]) -> bool:
+    """Whether pydicom knows every defined term of a Specific Character Set (the first may be empty)."""
+    return bool(terms) and all((term == "" and index == 0) or term in python_encoding
+                               for index, term in enumerate(terms))
+
+
 def response_character_set(ds: Dataset, requested: Optional[List[str]]) -> Optional[List[str]]:
-    """The Specific Character Set for a response: the request's if it carries every value, else UTF-8."""
+    """The Specific Character Set for a response: the request's if it carries every value, else UTF-8.
+
+    A request's character set that is not a defined term is never echoed:
+    plain ASCII values then go without one, others in UTF-8.
+    """
+    if requested and not known_character_set(requested):
+        requested = None
     texts = list(_text_values(ds))
     if all(text.isascii() for text in texts):
         return requested or None
@@ -151,12 +163,14 @@ class FindService:
         try:
             run = await self.read(QueryRun, self.archive.index_path, query)
             while True:
+                if _ended(request):
+                    return  # the association ended (aborted, closed): no one to answer
                 if self._cancelled[key]:
                     request.respond(S.CANCEL)
                     return
                 batch = await self.read(run.fetch, BATCH)
                 for result in batch:
-                    if self._cancelled[key]:
+                    if self._cancelled[key] or _ended(request):
                         break
                     if self.max_results and sent >= self.max_results:
                         request.respond(
@@ -170,12 +184,17 @@ class FindService:
                     break
                 await request.association.writable()
             request.respond(S.SUCCESS)
+        except Exception as error:  # the index could not be read, or a stored value not answered
+            _log.failure("C-FIND at {query_level} level failed after {count} matches", query_level=query.level,
+                         count=sent)
+            request.respond(S.CANNOT_UNDERSTAND, ErrorComment=_comment(f"unable to process: {error}"))
         finally:
             del self._cancelled[key]
             request.association.done_writing()
             if run is not None:
                 self.read(run.close)
-            _log.debug("C-FIND at {level} level from {ae}: {count} matches", level=query.level,
+            # not "level": Logger.emit takes that argument itself
+            _log.debug("C-FIND at {query_level} level from {ae}: {count} matches", query_level=query.level,
                        ae=request.association.record.calling, count=sent)
 
     @staticmethod
@@ -189,6 +208,11 @@ class FindService:
         for element in ds:
             response.add(element)
         return encode_dataset(response, transfer_syntax)
+
+
+def _ended(request) -> bool:
+    """Whether the request's association has ended (it no longer waits for this request's answers)."""
+    return request.association.current is not request
 
 
 def _comment(text: str) -> str:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 __all__ = [
     "normalize_name",
     "fold",
+    "fold_chars",
     "name_groups",
     "has_wildcard",
     "wildcard_regex",
@@ -52,9 +52,30 @@ def normalize_name(name: str) -> str:
 
 
 def fold(text: str) -> str:
-    """Case- and accent-insensitive form: NFKD, combining marks removed, casefolded."""
+    """Case- and accent-insensitive form: NFKD, combining marks removed, casefolded.
+
+    What the index keeps of each name (``patient_names.folded``) for the SQL
+    prefilter.  It may change a name's length (Hangul syllables decompose into
+    jamo, "ß" becomes "ss"), so matching itself uses :func:`fold_chars`.
+    """
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def fold_chars(text: str) -> str:
+    """:func:`fold`, one character for one character, so that ``?`` still means one character.
+
+    Each character (after NFC composition) becomes its fold when that is one
+    character ("É" -> "e", "Σ" -> "σ"), else its lower case ("ß", a Hangul
+    syllable, a ligature stay whole).
+    """
+    out = []
+    for char in unicodedata.normalize("NFC", text):
+        folded = fold(char)
+        if len(folded) != 1:
+            folded = char.lower() if len(char.lower()) == 1 else char
+        out.append(folded)
+    return "".join(out)
 
 
 def name_groups(name: str) -> List[str]:
@@ -282,7 +303,7 @@ def _name_matcher(query: str, insensitive: bool) -> Optional[Matcher]:
 
 
 def _one_name_matcher(query: str, insensitive: bool) -> Optional[Matcher]:
-    prepare = fold if insensitive else (lambda text: text)
+    prepare = fold_chars if insensitive else (lambda text: text)
     query_name = normalize_name(query)
     if not query_name or query_name == "*":
         return UNIVERSAL

@@ -17,7 +17,7 @@ import os
 import sqlite3
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
@@ -296,6 +296,8 @@ def _pushdown(key: Key, text: str, insensitive: bool) -> Optional[Tuple[str, Lis
         name = M.normalize_name(text)
         if "=" in name or "\\" in name:
             return None
+        if insensitive and "?" in name:
+            return None  # '?' is one character of the name, folded names may be longer (Hangul, "ß")
         value = M.fold(name) if insensitive else name
         column_name = "folded" if insensitive else "name"
         if M.has_wildcard(name):
