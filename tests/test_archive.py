@@ -296,3 +296,31 @@ class IndexReopenTests(SynchronousTestCase):
         with self.assertRaises(RuntimeError) as raised:
             ArchiveIndex(path)
         self.assertIn(path, str(raised.exception))
+
+
+class PatientIdentityTests(SynchronousTestCase):
+    """Which objects the index files under one patient."""
+
+    def setUp(self):
+        self.index = ArchiveIndex(os.path.join(self.mktemp(), "index.sqlite"))
+        self.addCleanup(self.index.close)
+
+    def add(self, **values):
+        from appliance.archive.metadata import extract
+
+        ds = make_dataset(**values)
+        self.index.add(extract(ds), f"objects/{values['sop']}.dcm", 10, EXPLICIT_LE, "SCU", 1.0)
+
+    def test_same_patient_id_is_one_patient(self):
+        """Two studies with the same Patient ID (and no issuer) share one patient."""
+        self.add(patient_id="P1", patient="Doe^Jane", study="1.1", series="1.1.1", sop="1.1.1.1")
+        self.add(patient_id="P1", patient="Doe^Jane", study="1.2", series="1.2.1", sop="1.2.1.1")
+        self.assertEqual(self.index.counts()[:2], (1, 2))
+
+    def test_studies_without_patient_id_are_not_merged(self):
+        """Studies without a Patient ID each keep their own patient and name."""
+        self.add(patient_id="", patient="First^Anonymous", study="2.1", series="2.1.1", sop="2.1.1.1")
+        self.add(patient_id="", patient="Second^Anonymous", study="2.2", series="2.2.1", sop="2.2.1.1")
+        self.assertEqual(self.index.counts()[:2], (2, 2))
+        names = sorted(study.patient_name for study in self.index.studies())
+        self.assertEqual(names, ["First^Anonymous", "Second^Anonymous"])

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS patients (
     birth_date TEXT NOT NULL,
     sex TEXT NOT NULL,
     attributes TEXT NOT NULL,
-    UNIQUE (patient_id, issuer)
+    -- who the patient is: Patient ID and Issuer, or, without a Patient ID, the study
+    identity TEXT NOT NULL UNIQUE
 );
 CREATE INDEX IF NOT EXISTS patients_name ON patients (patient_name);
 CREATE TABLE IF NOT EXISTS patient_names (
@@ -213,10 +214,17 @@ class ArchiveIndex:
             )
         return previous
 
+    @staticmethod
+    def patient_identity(meta: ObjectMetadata) -> str:
+        """Objects with the same Patient ID and Issuer belong to one patient; without a Patient ID
+        nothing says two studies share a patient, so each such study has a patient of its own."""
+        if meta.patient_id:
+            return f"id\\{meta.patient_id}\\{meta.issuer_of_patient_id}"
+        return f"study\\{meta.study_instance_uid}"
+
     def _upsert_patient(self, db: sqlite3.Connection, meta: ObjectMetadata) -> int:
-        row = db.execute(
-            "SELECT pk FROM patients WHERE patient_id = ? AND issuer = ?", (meta.patient_id, meta.issuer_of_patient_id)
-        ).fetchone()
+        identity = self.patient_identity(meta)
+        row = db.execute("SELECT pk FROM patients WHERE identity = ?", (identity,)).fetchone()
         values = (meta.patient_name, meta.patient_birth_date, meta.patient_sex, meta.patient_json)
         if row is not None:
             pk = row[0]
@@ -227,9 +235,9 @@ class ArchiveIndex:
             db.execute("DELETE FROM patient_names WHERE patient_pk = ?", (pk,))
         else:
             pk = db.execute(
-                "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex, attributes)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (meta.patient_id, meta.issuer_of_patient_id) + values,
+                "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex, attributes, identity)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (meta.patient_id, meta.issuer_of_patient_id) + values + (identity,),
             ).lastrowid
         # each component group of the name, as stored and case/accent-folded, for C-FIND
         db.executemany(
