@@ -22,6 +22,7 @@ __all__ = [
     "PYDICOM_VERSION",
     "decode_dataset",
     "encode_dataset",
+    "pydicom_reads_by_default",
     "certificate_validity",
     "peer_certificate",
     "verify_error_text",
@@ -60,6 +61,29 @@ def encode_dataset(dataset, transfer_syntax: str) -> bytes:
     buffer.is_little_endian = little
     write_dataset(buffer, dataset)
     return buffer.getvalue()
+
+
+def pydicom_reads_by_default() -> bool:
+    """Whether pydicom converts raw elements exactly as its defaults say (what the ingest's fast path mimics).
+
+    False when an application or test changed a setting that alters decoded
+    values: validation that raises, numpy or Decimal numbers, date/time
+    objects, None for empty text, a raw element callback, or (pydicom 3)
+    replaced conversion hooks.
+    """
+    from pydicom import config
+
+    if (config.datetime_conversion or config.use_none_as_empty_text_VR_value or config.use_DS_numpy
+            or config.use_IS_numpy or config.use_DS_decimal or config.data_element_callback is not None
+            or config.settings.reading_validation_mode == config.RAISE):
+        return False
+    try:
+        from pydicom import hooks
+    except ImportError:  # pydicom 2: no hooks
+        return True
+    return (hooks.hooks.raw_element_vr is hooks.raw_element_vr
+            and hooks.hooks.raw_element_value is hooks.raw_element_value
+            and not hooks.hooks.raw_element_kwargs)
 
 
 # --- TLS: pyOpenSSL 23 / cryptography 38 (Debian 12) and the newest releases -------------------------------

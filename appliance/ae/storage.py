@@ -26,7 +26,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..archive.archive import Archive, Duplicate, OutOfResources, StoredObject, StoreOutcome
-from ..archive.metadata import extract
+from ..archive.fastscan import scan
+from ..archive.metadata import ObjectMetadata, extract
 from ..archive.store import ObjectStore, TempObject, part10_header, pixel_data_coercion
 from ..dicom import dimse as D
 from ..dicom import status as S
@@ -109,6 +110,19 @@ def inspect(
         raise _Refused(0xA900, str(error)) from None
     except Exception as error:
         raise _Refused(S.CANNOT_UNDERSTAND, f"cannot read the data set's attributes: {error}") from None
+    return check_metadata(metadata, pixel_offset, pixel_header, sop_class_uid, sop_instance_uid, transfer_syntax)
+
+
+def check_metadata(
+    metadata: ObjectMetadata,
+    pixel_offset: int,
+    pixel_header: bytes,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+):
+    """:func:`inspect` once the metadata is known (from pydicom or :mod:`..archive.fastscan`): the UIDs
+    against the command, and the coercion the pixel data header calls for."""
     if metadata.sop_instance_uid != sop_instance_uid:
         raise _Refused(0xA900, "SOP Instance UID differs from the command's Affected SOP Instance UID")
     if metadata.sop_class_uid != sop_class_uid:
@@ -149,7 +163,14 @@ def _parse_file(path: str):
 
 
 def inspect_memory(data: bytes, header_length: int, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str):
-    """Worker thread: parse a data set still in memory (no file read back) and inspect it."""
+    """Worker thread: parse a data set still in memory (no file read back) and inspect it.
+
+    The fast path (:func:`..archive.fastscan.scan`) reads the common case straight from the bytes; what it
+    cannot vouch for is parsed by pydicom.
+    """
+    fast = scan(data, header_length, transfer_syntax)
+    if fast is not None:
+        return check_metadata(*fast, sop_class_uid, sop_instance_uid, transfer_syntax)
     ds, offset, pixel_header = _parse_or_refuse(_parse_memory, data, header_length, transfer_syntax)
     return inspect(ds, offset, pixel_header, sop_class_uid, sop_instance_uid, transfer_syntax)
 

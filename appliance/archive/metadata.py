@@ -18,7 +18,8 @@ from pydicom.dataset import Dataset
 
 from .matching import normalize_name
 
-__all__ = ["PATIENT_KEYWORDS", "STUDY_KEYWORDS", "SERIES_KEYWORDS", "INSTANCE_KEYWORDS", "ObjectMetadata", "extract"]
+__all__ = ["PATIENT_KEYWORDS", "STUDY_KEYWORDS", "SERIES_KEYWORDS", "INSTANCE_KEYWORDS", "ObjectMetadata", "extract",
+           "dump_level", "level_tags"]
 
 PATIENT_KEYWORDS = (
     "PatientName",
@@ -166,17 +167,35 @@ def _dataset_json(ds: Dataset) -> dict:
 _TAGS: dict = {}
 
 
-def _level_json(ds: Dataset, keywords) -> str:
+def level_tags(keywords) -> list:
+    """(keyword, tag) of each keyword of a level's list, looked up once."""
     tags = _TAGS.get(keywords)
     if tags is None:
         tags = _TAGS[keywords] = [(keyword, tag_for_keyword(keyword)) for keyword in keywords]
+    return tags
+
+
+def dump_level(level: dict) -> str:
+    """A level's attributes (``{"00100010": DICOM JSON entry, ...}``) as the index stores them.
+
+    The one serialisation of the index's JSON, shared with the ingest's fast
+    path (:mod:`.fastscan`) so that both give the same string.
+    """
+    return _ENCODER.encode(level)
+
+
+#: ``json.dumps(..., sort_keys=True, ensure_ascii=False)``, its encoder built once.
+_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
+
+
+def _level_json(ds: Dataset, keywords) -> str:
     level = {}
-    for _, tag in tags:
+    for _, tag in level_tags(keywords):
         if tag in ds:
             entry = _json_value(ds[tag])
             if entry is not None:  # an attribute whose value does not parse is left out of the index
                 level[f"{tag:08X}"] = entry
-    return json.dumps(level, sort_keys=True, ensure_ascii=False)
+    return dump_level(level)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -197,7 +216,11 @@ def _integer(ds: Dataset, keyword: str) -> Optional[int]:
 
 
 def extract(ds: Dataset) -> ObjectMetadata:
-    """The index's view of ``ds``; raises ValueError when a required UID is missing."""
+    """The index's view of ``ds``; raises ValueError when a required UID is missing.
+
+    :mod:`.fastscan` gives the same from a data set's bytes for the common case (the ingest's fast path);
+    a change here needs the same change there (``tests/test_fastscan.py`` compares the two).
+    """
     uids: Dict[str, Any] = {}
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         value = _text(ds, keyword)
