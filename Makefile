@@ -61,14 +61,26 @@ clean:
 torture: system-packages $(VENV)/.installed
 	$(VENV)/bin/python tools/torture.py --rounds 50 $(TORTURE_ARGS)
 
-# The storage benchmark (bench/store_bench.py): the Disk-Server against DCMTK's
-# storescp and Debian's Orthanc. Results go to bench/results/.
-# Options through BENCH_ARGS, e.g. make bench BENCH_ARGS="--repeat 3".
+# The benchmarks, the Disk-Server against DCMTK and Debian's Orthanc; results go to bench/results/.
+# bench/store_bench.py: C-STORE throughput beside storescp and Orthanc.
+# bench/query_bench.py: C-FIND and C-MOVE beside Orthanc, and C-FIND at 20k and 1M instances.
+# `make bench` runs both (the second even if the first failed), `make bench-store` or
+# `make bench-query` one. Options through BENCH_ARGS for both (--repeat N, --workdir DIR),
+# STORE_BENCH_ARGS or QUERY_BENCH_ARGS for one, e.g. make bench BENCH_ARGS="--repeat 3".
 BENCH_PACKAGES := dcmtk orthanc
-.PHONY: bench bench-packages
+.PHONY: bench bench-store bench-query bench-packages
 
 bench-packages:
 	@$(MAKE) --no-print-directory system-packages DEBIAN_PACKAGES="$(BENCH_PACKAGES)"
 
+bench-store: bench-packages $(VENV)/.installed
+	$(VENV)/bin/python bench/store_bench.py $(BENCH_ARGS) $(STORE_BENCH_ARGS)
+
+bench-query: bench-packages $(VENV)/.installed
+	$(VENV)/bin/python bench/query_bench.py $(BENCH_ARGS) $(QUERY_BENCH_ARGS)
+
 bench: bench-packages $(VENV)/.installed
-	$(VENV)/bin/python bench/store_bench.py $(BENCH_ARGS)
+	@status=0; \
+	$(MAKE) --no-print-directory bench-store || status=1; \
+	$(MAKE) --no-print-directory bench-query || status=1; \
+	exit $$status

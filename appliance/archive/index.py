@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS patients (
     identity TEXT NOT NULL UNIQUE
 );
 CREATE INDEX IF NOT EXISTS patients_name ON patients (patient_name);
+-- C-FIND on Patient ID (p.patient_id IN (...)): without it every query scans all patients
+CREATE INDEX IF NOT EXISTS patients_patient_id ON patients (patient_id);
 CREATE TABLE IF NOT EXISTS patient_names (
     patient_pk INTEGER NOT NULL REFERENCES patients (pk) ON DELETE CASCADE,
     name TEXT NOT NULL,
