@@ -169,9 +169,13 @@ class SenderStreamingTests(SynchronousTestCase):
             AffectedSOPInstanceUID="1.2.3.4",
         )
 
-    def test_pull_producer_sends_one_pdu_per_request(self):
-        """Nothing of the data set is written until the transport pulls, then one PDU per pull, the last flagged last."""
-        data = bytes(range(256)) * 64  # 16 KiB: five PDUs of 4090 bytes
+    def test_pull_producer_sends_one_block_per_request(self):
+        """Nothing of the data set is written until the transport pulls, then one block of PDUs per pull,
+        each PDU within the peer's maximum, only the very last flagged last."""
+        from appliance.net.protocol import SEND_BLOCK
+
+        block = SEND_BLOCK // (MAX_PDU - 6) * (MAX_PDU - 6)
+        data = bytes(range(256)) * (2 * block // 256 + 50)  # two whole blocks and a bit
         done = self.protocol.send_message_from_file(1, self._command(), io.BytesIO(data), len(data))
         command_bytes = self.transport.value()
         self.assertEqual(P.decode_pdu(command_bytes).pdvs[0].is_command, True)
@@ -183,13 +187,23 @@ class SenderStreamingTests(SynchronousTestCase):
             self.transport.clear()
             self.transport.producer.resumeProducing()
             pulls += 1
-            pdu = P.decode_pdu(self.transport.value())
-            self.assertEqual(len(pdu.pdvs), 1)
-            self.assertLessEqual(len(self.transport.value()), MAX_PDU + 6)
-            received += pdu.pdvs[0].data
-            self.assertEqual(pdu.pdvs[0].is_last, len(received) == len(data))
+            framer = P.PDUFramer(MAX_PDU)
+            framer.feed(self.transport.value())
+            pulled = 0
+            while True:
+                raw = framer.next_pdu()
+                if raw is None:
+                    break
+                pdu = P.decode_pdu(raw)
+                self.assertEqual(len(pdu.pdvs), 1)
+                self.assertLessEqual(len(raw), MAX_PDU + 6)
+                received += pdu.pdvs[0].data
+                pulled += len(pdu.pdvs[0].data)
+                self.assertEqual(pdu.pdvs[0].is_last, len(received) == len(data))
+            self.assertEqual(framer.buffered, 0)
+            self.assertLessEqual(pulled, block)
         self.assertEqual(received, data)
-        self.assertEqual(pulls, 5)
+        self.assertEqual(pulls, 3)
         self.assertIsNone(self.successResultOf(done))
         self.assertIsNone(self.transport.producer)
 
@@ -204,7 +218,7 @@ class SenderStreamingTests(SynchronousTestCase):
 
     def test_connection_lost_fails_send(self):
         """Losing the connection mid-send fails the Deferred with ConnectionError."""
-        data = b"y" * 20000
+        data = b"y" * 600000  # more than one block
         done = self.protocol.send_message_from_file(1, self._command(), io.BytesIO(data), len(data))
         self.transport.producer.resumeProducing()
         producer = self.transport.producer

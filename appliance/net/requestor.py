@@ -337,8 +337,12 @@ class RequestorProtocol(DicomProtocol):
     # --- timers ---
 
     def start_dimse_timer(self) -> None:
-        self._cancel_dimse_timer()
-        if self.timeouts.dimse is not None:
+        """Start the DIMSE timer, or restart it if it runs (resetting is cheaper than a new call)."""
+        if self.timeouts.dimse is None:
+            return
+        if self._dimse_timer is not None and self._dimse_timer.active():
+            self._dimse_timer.reset(self.timeouts.dimse)
+        else:
             self._dimse_timer = self.clock.callLater(self.timeouts.dimse, self._dimse_expired)
 
     def _cancel_dimse_timer(self) -> None:
