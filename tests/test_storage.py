@@ -15,6 +15,7 @@ except ImportError:  # Twisted < 19.7
     from twisted.test.proto_helpers import StringTransport
 
 from appliance import config as configuration
+from appliance.ae import storage as storage_module
 from appliance.ae.listeners import acceptor_factory, disk_server_services, storage_syntaxes
 from appliance.archive.archive import Archive
 from appliance.archive.eviction import StorageLimits
@@ -304,3 +305,61 @@ class FlowControlTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "paused")
         self.assertLess(fed, 2 * 1024 * 1024)
         self.assertGreater(fed, 1024 * 1024)
+
+
+class StreamedObjectTests(SynchronousTestCase):
+    """Objects larger than one chunk: written as they arrive, checked from their first chunk."""
+
+    def setUp(self):
+        self.harness = StorageHarness(self)
+        self.calls = []
+        for name in ("inspect_prefix", "examine_sealed"):
+            original = getattr(storage_module, name)
+
+            def recording(*args, _original=original, _name=name):
+                result = _original(*args)
+                self.calls.append((_name, result is not None))
+                return result
+
+            self.patch(storage_module, name, recording)
+
+    def stored(self, sop):
+        row = self.harness.archive.index.lookup(sop)
+        return dcmread(self.harness.archive.store.absolute(row.path))
+
+    def test_first_chunk_reaching_pixel_data_is_enough(self):
+        """A 1 MB image is checked from its first chunk: the file is not read back."""
+        ds = make_dataset(sop="1.6.1", patient="Big^Image", pixels=b"\x01\x02" * 500_000)
+        response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.1")
+        self.assertEqual(response.Status, 0)
+        self.assertEqual(self.calls, [("inspect_prefix", True)])
+        self.assertEqual(str(self.stored("1.6.1").PatientName), "Big^Image")
+        self.assertEqual(self.harness.archive.index.studies()[0].patient_name, "Big^Image")
+
+    def test_attributes_beyond_the_first_chunk_read_back_from_the_file(self):
+        """When the attributes before the pixel data outgrow the first chunk, the whole file decides."""
+        ds = make_dataset(sop="1.6.2", patient="Long^Header", pixels=b"\x00\x01" * 1000)
+        ds.ImageComments = "x" * (storage_module.CHUNK + 100_000)  # (0020,4000) LT, before the pixel data
+        response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.2")
+        self.assertEqual(response.Status, 0)
+        self.assertEqual(self.calls, [("inspect_prefix", False), ("examine_sealed", True)])
+        self.assertEqual(self.harness.archive.index.lookup("1.6.2").sop_uid, "1.6.2")
+
+    def test_streamed_coercion(self):
+        """A large 8-bit image sent as OW is coerced to OB after streaming (B000), pixels intact."""
+        pixels = bytes(range(256)) * 2048
+        ds = make_dataset(sop="1.6.3", pixels=pixels, bits_allocated=8)
+        ds["PixelData"].VR = "OW"
+        response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.3")
+        self.assertEqual(response.Status, 0xB000)
+        stored = self.stored("1.6.3")
+        self.assertEqual(stored["PixelData"].VR, "OB")
+        self.assertEqual(stored.PixelData, pixels)
+
+    def test_streamed_mismatch_refused(self):
+        """A large object whose SOP Instance UID differs from the command's is refused (A900), nothing kept."""
+        ds = make_dataset(sop="1.6.4", pixels=b"\x00\x01" * 400_000)
+        response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.5")
+        self.assertEqual(response.Status, 0xA900)
+        self.assertEqual(os.listdir(self.harness.archive.store.tmp), [])
+        self.assertEqual(self.harness.archive.index.counts(), (0, 0, 0, 0))

@@ -175,6 +175,40 @@ def inspect_memory(data: bytes, header_length: int, sop_class_uid: str, sop_inst
     return inspect(ds, offset, pixel_header, sop_class_uid, sop_instance_uid, transfer_syntax)
 
 
+def inspect_prefix(prefix: bytes, header_length: int, sop_class_uid: str, sop_instance_uid: str,
+                   transfer_syntax: str):
+    """Worker thread: check an object from the first chunk of its data set, or None when that chunk
+    does not reach the Pixel Data element (then only the whole file can say)."""
+    fast = scan(prefix, header_length, transfer_syntax)
+    if fast is None:
+        return None
+    metadata, offset, pixel_header = fast
+    if len(pixel_header) < 12 or pixel_header[:4] not in (_PIXEL_DATA_LE, _PIXEL_DATA_BE):
+        return None  # the scan ran to the end of the chunk, not to the end of the data set
+    return check_metadata(metadata, offset, pixel_header, sop_class_uid, sop_instance_uid, transfer_syntax)
+
+
+def finish_sealed(store: ObjectStore, temp: TempObject, chunks: List[bytes]) -> int:
+    """I/O thread: write the rest of a streamed object and fsync it; the free space after it."""
+    try:
+        store.write(temp, chunks)
+        ObjectStore.seal(temp)
+    except BaseException:
+        store.discard(temp)
+        raise
+    return store.free_space()
+
+
+def examine_sealed(temp: TempObject, header_length: int, sop_class_uid: str, sop_instance_uid: str,
+                   transfer_syntax: str, source_ae: str) -> StoredObject:
+    """I/O thread: read a sealed object back with pydicom, check it and coerce it (fsyncing again)."""
+    ds, offset, pixel_header = _parse_or_refuse(_parse_file, temp.path)
+    metadata, coercion = inspect(ds, offset, pixel_header, sop_class_uid, sop_instance_uid, transfer_syntax)
+    if coercion is not None:
+        coerce_sealed(temp, coercion)
+    return StoredObject(temp, metadata, transfer_syntax, source_ae, coercion is not None)
+
+
 def coerce(handle, coercion: _Coercion) -> None:
     """Apply the OW to OB coercion to an open file."""
     pixel_data_coercion(handle, coercion.offset, coercion.big_endian, coercion.length)
@@ -247,6 +281,7 @@ class IncomingObject:
         self.refusal: Optional[_Refused] = None
         self.temp: Optional[TempObject] = None
         self._chunks: List[bytes] = []
+        self._prefix: Optional[bytes] = None
         self._buffered = 0
         self._in_flight = 0
         self._paused = False
@@ -289,6 +324,10 @@ class IncomingObject:
         chunks, size = self._chunks, self._buffered
         self._chunks, self._buffered = [], 0
         self._in_flight += size
+        if self._prefix is None:
+            # the first chunk (one CHUNK and a PDU at most) stays for the check at the end: the
+            # attributes before the pixel data are almost always in it, so the file is not read back
+            self._prefix = b"".join(chunks)
 
         def write(_):
             if self.refusal is not None:
@@ -332,10 +371,7 @@ class IncomingObject:
                 temp = await self.archive.io(self.archive.store.open_temp, [self._header] + chunks)
                 chunks = []
             if temp is not None:
-                stored = await self.archive.io(
-                    finish_streamed, self.archive.store, temp, chunks, len(self._header), self.sop_class_uid,
-                    self.sop_instance_uid, self.transfer_syntax, self.source_ae,
-                )
+                stored = await self._receive_streamed(temp, chunks)
         except _Refused as refusal:
             return StoreResult(refusal.status, refusal.comment)
         except OSError as error:
@@ -360,6 +396,43 @@ class IncomingObject:
         if stored.coerced:
             return StoreResult(S.WARNING, "Pixel Data coerced from OW to OB (Bits Allocated 8)")
         return StoreResult(S.SUCCESS)
+
+    async def _receive_streamed(self, temp: TempObject, chunks: List[bytes]) -> StoredObject:
+        """An object already streaming to its file: finish and fsync it while its first chunk is checked.
+
+        Falls back to reading the file back with pydicom when the first chunk
+        does not reach the pixel data.
+        """
+        prefix, self._prefix = self._prefix, None
+        if prefix is None or self.transfer_syntax not in _PLAIN_SYNTAXES:
+            return await self.archive.io(
+                finish_streamed, self.archive.store, temp, chunks, len(self._header), self.sop_class_uid,
+                self.sop_instance_uid, self.transfer_syntax, self.source_ae,
+            )
+        writing = self.archive.io(finish_sealed, self.archive.store, temp, chunks)
+        checking = self.archive.io(inspect_prefix, prefix, len(self._header), self.sop_class_uid,
+                                   self.sop_instance_uid, self.transfer_syntax)
+        (wrote, written), (checked, inspected) = await defer.DeferredList([writing, checking], consumeErrors=True)
+        if not wrote:
+            written.raiseException()  # finish_sealed discarded the file
+        free_space = written
+        try:
+            if not checked:
+                inspected.raiseException()
+            if inspected is None:  # the first chunk ended before the pixel data: read the file back
+                stored = await self.archive.io(
+                    examine_sealed, temp, len(self._header), self.sop_class_uid, self.sop_instance_uid,
+                    self.transfer_syntax, self.source_ae,
+                )
+                stored.free_space = free_space
+                return stored
+            metadata, coercion = inspected
+            if coercion is not None:
+                await self.archive.io(coerce_sealed, temp, coercion)
+        except BaseException:
+            await self.archive.discard(temp)
+            raise
+        return StoredObject(temp, metadata, self.transfer_syntax, self.source_ae, coercion is not None, free_space)
 
     async def _receive_small(self, data: bytes) -> StoredObject:
         """A data set held whole in memory: write and fsync it while it is parsed, in parallel."""
