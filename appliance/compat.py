@@ -23,6 +23,8 @@ __all__ = [
     "decode_dataset",
     "encode_dataset",
     "pydicom_reads_by_default",
+    "pydicom_converts_json_by_default",
+    "can_encode_text",
     "certificate_validity",
     "peer_certificate",
     "verify_error_text",
@@ -84,6 +86,65 @@ def pydicom_reads_by_default() -> bool:
     return (hooks.hooks.raw_element_vr is hooks.raw_element_vr
             and hooks.hooks.raw_element_value is hooks.raw_element_value
             and not hooks.hooks.raw_element_kwargs)
+
+
+def pydicom_converts_json_by_default() -> bool:
+    """Whether pydicom turns DICOM JSON into bytes exactly as its defaults say (what the C-FIND responses'
+    fast path, :mod:`appliance.archive.encode`, mimics).
+
+    False when an application or test changed a setting that alters the values
+    ``Dataset.from_json`` makes or what ``write_dataset`` does with them:
+    Decimal or numpy numbers, date/time objects, None for empty text,
+    validation that raises (reading: on conversion; writing: pydicom 2.3
+    validates encoded text).
+    """
+    from pydicom import config
+
+    settings = config.settings
+    return not (config.datetime_conversion or config.use_none_as_empty_text_VR_value or config.use_DS_decimal
+                or config.use_DS_numpy or config.use_IS_numpy
+                or settings.reading_validation_mode == config.RAISE
+                or settings.writing_validation_mode == config.RAISE)
+
+
+def can_encode_text(text: str, encodings) -> bool:
+    """Whether ``pydicom.charset.encode_string(text, encodings)`` encodes ``text`` without replacing any
+    character, for Python ``encodings`` as ``convert_encodings`` makes them.
+
+    encode_string's own steps, in its order (each encoding alone with its escape sequences, then the
+    string split between them), stopping where it would warn and substitute; any error on the way is a
+    no, as it was when this was encode_string under ``warnings.simplefilter("error")``.  No warning
+    filter is touched: ``warnings.catch_warnings`` is process-wide and not thread-safe, and this runs
+    on worker threads.  The helpers are private to pydicom, the same in 2.3 and 3.x.
+    """
+    from pydicom.charset import (
+        _encode_string_impl,
+        _encode_string_parts,
+        _get_escape_sequence_for_encoding,
+        handled_encodings,
+        need_tail_escape_sequence_encodings,
+    )
+
+    try:
+        for index, encoding in enumerate(encodings):
+            try:
+                encoded = _encode_string_impl(text, encoding)
+                if index > 0 and encoding not in handled_encodings:
+                    _get_escape_sequence_for_encoding(encoding, encoded=encoded)
+                if encoding in need_tail_escape_sequence_encodings:
+                    _get_escape_sequence_for_encoding(encodings[0])
+                return True
+            except UnicodeError:
+                continue
+        if len(encodings) > 1:
+            try:
+                _encode_string_parts(text, encodings)
+                return True
+            except ValueError:
+                pass
+        return False
+    except (UnicodeError, LookupError, ValueError):
+        return False
 
 
 # --- TLS: pyOpenSSL 23 / cryptography 38 (Debian 12) and the newest releases -------------------------------

@@ -8,29 +8,38 @@ batches the service waits for the association's write buffer to drain, and
 checks for a C-CANCEL (answered FE00).  Responses are encoded in the
 request's character set when it can carry every value, otherwise in UTF-8
 (ISO_IR 192).
+
+Each match is encoded on the worker thread that fetched it, in the same job
+(:func:`response_encoder`): written straight from its DICOM JSON by
+:func:`appliance.archive.encode.encode_identifier`, or, when that declines
+(sequences with items, other character sets...), by pydicom
+(:meth:`FindService._encode`), which gives the same bytes.  The reactor only
+sends them.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
-from pydicom.charset import convert_encodings, encode_string, python_encoding
+from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..archive.archive import Archive, Runner
+from ..archive.encode import encode_identifier, known_character_set
 from ..archive.query import QueryError, QueryRun, build_query
-from ..compat import decode_dataset, encode_dataset
+from ..compat import can_encode_text, decode_dataset, encode_dataset
 from ..dicom import dimse as D
 from ..dicom import status as S
 from ..dicom.uids import STUDY_ROOT_FIND, UNCOMPRESSED_TRANSFER_SYNTAXES
 from ..interfaces import IServiceClass
 from ..net.protocol import BufferedDataSet
 
-__all__ = ["FindService", "find_extended_negotiation", "known_character_set", "response_character_set"]
+__all__ = ["FindService", "find_extended_negotiation", "known_character_set", "response_character_set",
+           "response_encoder"]
 
 _log = Logger(namespace="appliance.find")
 
@@ -67,12 +76,6 @@ def _text_values(ds: Dataset):
                 yield str(single)
 
 
-def known_character_set(terms: Optional[List[str]]) -> bool:
-    """Whether pydicom knows every defined term of a Specific Character Set (the first may be empty)."""
-    return bool(terms) and all((term == "" and index == 0) or term in python_encoding
-                               for index, term in enumerate(terms))
-
-
 def response_character_set(ds: Dataset, requested: Optional[List[str]]) -> Optional[List[str]]:
     """The Specific Character Set for a response: the request's if it carries every value, else UTF-8.
 
@@ -85,16 +88,31 @@ def response_character_set(ds: Dataset, requested: Optional[List[str]]) -> Optio
     if all(text.isascii() for text in texts):
         return requested or None
     if requested:
+        # encode_string would warn and substitute where the character set cannot carry a value
         encodings = convert_encodings(requested)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                for text in texts:
-                    encode_string(text, encodings)
+        if all(can_encode_text(text, encodings) for text in texts):
             return requested
-        except (UnicodeError, LookupError, ValueError, UserWarning):
-            pass
     return ["ISO_IR 192"]
+
+
+def response_encoder(level: str, requested: Optional[List[str]],
+                     transfer_syntax: str) -> Callable[[dict], Union[bytes, Failure]]:
+    """The function turning a match (DICOM JSON) into its response identifier's bytes, on a worker thread.
+
+    The fast path when it answers, pydicom otherwise (the same bytes).  A match that cannot be encoded
+    gives the Failure, raised when its turn to be sent comes, so that the matches before it are answered
+    as they were when the reactor encoded them.
+    """
+    def encode(result: dict) -> Union[bytes, Failure]:
+        try:
+            data = encode_identifier(result, level, requested, transfer_syntax)
+            if data is None:
+                data = FindService._encode(result, level, requested, transfer_syntax)
+            return data
+        except Exception:
+            return Failure()
+
+    return encode
 
 
 @implementer(IServiceClass)
@@ -161,15 +179,16 @@ class FindService:
         run: Optional[QueryRun] = None
         sent = 0
         try:
-            run = await self.read(QueryRun, self.archive.index_path, query)
+            encoder = response_encoder(query.level, requested_charsets, transfer_syntax)
+            run = await self.read(QueryRun, self.archive.index_path, query, encoder)
             while True:
                 if _ended(request):
                     return  # the association ended (aborted, closed): no one to answer
                 if self._cancelled[key]:
                     request.respond(S.CANCEL)
                     return
-                batch = await self.read(run.fetch, BATCH)
-                for result in batch:
+                batch = await self.read(run.fetch, BATCH)  # matching and encoding, on a worker thread
+                for data in batch:
                     if self._cancelled[key] or _ended(request):
                         break
                     if self.max_results and sent >= self.max_results:
@@ -178,7 +197,9 @@ class FindService:
                             ErrorComment=_comment(f"more than max_results={self.max_results} matches; narrow the query"),
                         )
                         return
-                    request.respond(pending, self._encode(result, query.level, requested_charsets, transfer_syntax))
+                    if isinstance(data, Failure):
+                        data.raiseException()  # a stored value pydicom could not encode
+                    request.respond(pending, data)
                     sent += 1
                 if run.done and not self._cancelled[key]:
                     break
@@ -199,6 +220,7 @@ class FindService:
 
     @staticmethod
     def _encode(result: dict, level: str, requested: Optional[List[str]], transfer_syntax: str) -> bytes:
+        """A match's response identifier by pydicom: what :func:`encode_identifier` gives when it answers."""
         ds = Dataset.from_json(result)
         charset = response_character_set(ds, requested)
         response = Dataset()

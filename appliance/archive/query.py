@@ -6,8 +6,9 @@ UID lists, date ranges and wildcard prefixes use the indexes; values are
 always SQL parameters), and Python matchers that decide each candidate with
 the exact semantics of :mod:`appliance.archive.matching`.  A
 :class:`QueryRun` executes it on a database thread of its own, yielding the
-response identifiers in batches (as DICOM JSON), so results stream without
-the whole result set in memory.  Files are never opened.
+response identifiers in batches (as DICOM JSON, or encoded by the function it
+is given, in the same worker job), so results stream without the whole result
+set in memory.  Files are never opened.
 """
 
 from __future__ import annotations
@@ -359,10 +360,15 @@ def _json_text(entry: Optional[dict]) -> Any:
 
 
 class QueryRun:
-    """One C-FIND's execution on a database connection of its own (one worker thread at a time)."""
+    """One C-FIND's execution on a database connection of its own (one worker thread at a time).
 
-    def __init__(self, index_path: str, query: FindQuery) -> None:
+    With ``encode``, :meth:`fetch` returns what it makes of each match (the C-FIND SCP's response
+    bytes, made on the worker thread that fetched them) instead of the DICOM JSON.
+    """
+
+    def __init__(self, index_path: str, query: FindQuery, encode: Optional[Callable[[dict], Any]] = None) -> None:
         self.query = query
+        self.encode = encode
         # a URI, so the connection is read-only: the path is quoted ("?", "#" or "%" in a folder name)
         uri = f"file:{urllib.parse.quote(os.path.abspath(index_path))}?mode=ro"
         self.db = sqlite3.connect(uri, uri=True, timeout=30.0, check_same_thread=False)
@@ -373,9 +379,9 @@ class QueryRun:
     def close(self) -> None:
         self.db.close()
 
-    def fetch(self, count: int) -> List[dict]:
-        """Up to ``count`` matches as DICOM JSON response identifiers; fewer once exhausted."""
-        results: List[dict] = []
+    def fetch(self, count: int) -> List[Any]:
+        """Up to ``count`` matches as DICOM JSON response identifiers (or encoded); fewer once exhausted."""
+        results: List[Any] = []
         while len(results) < count:
             rows = self.cursor.fetchmany(max(64, count))
             if not rows:
@@ -385,6 +391,9 @@ class QueryRun:
                 result = self._match(row)
                 if result is not None:
                     results.append(result)
+        if self.encode is not None:
+            encode = self.encode
+            return [encode(result) for result in results]
         return results
 
     def _levels(self, row) -> Dict[str, Any]:
