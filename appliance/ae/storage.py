@@ -188,7 +188,7 @@ def inspect_prefix(prefix: bytes, header_length: int, sop_class_uid: str, sop_in
     return check_metadata(metadata, offset, pixel_header, sop_class_uid, sop_instance_uid, transfer_syntax)
 
 
-def finish_sealed(store: ObjectStore, temp: TempObject, chunks: List[bytes]) -> int:
+def finish_sealed(store: ObjectStore, temp: TempObject, chunks: List[bytes]) -> Tuple[TempObject, int]:
     """I/O thread: write the rest of a streamed object and fsync it; the free space after it."""
     try:
         store.write(temp, chunks)
@@ -196,7 +196,7 @@ def finish_sealed(store: ObjectStore, temp: TempObject, chunks: List[bytes]) -> 
     except BaseException:
         store.discard(temp)
         raise
-    return store.free_space()
+    return temp, store.free_space()
 
 
 def examine_sealed(temp: TempObject, header_length: int, sop_class_uid: str, sop_instance_uid: str,
@@ -412,41 +412,36 @@ class IncomingObject:
         writing = self.archive.io(finish_sealed, self.archive.store, temp, chunks)
         checking = self.archive.io(inspect_prefix, prefix, len(self._header), self.sop_class_uid,
                                    self.sop_instance_uid, self.transfer_syntax)
-        (wrote, written), (checked, inspected) = await defer.DeferredList([writing, checking], consumeErrors=True)
-        if not wrote:
-            written.raiseException()  # finish_sealed discarded the file
-        free_space = written
-        try:
-            if not checked:
-                inspected.raiseException()
-            if inspected is None:  # the first chunk ended before the pixel data: read the file back
-                stored = await self.archive.io(
-                    examine_sealed, temp, len(self._header), self.sop_class_uid, self.sop_instance_uid,
-                    self.transfer_syntax, self.source_ae,
-                )
-                stored.free_space = free_space
-                return stored
-            metadata, coercion = inspected
-            if coercion is not None:
-                await self.archive.io(coerce_sealed, temp, coercion)
-        except BaseException:
-            await self.archive.discard(temp)
-            raise
-        return StoredObject(temp, metadata, self.transfer_syntax, self.source_ae, coercion is not None, free_space)
+        return await self._write_while_checking(writing, checking)
 
     async def _receive_small(self, data: bytes) -> StoredObject:
         """A data set held whole in memory: write and fsync it while it is parsed, in parallel."""
         writing = self.archive.io(write_sealed, self.archive.store, self._header, data)
         checking = self.archive.io(inspect_memory, data, len(self._header), self.sop_class_uid,
                                    self.sop_instance_uid, self.transfer_syntax)
-        results = await defer.DeferredList([writing, checking], consumeErrors=True)
-        (wrote, written), (checked, inspected) = results
+        return await self._write_while_checking(writing, checking)
+
+    async def _write_while_checking(self, writing: defer.Deferred, checking: defer.Deferred) -> StoredObject:
+        """Join a file being written and fsynced (fires with (temp, free space)) and its check, run in parallel.
+
+        A check that could not decide (None: the first chunk did not reach the
+        pixel data) is done again on the sealed file.  Whatever fails, the
+        file is discarded.
+        """
+        (wrote, written), (checked, inspected) = await defer.DeferredList([writing, checking], consumeErrors=True)
         if not wrote:
-            written.raiseException()
+            written.raiseException()  # the writer discarded the file itself
         temp, free_space = written
         try:
             if not checked:
                 inspected.raiseException()
+            if inspected is None:
+                stored = await self.archive.io(
+                    examine_sealed, temp, len(self._header), self.sop_class_uid, self.sop_instance_uid,
+                    self.transfer_syntax, self.source_ae,
+                )
+                stored.free_space = free_space
+                return stored
             metadata, coercion = inspected
             if coercion is not None:
                 await self.archive.io(coerce_sealed, temp, coercion)
