@@ -200,12 +200,13 @@ def spawn_peer(testcase, argv: Sequence[str], path: Optional[str] = None, reacto
 
 
 async def connect_when_listening(reactor, connect, peer: Optional[PeerProcess] = None,
-                                 attempts: int = 200, delay: float = 0.05):
+                                 attempts: int = 200, delay: float = 0.05, only_refused: bool = False):
     """Call ``connect()`` (-> Deferred) until it does not fail with ConnectionFailed; bounded.
 
     For a peer just started: it listens a moment later.  Gives up after
     ``attempts`` tries (``attempts * delay`` seconds and then some), or at once
-    when the peer process ended.
+    when the peer process ended.  With ``only_refused``, any other
+    ConnectionFailed (a TLS handshake refused, say) is the answer, raised at once.
     """
     from appliance.net.requestor import ConnectionFailed
 
@@ -216,6 +217,8 @@ async def connect_when_listening(reactor, connect, peer: Optional[PeerProcess] =
         try:
             return await connect()
         except ConnectionFailed as error:
+            if only_refused and "refused" not in str(error):
+                raise
             last = error
         await task.deferLater(reactor, delay, lambda: None)
     raise AssertionError(f"no connection after {attempts} attempts: {last}")

@@ -226,21 +226,8 @@ class LogCollector:
 
 
 async def connect_when_listening(reactor, connect, peer=None, attempts: int = 200, delay: float = 0.05):
-    """Like tests.support.connect_when_listening, but retrying only while the connection is refused (the peer
-    not listening yet): a TLS handshake failure is the answer, returned at once as the exception."""
-    from twisted.internet import task
+    """tests.support.connect_when_listening, retrying only while the connection is refused (the peer
+    not listening yet): a TLS handshake failure is the answer, raised at once."""
+    from .support import connect_when_listening as retrying
 
-    from appliance.net.requestor import ConnectionFailed
-
-    last = None
-    for _ in range(attempts):
-        if peer is not None and not peer.running and peer.ended.called:
-            raise AssertionError(f"the peer ended before it listened; its output:\n{peer.text()}")
-        try:
-            return await connect()
-        except ConnectionFailed as error:
-            if "refused" not in str(error):
-                raise
-            last = error
-        await task.deferLater(reactor, delay, lambda: None)
-    raise AssertionError(f"no connection after {attempts} attempts: {last}")
+    return await retrying(reactor, connect, peer, attempts, delay, only_refused=True)
