@@ -989,18 +989,7 @@ def main(argv=None) -> int:
     if not 1 <= args.load_associations <= 16:
         parser.error("--load-associations must be from 1 to 16")
 
-    def terminate(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGHUP, terminate)
-    try:
-        return _run(args)
-    except BenchError as error:
-        print(f"query_bench: {error}", file=sys.stderr)
-        return 2
-    finally:
-        sb.stop_all()
+    return sb.run_guarded("query_bench", _run, args)
 
 
 def _run(args) -> int:

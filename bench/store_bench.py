@@ -675,15 +675,21 @@ def main(argv=None) -> int:
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
 
+    return run_guarded("store_bench", _run, args)
+
+
+def run_guarded(name: str, run, args) -> int:
+    """Run a benchmark so that no server outlives it: signals end it, servers are stopped in every case."""
+
     def terminate(signum, frame):
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGHUP, terminate)
     try:
-        return _run(args)
+        return run(args)
     except BenchError as error:
-        print(f"store_bench: {error}", file=sys.stderr)
+        print(f"{name}: {error}", file=sys.stderr)
         return 2
     finally:
         stop_all()

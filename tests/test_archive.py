@@ -13,7 +13,7 @@ from appliance.ae.storage import examine
 from appliance.archive.archive import Archive, Duplicate, OutOfResources, StoreOutcome, _reconcile
 from appliance.archive.eviction import StorageLimits, plan, shortfall
 from appliance.archive.index import ArchiveIndex
-from appliance.archive.store import ObjectStore, part10_header, uid_hash
+from appliance.archive.store import part10_header, uid_hash
 from appliance.dicom.uids import IMPLEMENTATION_CLASS_UID
 from appliance.net.threads import synchronous_runner
 

@@ -29,7 +29,7 @@ except ImportError:  # Twisted < 19.7
 
 from appliance import config as configuration
 from appliance.ae.listeners import acceptor_factory, disk_server_services
-from appliance.ae.query import BATCH, FindService, find_extended_negotiation, response_character_set
+from appliance.ae.query import BATCH, find_extended_negotiation, response_character_set
 from appliance.archive import query as query_module
 from appliance.archive.query import QueryError, QueryRun, build_query
 from appliance.dicom import dimse as D

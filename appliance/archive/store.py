@@ -17,7 +17,7 @@ import os
 import secrets
 import struct
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Set, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 __all__ = ["ObjectStore", "part10_header", "uid_hash", "pixel_data_coercion"]
 

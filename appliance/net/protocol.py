@@ -20,7 +20,7 @@ that fails ends the line with the peer and OpenSSL's reason.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime

@@ -22,7 +22,6 @@ from ..dicom import dimse as D
 from ..dicom import pdu as P
 from ..dicom import status as S
 from ..dicom import ul
-from ..dicom.errors import DimseDecodeError
 from ..dicom.negotiation import Negotiated, describe_rejection, negotiate_as_requestor, propose
 from ..dicom.uids import UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATION
 from .protocol import BufferedDataSet, DicomProtocol, Timeouts

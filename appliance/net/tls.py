@@ -252,7 +252,7 @@ def _verifier(expected_host: Optional[str]) -> Callable:
                         verify_certificate_ip_address(cert, expected_host)
                     else:
                         verify_certificate_hostname(cert, expected_host)
-                except (VerificationError, CertificateError) as error:
+                except (VerificationError, CertificateError):
                     names = ", ".join(certificate_names(cert)) or "none"
                     _record_refusal(connection, f"the certificate ({_subject(cert)}) is not for {expected_host!r}: "
                                                 f"it names {names}")
