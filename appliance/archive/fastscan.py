@@ -396,11 +396,28 @@ def _sequence_json(data: bytes, position: int, end: Optional[int], syntax: _Synt
         items.append(item)
 
 
+def _item_element_header(data: bytes, position: int, limit: int, syntax: "_Syntax", length: int):
+    """(VR bytes or None, value length, value start) of the element at ``position`` inside an item.
+
+    ``length`` is the 4 bytes after the tag as read by ``syntax.tag_length``.
+    None when the element is not in a standard explicit VR form (the caller gives up).
+    """
+    if syntax.implicit:
+        return None, length, position + 8
+    vr = data[position + 4:position + 6]
+    if vr in _LONG_VRS:
+        if position + 12 > limit:
+            return None
+        return vr, syntax.u32(data, position + 8)[0], position + 12
+    if vr in _SHORT_VRS:
+        return vr, (length >> 16 if syntax.little else length & 0xFFFF), position + 8
+    return None
+
+
 def _item_json(data: bytes, position: int, end: Optional[int], syntax: _Syntax, codec: str,
                depth: int) -> Tuple[dict, int]:
     """One item's elements (to ``end``, or to its delimiter) as a DICOM JSON object, and the position after."""
     limit = len(data) if end is None else end
-    implicit = syntax.implicit
     out = {}
     previous = -1
     while True:
@@ -416,19 +433,11 @@ def _item_json(data: bytes, position: int, end: Optional[int], syntax: _Syntax, 
             raise _Delegate
         if group == 0xFFFE or tag <= previous or tag == _CHARSET or tag in _LUT_DESCRIPTORS:
             raise _Delegate
-        vr_bytes = None
-        start = position + 8
-        if not implicit:  # a standard VR: the item is not one pydicom reads as implicit VR (see _walk_item)
-            vr_bytes = data[position + 4:position + 6]
-            if vr_bytes in _LONG_VRS:
-                if position + 12 > limit:
-                    raise _Delegate
-                length = syntax.u32(data, position + 8)[0]
-                start = position + 12
-            elif vr_bytes in _SHORT_VRS:
-                length = length >> 16 if syntax.little else length & 0xFFFF
-            else:
-                raise _Delegate
+        # a standard VR: the item is not one pydicom reads as implicit VR (see _walk_item)
+        header = _item_element_header(data, position, limit, syntax, length)
+        if header is None:
+            raise _Delegate
+        vr_bytes, length, start = header
         previous = tag
         vr = _item_vr(tag, group, vr_bytes)
         if vr == "SQ":
@@ -519,7 +528,6 @@ def _skip_sequence(data: bytes, position: int, syntax: _Syntax, depth: int) -> i
 def _walk_item(data: bytes, position: int, end: Optional[int], syntax: _Syntax, depth: int) -> int:
     """Walk one item's elements to ``end`` (defined length) or its delimiter; return the position after it."""
     size = len(data) if end is None else end
-    implicit = syntax.implicit
     while True:
         if end is not None and position == end:
             return position
@@ -533,21 +541,12 @@ def _walk_item(data: bytes, position: int, end: Optional[int], syntax: _Syntax, 
             return position + 8
         if group == 0xFFFE:
             raise Unsupported
-        vr = None
-        start = position + 8
-        if not implicit:
-            # a standard VR is two capitals, so pydicom's switch to implicit VR for an item whose first
-            # element does not look explicit (filereader._is_implicit_vr) never happens to what passes here
-            vr = data[position + 4:position + 6]
-            if vr in _LONG_VRS:
-                if position + 12 > size:
-                    raise Unsupported
-                length = syntax.u32(data, position + 8)[0]
-                start = position + 12
-            elif vr in _SHORT_VRS:
-                length = length >> 16 if syntax.little else length & 0xFFFF
-            else:
-                raise Unsupported
+        # a standard VR is two capitals, so pydicom's switch to implicit VR for an item whose first
+        # element does not look explicit (filereader._is_implicit_vr) never happens to what passes here
+        header = _item_element_header(data, position, size, syntax, length)
+        if header is None:
+            raise Unsupported
+        vr, length, start = header
         if length == _UNDEFINED:
             if not _is_sequence(tag, vr, data, start, syntax):
                 raise Unsupported
