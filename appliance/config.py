@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .archive.eviction import StorageLimits
 from .compat import tomllib
+from .logs import LEVELS as LOG_LEVELS
 from .dicom.uids import (
     DEFAULT_TRANSFER_SYNTAX_PRIORITY,
     IMPLEMENTATION_CLASS_UID,
@@ -184,6 +185,8 @@ class ApplianceConfig:
     devices: Mapping[str, DeviceConfig] = field(default_factory=dict)
     #: the [tls] section as written (listeners and devices hold their merged settings)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    #: the least severe log events written (appliance.logs.LEVELS)
+    log_level: str = "info"
 
     def device(self, name: str) -> DeviceConfig:
         try:
@@ -581,6 +584,7 @@ def parse(data: Mapping[str, Any], path: str) -> ApplianceConfig:
         implementation_version_name=appliance.get(
             "implementation_version_name", _version_name, IMPLEMENTATION_VERSION_NAME
         ),
+        log_level=appliance.get("log_level", _choice(*LOG_LEVELS), "info"),
     )
     appliance.done()
     tls = _tls(path, data.get("tls", {}), base)

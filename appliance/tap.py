@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import errno
 import socket
+import sqlite3
 import sys
 from typing import List, Tuple
 
-import sqlite3
-
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.logger import Logger
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.python import usage
 
 from . import config as configuration
+from . import logs
 from .ae.listeners import acceptor_factory, disk_server_services, memory_server_services
 from .archive.archive import Archive
 from .net import tls
@@ -66,7 +65,7 @@ def _listener_configs(config: configuration.ApplianceConfig) -> List[Tuple[str, 
 class ArchiveService(Service):
     """Reconciles the archive at start-up and closes its index at shutdown."""
 
-    _log = Logger(namespace="appliance.archive")
+    _log = logs.logger("appliance.archive")
 
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
@@ -138,6 +137,7 @@ def makeService(options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     config: configuration.ApplianceConfig = options["appliance"]
+    logs.set_level(config.log_level)
     try:
         check_ports(config)
         contexts = options.get("tls") or tls.TLSContexts(config)

@@ -117,6 +117,18 @@ def track_connections(factory) -> List[defer.Deferred]:
     return lost
 
 
+def capture_log(testcase, level: str = "debug") -> List[dict]:
+    """Every log event published from now to the end of the test, the appliance's at ``level`` and above."""
+    from appliance import logs
+
+    events: List[dict] = []
+    logs.set_level(level)
+    testcase.addCleanup(logs.set_level, "info")
+    globalLogPublisher.addObserver(events.append)
+    testcase.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events
+
+
 class Listening:
     """A factory listening on 127.0.0.1, port 0, for one test.
 

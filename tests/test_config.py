@@ -170,6 +170,11 @@ class ErrorTests(unittest.SynchronousTestCase):
         """Unknown keys of [appliance] are errors too."""
         self.assertConfigError('[appliance]\ndatadir = "x"\n', "[appliance] datadir", "unknown key")
 
+    def test_log_level(self):
+        """log_level is one of the appliance's level names."""
+        self.assertConfigError('[appliance]\nlog_level = "verbose"\n', "[appliance] log_level", "must be one of",
+                               "'debug'")
+
     def test_unknown_key_in_device(self):
         """Unknown keys of a [devices.NAME] table name that table."""
         self.assertConfigError(
@@ -436,3 +441,30 @@ class FileErrorTests(unittest.SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             configuration.parse({"disk_server": {"port": "x"}}, "/etc/appliance/appliance.toml")
         self.assertTrue(str(caught.exception).startswith("/etc/appliance/appliance.toml: [disk_server] port: "))
+
+
+class LogLevelTests(unittest.SynchronousTestCase):
+    """[appliance] log_level: info by default; the appliance's debug events pass only when asked for."""
+
+    def test_default_and_debug(self):
+        self.assertEqual(configuration.parse({}, "/nowhere/appliance.toml").log_level, "info")
+        self.assertEqual(configuration.parse({"appliance": {"log_level": "debug"}}, "/x.toml").log_level, "debug")
+
+    def test_filter(self):
+        from twisted.logger import globalLogPublisher
+
+        from appliance import logs
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.addCleanup(logs.set_level, "info")
+        log = logs.logger("appliance.test")
+        log.debug("hidden at info")
+        log.info("shown at info")
+        logs.set_level("debug")
+        log.debug("shown at debug")
+        logs.set_level("error")
+        log.warn("hidden at error")
+        self.assertEqual([event["log_format"] for event in events if event.get("log_namespace") == "appliance.test"],
+                         ["shown at info", "shown at debug"])

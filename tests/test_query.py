@@ -19,7 +19,6 @@ from pydicom.filereader import read_dataset
 from pydicom.sequence import Sequence
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 try:
@@ -44,6 +43,7 @@ from appliance.dicom.uids import (
 )
 from appliance.net.threads import synchronous_runner
 
+from .support import capture_log
 from .support_data import encode_dataset, make_dataset
 from .support_query import (
     ROOT,
@@ -729,9 +729,7 @@ class FindServiceTests(SynchronousTestCase):
 
     def test_completion_logged_without_error(self):
         """Each C-FIND ends with one debug line naming level and count, and no logged failure."""
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capture_log(self)
         self.harness.find(identifier("STUDY", PatientName="Doe*"))
         lines = [event for event in events if event.get("log_namespace") == "appliance.find"]
         self.assertEqual([(e.get("query_level"), e.get("count")) for e in lines], [("STUDY", 4)])

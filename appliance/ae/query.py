@@ -24,7 +24,6 @@ from typing import Callable, Dict, List, Optional, Union
 from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -36,12 +35,13 @@ from ..dicom import dimse as D
 from ..dicom import status as S
 from ..dicom.uids import STUDY_ROOT_FIND, UNCOMPRESSED_TRANSFER_SYNTAXES
 from ..interfaces import IServiceClass
+from ..logs import logger
 from ..net.protocol import BufferedDataSet
 
 __all__ = ["FindService", "find_extended_negotiation", "known_character_set", "response_character_set",
            "response_encoder"]
 
-_log = Logger(namespace="appliance.find")
+_log = logger("appliance.find")
 
 #: An identifier is a few KB; this bounds what one C-FIND-RQ may make us hold.
 MAX_IDENTIFIER = 1024 * 1024

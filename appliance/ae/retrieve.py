@@ -52,7 +52,6 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filewriter import correct_ambiguous_vr
 from twisted.internet import defer
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..archive.archive import Archive
@@ -71,6 +70,7 @@ from ..dicom.uids import (
     is_received_uid,
 )
 from ..interfaces import IServiceClass
+from ..logs import logger
 from ..net import requestor
 from ..net.protocol import BufferedDataSet, Timeouts
 
@@ -89,7 +89,7 @@ __all__ = [
     "UNABLE_TO_PROCESS",
 ]
 
-_log = Logger(namespace="appliance.retrieve")
+_log = logger("appliance.retrieve")
 
 #: PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255.
 MAX_CONTEXTS = 128

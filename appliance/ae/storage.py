@@ -22,7 +22,6 @@ from typing import List, Mapping, Optional, Tuple
 from pydicom import dcmread
 from pydicom.filereader import read_dataset
 from twisted.internet import defer
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..archive.archive import Archive, Duplicate, OutOfResources, StoredObject, StoreOutcome
@@ -39,10 +38,11 @@ from ..dicom.uids import (
     is_received_uid,
 )
 from ..interfaces import IDataSetConsumer, IServiceClass
+from ..logs import logger
 
 __all__ = ["StorageService", "IncomingObject", "StoreResult", "DUPLICATE_REJECTED"]
 
-_log = Logger(namespace="appliance.storage")
+_log = logger("appliance.storage")
 
 #: Write to disk in chunks of this size.
 CHUNK = 256 * 1024

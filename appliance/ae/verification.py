@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Mapping, Tuple
 
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..dicom import dimse as D
 from ..dicom import status as S
 from ..dicom.uids import UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATION
 from ..interfaces import IServiceClass
+from ..logs import logger
 from ..net.protocol import BufferedDataSet
 
 __all__ = ["VerificationService"]
@@ -20,7 +20,7 @@ __all__ = ["VerificationService"]
 class VerificationService:
     """C-ECHO SCP."""
 
-    _log = Logger()
+    _log = logger("appliance.verification")
 
     def __init__(self, transfer_syntaxes: Tuple[str, ...] = UNCOMPRESSED_TRANSFER_SYNTAXES) -> None:
         self.abstract_syntaxes: Mapping[str, Tuple[str, ...]] = {VERIFICATION: transfer_syntaxes}

@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, Optional
 
 from pydicom import dcmread
 from twisted.internet import defer
-from twisted.logger import Logger
 
+from ..logs import logger
 from .eviction import StorageLimits, plan, shortfall
 from .index import ArchiveIndex, InstanceRow
 from .metadata import ObjectMetadata, extract
@@ -28,7 +28,7 @@ __all__ = ["Archive", "OutOfResources", "Duplicate", "StoredObject", "StoreOutco
 #: ``runner(f, *args, **kwargs) -> Deferred``: where blocking work runs.
 Runner = Callable[..., defer.Deferred]
 
-_log = Logger(namespace="appliance.archive")
+_log = logger("appliance.archive")
 
 
 class OutOfResources(Exception):

@@ -25,7 +25,6 @@ from typing import Any, Dict, List, Optional
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -43,6 +42,7 @@ from ..dicom.negotiation import (
     negotiate_as_acceptor,
 )
 from ..interfaces import IDataSetConsumer, IServiceClass
+from ..logs import logger
 from . import tls
 
 __all__ = [
@@ -55,7 +55,7 @@ __all__ = [
     "DataSetTooLarge",
 ]
 
-_log = Logger(namespace="appliance.association")
+_log = logger("appliance.association")
 
 #: When the peer announces no limit (0), we still send PDUs of at most this size.
 UNLIMITED_PDU_SEND_SIZE = 256 * 1024

@@ -49,13 +49,14 @@ from service_identity.cryptography import verify_certificate_hostname, verify_ce
 from twisted.application.service import Service
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..compat import certificate_validity, peer_certificate as _peer_certificate, verify_error_text
+from ..compat import certificate_validity, verify_error_text
+from ..compat import peer_certificate as _peer_certificate
 from ..config import ApplianceConfig, ConfigError, DeviceConfig, TLSConfig
+from ..logs import logger
 
 __all__ = [
     "TLSContexts",
@@ -75,7 +76,7 @@ __all__ = [
     "EXPIRY_WARNING",
 ]
 
-_log = Logger(namespace="appliance.tls")
+_log = logger("appliance.tls")
 
 _VERSIONS = {
     "1.0": SSL.TLS1_VERSION,
