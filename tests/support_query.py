@@ -39,6 +39,7 @@ SOP_CLASSES = {
     "US": "1.2.840.10008.5.1.4.1.1.6.1",
     "CR": "1.2.840.10008.5.1.4.1.1.1",
     "SR": "1.2.840.10008.5.1.4.1.1.88.11",
+    "NM": "1.2.840.10008.5.1.4.1.1.20",
 }
 
 
@@ -136,6 +137,69 @@ def corpus() -> List[Dataset]:
                     ds.ProcedureCodeSequence = DicomSequence([code])
                 datasets.append(ds)
     return datasets
+
+
+# --- patient attributes that differ between studies of one Patient ID ----------------------------------------
+
+
+class ConflictStudy(NamedTuple):
+    uid: str
+    patient_id: str
+    name: str
+    birth_date: str
+    sex: str
+    modalities: Tuple[str, ...]  # one series per entry, two instances each
+
+
+CONFLICT_ROOT = f"{ROOT}.800"
+_CONFLICT_SURNAMES = ("Smith", "Jones", "Rossi", "Novak")
+
+
+def _conflict_studies() -> Tuple[ConflictStudy, ...]:
+    """Issue 8's case, small: one Patient ID whose two studies carry different names and birth dates (a name
+    corrected at registration), an unrelated study, then twelve more such pairs of varied names, in the order
+    they are stored (each pair's first study first)."""
+    studies = [
+        ConflictStudy(f"{CONFLICT_ROOT}.1", "PIDC01", "Jones^Mary", "19800101", "F", ("CT",)),
+        ConflictStudy(f"{CONFLICT_ROOT}.2", "PIDC01", "Smith^Mary", "19800110", "F", ("MR", "MR")),
+        ConflictStudy(f"{CONFLICT_ROOT}.3", "PIDC02", "Rossi^Paolo", "19601231", "M", ("NM",)),
+    ]
+    for i in range(12):
+        first, second = _CONFLICT_SURNAMES[i % 4], _CONFLICT_SURNAMES[(i + 1 + i // 4) % 4]
+        birth = f"19{50 + i:02d}0{1 + i % 9}15"
+        other_birth = birth if i % 2 else f"19{50 + i:02d}0{1 + i % 9}16"  # odd pairs differ in the name only
+        patient_id = f"PIDX{i:02d}"
+        studies.append(ConflictStudy(f"{CONFLICT_ROOT}.{10 + 2 * i}", patient_id, f"{first}^Pat{i:04d}", birth,
+                                     "O", (("NM", "CT", "MR")[i % 3],)))
+        studies.append(ConflictStudy(f"{CONFLICT_ROOT}.{11 + 2 * i}", patient_id, f"{second}^Pat{i:04d}", other_birth,
+                                     "O", (("CT", "NM")[i % 2],)))
+    return tuple(studies)
+
+
+CONFLICT_STUDIES = _conflict_studies()
+
+
+def conflict_corpus() -> List[Dataset]:
+    """The objects of :data:`CONFLICT_STUDIES`, in the order they are stored."""
+    datasets = []
+    for s, study in enumerate(CONFLICT_STUDIES):
+        for k, modality in enumerate(study.modalities):
+            for i in range(2):
+                ds = make_dataset(patient=study.name, patient_id=study.patient_id, study=study.uid,
+                                  series=f"{study.uid}.{k + 1}", sop=f"{study.uid}.{k + 1}.{i + 1}",
+                                  sop_class=SOP_CLASSES[modality],
+                                  modality=modality)
+                ds.PatientBirthDate, ds.PatientSex = study.birth_date, study.sex
+                ds.AccessionNumber = f"ACCX{s + 1:03d}"
+                ds.StudyDate = f"2024{1 + s % 12:02d}{1 + s % 28:02d}"
+                ds.SeriesNumber, ds.InstanceNumber = k + 1, i + 1
+                datasets.append(ds)
+    return datasets
+
+
+def fill_conflicts(archive: Archive) -> None:
+    for ds in conflict_corpus():
+        store_dataset(archive, ds)
 
 
 # --- pydicom's character-set files --------------------------------------------------------------------

@@ -135,12 +135,13 @@ class ArchiveCliTests(unittest.TestCase):
                         output)
 
     def test_list_patients(self):
-        """``list --patients`` shows each patient once with the number of their studies."""
+        """``list --patients`` shows each patient once with the number of their studies and the names they carry."""
         code, output, _ = self.run_cli("list", "--patients")
         self.assertEqual(code, 0)
         lines = output.splitlines()
         self.assertTrue(lines[0].startswith("PATIENT ID"))
-        self.assertEqual([line.split()[:3] for line in lines[1:]], [["PID1", "Alpha^One", "2"], ["PID2", "Beta^Two", "1"]])
+        self.assertEqual([line.split()[:3] + line.split()[-1:] for line in lines[1:]],
+                         [["PID1", "-", "2", "Alpha^One"], ["PID2", "-", "1", "Beta^Two"]])
 
     # --- protect, unprotect, evict --dry-run -----------------------------------------------------------
 

@@ -35,10 +35,13 @@ from appliance.net.threads import ThreadPoolService
 from .support import WAIT_LIMIT, Listening, connect_when_listening, deferred_test, free_port, spawn_peer, write_file
 from .support_data import write_part10
 from .support_query import (
+    CONFLICT_STUDIES,
     ROOT,
     archive_copy,
+    conflict_corpus,
     corpus,
     fill_charsets,
+    fill_conflicts,
     fill_corpus,
     fill_many,
     series_uid,
@@ -348,6 +351,39 @@ class CharacterSetInteropTests(unittest.TestCase):
 # --- pynetdicom ------------------------------------------------------------------------------------------------
 
 
+class FindscuConflictTests(unittest.TestCase):
+    """findscu on studies of one Patient ID whose objects carry different names (issue 8): each study is
+    matched on, and answered with, its own objects' patient attributes, at every level."""
+
+    timeout = 60
+    skip = _need(FINDSCU)
+
+    @deferred_test
+    async def test_each_study_answers_its_own_name(self):
+        server = QueryServer(self, fill_conflicts)
+        first, second = CONFLICT_STUDIES[:2]
+        keys = ("QueryRetrieveLevel=STUDY", "StudyInstanceUID", "PatientName", "PatientBirthDate",
+                "NumberOfPatientRelatedStudies")
+        by_id = await findscu(server.port, [*keys, "PatientID=PIDC01"])
+        self.assertEqual(by_id.final, "Success", by_id.tail())
+        self.assertEqual(by_id.values("StudyInstanceUID", "PatientName", "PatientBirthDate",
+                                      "NumberOfPatientRelatedStudies"),
+                         [(first.uid, first.name, first.birth_date, "2"), (second.uid, second.name, second.birth_date, "2")])
+        for study in (first, second):
+            by_name = await findscu(server.port, [*keys, f"PatientName={study.name}", "PatientID"])
+            self.assertEqual(by_name.values("StudyInstanceUID", "PatientName", "PatientBirthDate"),
+                             [(study.uid, study.name, study.birth_date)])
+            series = await findscu(server.port, ["QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study.uid}",
+                                                 "SeriesInstanceUID", "PatientName"])
+            self.assertEqual({response["PatientName"] for response in series.responses}, {study.name})
+            images = await findscu(server.port, ["QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study.uid}",
+                                                 f"SeriesInstanceUID={study.uid}.1", "SOPInstanceUID",
+                                                 "PatientName", "PatientBirthDate"])
+            self.assertEqual({(r["PatientName"], r["PatientBirthDate"]) for r in images.responses},
+                             {(study.name, study.birth_date)})
+            self.assertEqual(len(images.responses), 2)
+
+
 def _pynetdicom_find(port: int, queries: Sequence[Dataset], combined: bool = False) -> Tuple[Optional[bytes], list]:
     """pynetdicom's blocking C-FIND SCU (run in a thread): one association, the queries in turn.
 
@@ -436,6 +472,35 @@ class PynetdicomTests(unittest.TestCase):
         self.assertEqual(separate, [(0, None)])
 
     @deferred_test
+    async def test_conflicting_patient_names(self):
+        """pynetdicom's queries by name and by Patient ID on studies whose objects carry different names for
+        one Patient ID: each study answers with its own name, at STUDY and SERIES level."""
+        server = QueryServer(self, fill_conflicts)
+        first, second = CONFLICT_STUDIES[:2]
+        queries = []
+        for keys in ({"PatientName": "Smith*"}, {"PatientID": "PIDC01"}):
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.StudyInstanceUID = query.PatientName = query.PatientID = query.PatientBirthDate = ""
+            for keyword, value in keys.items():
+                setattr(query, keyword, value)
+            queries.append(query)
+        series = Dataset()
+        series.QueryRetrieveLevel = "SERIES"
+        series.StudyInstanceUID = first.uid
+        series.SeriesInstanceUID = series.PatientName = ""
+        _, (smiths, by_id, first_series) = await threads.deferToThread(_pynetdicom_find, server.port,
+                                                                       [*queries, series])
+        own = {study.uid: (study.name, study.birth_date) for study in CONFLICT_STUDIES}
+        self.assertEqual({str(ds.StudyInstanceUID) for _, ds in smiths[:-1]},
+                         {study.uid for study in CONFLICT_STUDIES if study.name.startswith("Smith")})
+        for status, ds in smiths[:-1] + by_id[:-1]:
+            self.assertEqual((str(ds.PatientName), ds.PatientBirthDate), own[str(ds.StudyInstanceUID)])
+        self.assertEqual(sorted(str(ds.StudyInstanceUID) for _, ds in by_id[:-1]), sorted([first.uid, second.uid]))
+        self.assertEqual([str(ds.PatientName) for _, ds in first_series[:-1]], [first.name])
+        self.assertEqual([smiths[-1][0], by_id[-1][0], first_series[-1][0]], [0, 0, 0])
+
+    @deferred_test
     async def test_japanese_query(self):
         """A query in ISO 2022 IR 87 from pynetdicom finds chrX1's name (stored in UTF-8) and gets
         it back in ISO 2022 IR 87."""
@@ -514,6 +579,24 @@ DIFFERENTIAL_QUERIES: List[Tuple[Tuple[str, ...], Tuple[str, ...]]] = [
 ]
 
 
+#: findscu queries on the conflict corpus (tests/support_query.py: one Patient ID, two studies under different
+#: names and birth dates, and more such pairs): issue 8's queries, compared as above.
+CONFLICT_QUERIES: List[Tuple[Tuple[str, ...], Tuple[str, ...]]] = [
+    (("QueryRetrieveLevel=STUDY", "PatientName=Smith*"), STUDY_KEYS + ("PatientBirthDate",)),
+    (("QueryRetrieveLevel=STUDY", "PatientName=Jone?^Pat0001*"), STUDY_KEYS + ("PatientBirthDate",)),
+    (("QueryRetrieveLevel=STUDY", "PatientName=Rossi*"), STUDY_KEYS + ("PatientBirthDate",)),
+    (("QueryRetrieveLevel=STUDY", "PatientName=*^Pat000?"), STUDY_KEYS + ("PatientBirthDate",)),
+    (("QueryRetrieveLevel=STUDY", "PatientName=Jones^Mary"), STUDY_KEYS + ("PatientBirthDate",)),
+    (("QueryRetrieveLevel=STUDY", "PatientName=Smith^Mary"), STUDY_KEYS + ("PatientBirthDate",)),
+    (("QueryRetrieveLevel=STUDY", "PatientID=PIDC01"), STUDY_KEYS + ("PatientBirthDate",)),
+    (("QueryRetrieveLevel=STUDY", "PatientID=PIDX0?"), STUDY_KEYS + ("PatientBirthDate",)),
+    (("QueryRetrieveLevel=STUDY", "PatientBirthDate=19800101"), STUDY_KEYS + ("PatientBirthDate",)),
+    (("QueryRetrieveLevel=STUDY", "PatientBirthDate=19500101-19541231"), STUDY_KEYS + ("PatientBirthDate",)),
+    (("QueryRetrieveLevel=STUDY", "PatientName=Novak*", "PatientBirthDate=-19591231"),
+     STUDY_KEYS + ("PatientBirthDate",)),
+]
+
+
 class DcmqrscpDifferentialTests(unittest.TestCase):
     """The same corpus in dcmqrscp and in the Disk-Server; the same findscu queries to both; the
     same sets of returned key values."""
@@ -521,15 +604,15 @@ class DcmqrscpDifferentialTests(unittest.TestCase):
     timeout = 120
     skip = _need(FINDSCU, DCMQRSCP, DCMQRIDX)
 
-    async def start_dcmqrscp(self) -> int:
-        """dcmqrscp with the corpus indexed by dcmqridx into its storage area; returns its port."""
+    async def start_dcmqrscp(self, datasets: Sequence[Dataset]) -> int:
+        """dcmqrscp with ``datasets`` indexed by dcmqridx into its storage area; returns its port."""
         folder = os.path.abspath(self.mktemp())
         storage = os.path.join(folder, "QRSCP")
         files = os.path.join(folder, "files")
         os.makedirs(storage)
         os.makedirs(files)
         paths = [write_part10(os.path.join(files, f"{ds.SOPInstanceUID}.dcm"), ds, "1.2.840.10008.1.2.1")
-                 for ds in corpus()]
+                 for ds in datasets]
         out, err, code = await getProcessOutputAndValue(DCMQRIDX, [storage, *paths], env=dict(os.environ), path=folder)
         self.assertEqual(code, 0, (out + err).decode("utf-8", "replace"))
         port = free_port()
@@ -550,14 +633,13 @@ class DcmqrscpDifferentialTests(unittest.TestCase):
         await association.release()
         return port
 
-    @deferred_test
-    async def test_same_answers(self):
-        """Every query of DIFFERENTIAL_QUERIES returns the same set of key values from both, and
-        each is answered Success by both."""
-        reference = await self.start_dcmqrscp()
-        server = QueryServer(self, fill_corpus)
+    async def compare(self, datasets: Sequence[Dataset], filler, queries) -> None:
+        """Every query of ``queries`` returns the same set of key values from both, and each is answered
+        Success by both."""
+        reference = await self.start_dcmqrscp(datasets)
+        server = QueryServer(self, filler)
         nonempty = 0
-        for keys, compared in DIFFERENTIAL_QUERIES:
+        for keys, compared in queries:
             asked = list(keys) + [key for key in compared if not any(k.split("=")[0] == key for k in keys)]
             ours, theirs = await defer.gatherResults([
                 defer.ensureDeferred(findscu(server.port, asked)),
@@ -567,4 +649,14 @@ class DcmqrscpDifferentialTests(unittest.TestCase):
                 self.assertEqual((ours.final, theirs.final), ("Success", "Success"), ours.tail() + theirs.tail())
                 self.assertEqual(ours.values(*compared), theirs.values(*compared), f"{keys}")
             nonempty += bool(ours.responses)
-        self.assertGreaterEqual(nonempty, len(DIFFERENTIAL_QUERIES) - 3)
+        self.assertGreaterEqual(nonempty, len(queries) - 3)
+
+    @deferred_test
+    async def test_same_answers(self):
+        await self.compare(corpus(), fill_corpus, DIFFERENTIAL_QUERIES)
+
+    @deferred_test
+    async def test_same_answers_when_one_patient_id_has_two_names(self):
+        """Issue 8: studies of one Patient ID under different names are matched and answered as dcmqrscp does,
+        each with its own objects' name and birth date."""
+        await self.compare(conflict_corpus(), fill_conflicts, CONFLICT_QUERIES)

@@ -12,15 +12,16 @@ import enum
 import os
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from pydicom import dcmread
 from twisted.internet import defer
 
 from ..logs import logger
 from .eviction import StorageLimits, plan, shortfall
-from .index import ArchiveIndex, InstanceRow
+from .index import ArchiveIndex, InstanceRow, Upgrade
 from .metadata import ObjectMetadata, extract
+from .patients import Conflict
 from .store import ObjectStore, TempObject
 
 __all__ = ["Archive", "OutOfResources", "Duplicate", "StoredObject", "StoreOutcome", "Runner"]
@@ -98,13 +99,22 @@ class Archive:
         self.db = db
         self.store = ObjectStore(root)
         self.index_path = os.path.join(root, "index.sqlite")
-        self.index = ArchiveIndex(self.index_path)
+        self.index = ArchiveIndex(self.index_path, read_object=self._read_indexed)
+        if self.index.upgrade is not None:
+            _log_upgrade(self.index_path, self.index.upgrade)
         self.size = self.index.total_size()
         self.pins = _Pins()
         self.started_at = clock.seconds()
 
     def close(self) -> None:
         self.index.close()
+
+    def _read_indexed(self, relative: str) -> Optional[ObjectMetadata]:
+        """An indexed object's attributes from its file (upgrading the index), None if it cannot be read."""
+        try:
+            return read_object(self.store.absolute(relative))[0]
+        except Exception:  # a missing or unreadable file: the upgrade keeps the indexed values
+            return None
 
     # --- pins: studies being written or retrieved are never evicted ----------------
 
@@ -135,7 +145,7 @@ class Archive:
         self.pin(study_uid)
         try:
             await self._make_room(obj.temp.size, obj.free_space)
-            outcome, previous, size_delta = await self.db(self._install, obj, self.clock.seconds())
+            outcome, previous, size_delta, conflicts = await self.db(self._install, obj, self.clock.seconds())
         except BaseException:
             yield_ = self.io(self.store.discard, obj.temp)
             await yield_
@@ -143,6 +153,7 @@ class Archive:
         finally:
             self.unpin(study_uid)
         self.size += size_delta
+        log_conflicts(conflicts)
         if previous is not None:
             await self.io(self.store.remove, previous.path)
         return outcome
@@ -154,19 +165,20 @@ class Archive:
         if existing is not None and self.on_duplicate == "keep":
             self.store.discard(obj.temp)
             self.index.touch_studies([existing.study_uid], now)
-            return StoreOutcome.KEPT_EXISTING, None, 0
+            return StoreOutcome.KEPT_EXISTING, None, 0, ()
         if existing is not None and self.on_duplicate == "reject":
             self.store.discard(obj.temp)
             raise Duplicate(f"SOP instance {meta.sop_instance_uid} is stored already (on_duplicate = reject)")
         relative = self.store.relative_path_for(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid)
         self.store.install(obj.temp, relative)
         try:
-            previous = self.index.add(meta, relative, obj.temp.size, obj.transfer_syntax, obj.source_ae, now)
+            added = self.index.add(meta, relative, obj.temp.size, obj.transfer_syntax, obj.source_ae, now)
         except BaseException:
             self.store.remove(relative)
             raise
+        previous = added.previous
         delta = obj.temp.size - (previous.size if previous else 0)
-        return (StoreOutcome.REPLACED if previous else StoreOutcome.STORED), previous, delta
+        return (StoreOutcome.REPLACED if previous else StoreOutcome.STORED), previous, delta, added.conflicts
 
     # --- storage management ----------------------------------------------------------
 
@@ -246,6 +258,7 @@ class Reconciliation:
     stale: List[str] = field(default_factory=list)  # older versions of re-stored instances, removed
     quarantined: List[str] = field(default_factory=list)  # unreadable files, moved aside
     missing: List[InstanceRow] = field(default_factory=list)  # rows whose file was gone, removed
+    conflicts: List[Conflict] = field(default_factory=list)  # patient attributes the re-indexed objects disagree on
 
 
 def _reconcile(store: ObjectStore, index_path: str, started_before: float) -> Reconciliation:
@@ -282,6 +295,7 @@ def _reconcile(store: ObjectStore, index_path: str, started_before: float) -> Re
     for row in result.missing:
         _log.error("index row for SOP instance {sop} pointed to missing file {path}; row removed",
                    sop=row.sop_uid, path=row.path)
+    log_conflicts(result.conflicts)
     return result
 
 
@@ -289,10 +303,7 @@ def _adopt(store: ObjectStore, index: ArchiveIndex, relative: str, mtime: float,
     """Index a stored file the index does not name, or drop it if the index has a newer version."""
     path = store.absolute(relative)
     try:
-        ds = dcmread(path, stop_before_pixels=True, defer_size=1 << 20)
-        meta = extract(ds)
-        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-        source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()
+        meta, transfer_syntax, source_ae = read_object(path)
     except Exception:  # whatever makes it unreadable, a person should look at it
         result.quarantined.append(store.quarantine(relative))
         return
@@ -306,7 +317,41 @@ def _adopt(store: ObjectStore, index: ArchiveIndex, relative: str, mtime: float,
             store.remove(relative)
             result.stale.append(relative)
             return
-    previous = index.add(meta, relative, os.path.getsize(path), transfer_syntax, source_ae, mtime)
-    if previous is not None and previous.path != relative:
-        store.remove(previous.path)
+    added = index.add(meta, relative, os.path.getsize(path), transfer_syntax, source_ae, mtime)
+    if added.previous is not None and added.previous.path != relative:
+        store.remove(added.previous.path)
     result.reindexed.append(relative)
+    result.conflicts.extend(added.conflicts)
+
+
+def read_object(path: str) -> Tuple[ObjectMetadata, str, str]:
+    """A stored Part 10 file's index attributes, transfer syntax and source AE title (pixel data never read)."""
+    ds = dcmread(path, stop_before_pixels=True, defer_size=1 << 20)
+    meta = extract(ds)
+    transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+    source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()
+    return meta, transfer_syntax, source_ae
+
+
+def log_conflicts(conflicts) -> None:
+    """One warning per newly recorded conflict (study, Patient ID, attribute names); the values at debug level."""
+    for conflict in conflicts:
+        if conflict.new:
+            _log.warn("patient attributes conflict: {description}; the study answers with its most recently "
+                      "stored object's values (appliance-archive conflicts lists them)",
+                      description=conflict.describe(), study=conflict.study_uid, patient_id=conflict.patient_id,
+                      attributes=conflict.attributes)
+        else:
+            _log.debug("patient attributes conflict seen again: {description}", description=conflict.describe())
+        _log.debug("conflict values for study {study} (SOP instance {sop}): {values}", study=conflict.study_uid,
+                   sop=conflict.sop_uid or "-",
+                   values="; ".join(f"{keyword} {theirs!r} -> {ours!r}" for keyword, theirs, ours in conflict.values))
+
+
+def _log_upgrade(path: str, upgrade: Upgrade) -> None:
+    _log.warn("upgraded the index {path} from schema version {version}: {studies} studies now answer with the "
+              "patient attributes of their own most recently stored object ({files} read from their files, "
+              "{kept} kept the indexed values: their file could not be read); {conflicts} conflicts recorded",
+              path=path, version=upgrade.from_version, studies=upgrade.studies, files=upgrade.from_files,
+              kept=upgrade.from_index, conflicts=len(upgrade.conflicts))
+    log_conflicts(upgrade.conflicts)

@@ -7,8 +7,12 @@ parameters only.
 
 Each level keeps the columns C-FIND matches on most (indexed), its other
 query attributes in the DICOM JSON model, and the counters PS3.4 computes
-(number of related series and instances).  Studies carry the archive's
-storage management state: size, stored and last-accessed times, protection.
+(number of related series and instances).  Each study keeps the patient
+attributes its own objects carry (never another study's: see
+:mod:`.patients`), and the archive's storage management state: size, stored
+and last-accessed times, protection.  Patient attributes that disagree
+between studies of one Patient ID, or within a study, are recorded as
+conflicts.
 """
 
 from __future__ import annotations
@@ -16,41 +20,31 @@ from __future__ import annotations
 import os
 import sqlite3
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from .matching import fold, name_groups
 from .metadata import ObjectMetadata
+from .patients import Conflict, differences, identity, value_text
 
-__all__ = ["ArchiveIndex", "InstanceRow", "StudyRow", "SCHEMA_VERSION"]
+__all__ = ["ArchiveIndex", "InstanceRow", "StudyRow", "ConflictRow", "Added", "Upgrade", "ObjectReader",
+           "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS patients (
+#: The schema, one statement each (run inside the upgrade's transaction too: no executescript).
+#: The patient attributes live in each study (the most recently stored object's values);
+#: ``patients`` only says which studies are one patient (Patient ID and Issuer), for the counters.
+#: The study's patient columns come last, where the upgrade from version 1 adds them.
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS patients (
     pk INTEGER PRIMARY KEY,
     patient_id TEXT NOT NULL,
     issuer TEXT NOT NULL,
-    patient_name TEXT NOT NULL,
-    birth_date TEXT NOT NULL,
-    sex TEXT NOT NULL,
-    attributes TEXT NOT NULL,
-    -- who the patient is: Patient ID and Issuer, or, without a Patient ID, the study
+    -- who the patient is: Patient ID and Issuer, or, without a Patient ID, the study (patients.identity)
     identity TEXT NOT NULL UNIQUE
-);
-CREATE INDEX IF NOT EXISTS patients_name ON patients (patient_name);
--- C-FIND on Patient ID (p.patient_id IN (...)): without it every query scans all patients
-CREATE INDEX IF NOT EXISTS patients_patient_id ON patients (patient_id);
-CREATE TABLE IF NOT EXISTS patient_names (
-    patient_pk INTEGER NOT NULL REFERENCES patients (pk) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    folded TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS patient_names_name ON patient_names (name);
-CREATE INDEX IF NOT EXISTS patient_names_folded ON patient_names (folded);
-CREATE INDEX IF NOT EXISTS patient_names_patient ON patient_names (patient_pk);
-CREATE INDEX IF NOT EXISTS patients_birth_date ON patients (birth_date);
-CREATE TABLE IF NOT EXISTS studies (
+)""",
+    """CREATE TABLE IF NOT EXISTS studies (
     pk INTEGER PRIMARY KEY,
     patient_pk INTEGER NOT NULL REFERENCES patients (pk),
     study_uid TEXT NOT NULL UNIQUE,
@@ -64,13 +58,32 @@ CREATE TABLE IF NOT EXISTS studies (
     size INTEGER NOT NULL DEFAULT 0,
     stored_at REAL NOT NULL,
     accessed_at REAL NOT NULL,
-    protected INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_pk);
-CREATE INDEX IF NOT EXISTS studies_date ON studies (study_date, study_time);
-CREATE INDEX IF NOT EXISTS studies_accession ON studies (accession_number);
-CREATE INDEX IF NOT EXISTS studies_lru ON studies (protected, accessed_at);
-CREATE TABLE IF NOT EXISTS series (
+    protected INTEGER NOT NULL DEFAULT 0,
+    -- the patient module as this study's own objects carry it: the most recently stored one's
+    patient_id TEXT NOT NULL DEFAULT '',
+    issuer TEXT NOT NULL DEFAULT '',
+    patient_name TEXT NOT NULL DEFAULT '',
+    birth_date TEXT NOT NULL DEFAULT '',
+    sex TEXT NOT NULL DEFAULT '',
+    patient_attributes TEXT NOT NULL DEFAULT '{}',
+    patient_stored_at REAL NOT NULL DEFAULT 0
+)""",
+    "CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_pk)",
+    "CREATE INDEX IF NOT EXISTS studies_date ON studies (study_date, study_time)",
+    "CREATE INDEX IF NOT EXISTS studies_accession ON studies (accession_number)",
+    "CREATE INDEX IF NOT EXISTS studies_lru ON studies (protected, accessed_at)",
+    # C-FIND on Patient ID (st.patient_id IN (...)) and birth dates: without them every query scans all studies
+    "CREATE INDEX IF NOT EXISTS studies_patient_id ON studies (patient_id)",
+    "CREATE INDEX IF NOT EXISTS studies_birth_date ON studies (birth_date)",
+    """CREATE TABLE IF NOT EXISTS study_names (
+    study_pk INTEGER NOT NULL REFERENCES studies (pk) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    folded TEXT NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS study_names_name ON study_names (name)",
+    "CREATE INDEX IF NOT EXISTS study_names_folded ON study_names (folded)",
+    "CREATE INDEX IF NOT EXISTS study_names_study ON study_names (study_pk)",
+    """CREATE TABLE IF NOT EXISTS series (
     pk INTEGER PRIMARY KEY,
     study_pk INTEGER NOT NULL REFERENCES studies (pk),
     series_uid TEXT NOT NULL UNIQUE,
@@ -78,10 +91,10 @@ CREATE TABLE IF NOT EXISTS series (
     series_number INTEGER,
     attributes TEXT NOT NULL,
     num_instances INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS series_study ON series (study_pk);
-CREATE INDEX IF NOT EXISTS series_modality ON series (modality);
-CREATE TABLE IF NOT EXISTS instances (
+)""",
+    "CREATE INDEX IF NOT EXISTS series_study ON series (study_pk)",
+    "CREATE INDEX IF NOT EXISTS series_modality ON series (modality)",
+    """CREATE TABLE IF NOT EXISTS instances (
     pk INTEGER PRIMARY KEY,
     series_pk INTEGER NOT NULL REFERENCES series (pk),
     sop_uid TEXT NOT NULL UNIQUE,
@@ -93,11 +106,31 @@ CREATE TABLE IF NOT EXISTS instances (
     source_ae TEXT NOT NULL,
     stored_at REAL NOT NULL,
     attributes TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS instances_series ON instances (series_pk);
-CREATE INDEX IF NOT EXISTS instances_sop_class ON instances (sop_class);
-CREATE INDEX IF NOT EXISTS instances_path ON instances (path);
-"""
+)""",
+    "CREATE INDEX IF NOT EXISTS instances_series ON instances (series_pk)",
+    "CREATE INDEX IF NOT EXISTS instances_sop_class ON instances (sop_class)",
+    "CREATE INDEX IF NOT EXISTS instances_path ON instances (path)",
+    # patient attributes that differ between studies of one patient, or within a study (patients.Conflict)
+    """CREATE TABLE IF NOT EXISTS conflicts (
+    pk INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    -- empty: the study's own earlier objects
+    other_study_uid TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    issuer TEXT NOT NULL,
+    -- keywords, comma-separated
+    attributes TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    occurrences INTEGER NOT NULL DEFAULT 1,
+    UNIQUE (study_uid, other_study_uid, attributes)
+)""",
+    "CREATE INDEX IF NOT EXISTS conflicts_other ON conflicts (other_study_uid)",
+)
+
+#: Most conflicting studies of one patient compared with each stored object (the rest are alike or many).
+MAX_COMPARED_STUDIES = 64
 
 
 @dataclass(frozen=True)
@@ -126,11 +159,59 @@ class StudyRow:
     protected: bool
 
 
-class ArchiveIndex:
-    """One SQLite connection to the index at ``path`` (created on first use)."""
+@dataclass(frozen=True)
+class ConflictRow:
+    """A recorded conflict (``appliance-archive conflicts``)."""
 
-    def __init__(self, path: str) -> None:
+    study_uid: str
+    other_study_uid: str
+    patient_id: str
+    issuer: str
+    attributes: Tuple[str, ...]
+    sop_uid: str
+    first_seen: float
+    last_seen: float
+    occurrences: int
+
+
+@dataclass(frozen=True)
+class Added:
+    """What :meth:`ArchiveIndex.add` did: the instance it replaced, and the conflicts the object showed."""
+
+    previous: Optional[InstanceRow]
+    conflicts: Tuple[Conflict, ...] = ()
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    """What opening an index of an older schema did (the archive logs it)."""
+
+    from_version: int
+    studies: int
+    #: studies whose patient attributes were read from their most recently stored object
+    from_files: int
+    #: studies whose object could not be read: their patient's indexed values were kept
+    from_index: int
+    conflicts: Tuple[Conflict, ...] = ()
+
+
+#: ``read_object(relative path) -> ObjectMetadata or None``: an indexed object's attributes read from its file.
+ObjectReader = Callable[[str], Optional[ObjectMetadata]]
+
+
+class ArchiveIndex:
+    """One SQLite connection to the index at ``path`` (created on first use).
+
+    An index of schema version 1 is upgraded when opened, in one
+    transaction: ``read_object`` reads each study's most recently stored
+    object so that the study gets the patient attributes its own objects
+    carry (version 1 kept one set per Patient ID, the last stored).  Without
+    ``read_object`` such an index is refused.  :attr:`upgrade` says what was done.
+    """
+
+    def __init__(self, path: str, read_object: Optional[ObjectReader] = None) -> None:
         self.path = path
+        self.upgrade: Optional[Upgrade] = None
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
@@ -140,13 +221,34 @@ class ArchiveIndex:
         # fsynced files that the start-up reconciliation indexes again (archive._reconcile).
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(_SCHEMA)  # idempotent; executescript commits on its own
-        with self.transaction():
-            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise RuntimeError(f"{path}: index schema version {row[0]}, this release reads {SCHEMA_VERSION}")
+        try:
+            self._open(read_object)
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _open(self, read_object: Optional[ObjectReader]) -> None:
+        version = self._version()
+        if version == 1:
+            if read_object is None:
+                raise RuntimeError(f"{self.path}: index schema version 1 must be upgraded by the appliance "
+                                   f"(it reads the stored objects)")
+            self.upgrade = _upgrade_from_1(self, read_object)
+            version = SCHEMA_VERSION
+        if version not in (None, SCHEMA_VERSION):
+            raise RuntimeError(f"{self.path}: index schema version {version}, this release reads {SCHEMA_VERSION}")
+        with self.transaction() as db:
+            for statement in _SCHEMA:  # idempotent
+                db.execute(statement)
+            if version is None:
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _version(self) -> Optional[int]:
+        """The schema version written in the index; None for a new, empty one."""
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+            return None
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return None if row is None else int(row[0])
 
     def close(self) -> None:
         self.db.close()
@@ -189,18 +291,18 @@ class ArchiveIndex:
         transfer_syntax: str,
         source_ae: str,
         now: float,
-    ) -> Optional[InstanceRow]:
-        """Index a stored object (replacing any instance with its SOP Instance UID).
+    ) -> Added:
+        """Index a stored object (replacing any instance with its SOP Instance UID), stored at ``now``.
 
-        Returns the replaced instance's row, whose file the caller removes
-        if its path differs.  One transaction.
+        Returns the replaced instance's row, whose file the caller removes if
+        its path differs, and the patient attribute conflicts the object
+        showed (recorded in the index; the caller logs them).  One transaction.
         """
         with self.transaction() as db:
             previous = self.lookup(meta.sop_instance_uid)
-            if previous is not None:
-                self._delete_instance(previous.sop_uid)
-            patient_pk = self._upsert_patient(db, meta)
-            study_pk = self._upsert_study(db, meta, patient_pk, now)
+            parents = self._remove_instance(previous.sop_uid) if previous is not None else None
+            patient_pk = self._patient(db, meta.patient_id, meta.issuer_of_patient_id, meta.study_instance_uid)
+            study_pk, conflicts = self._upsert_study(db, meta, patient_pk, now)
             series_pk = self._upsert_series(db, meta, study_pk)
             db.execute(
                 """INSERT INTO instances (series_pk, sop_uid, sop_class, instance_number, transfer_syntax,
@@ -214,56 +316,134 @@ class ArchiveIndex:
                 "UPDATE studies SET num_instances = num_instances + 1, size = size + ? WHERE pk = ?",
                 (size, study_pk),
             )
-        return previous
+            if parents is not None:  # the replaced instance's series, study and patient, if it left them empty
+                self._prune(*parents)
+        return Added(previous, tuple(conflicts))
 
     @staticmethod
     def patient_identity(meta: ObjectMetadata) -> str:
-        """Objects with the same Patient ID and Issuer belong to one patient; without a Patient ID
-        nothing says two studies share a patient, so each such study has a patient of its own."""
-        if meta.patient_id:
-            return f"id\\{meta.patient_id}\\{meta.issuer_of_patient_id}"
-        return f"study\\{meta.study_instance_uid}"
+        """Objects with the same Patient ID and Issuer belong to one patient (:func:`.patients.identity`)."""
+        return identity(meta.patient_id, meta.issuer_of_patient_id, meta.study_instance_uid)
 
-    def _upsert_patient(self, db: sqlite3.Connection, meta: ObjectMetadata) -> int:
-        identity = self.patient_identity(meta)
-        row = db.execute("SELECT pk FROM patients WHERE identity = ?", (identity,)).fetchone()
-        values = (meta.patient_name, meta.patient_birth_date, meta.patient_sex, meta.patient_json)
+    @staticmethod
+    def _patient(db: sqlite3.Connection, patient_id: str, issuer: str, study_uid: str) -> int:
+        """The patient (Patient ID and Issuer) a study's objects name: its pk, the row made if new."""
+        who = identity(patient_id, issuer, study_uid)
+        row = db.execute("SELECT pk FROM patients WHERE identity = ?", (who,)).fetchone()
         if row is not None:
-            pk = row[0]
-            db.execute(
-                "UPDATE patients SET patient_name = ?, birth_date = ?, sex = ?, attributes = ? WHERE pk = ?",
-                values + (pk,),
-            )
-            db.execute("DELETE FROM patient_names WHERE patient_pk = ?", (pk,))
-        else:
-            pk = db.execute(
-                "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex, attributes, identity)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (meta.patient_id, meta.issuer_of_patient_id) + values + (identity,),
-            ).lastrowid
-        # each component group of the name, as stored and case/accent-folded, for C-FIND
-        db.executemany(
-            "INSERT INTO patient_names (patient_pk, name, folded) VALUES (?, ?, ?)",
-            [(pk, group, fold(group)) for group in name_groups(meta.patient_name)],
-        )
-        return pk
-
-    def _upsert_study(self, db: sqlite3.Connection, meta: ObjectMetadata, patient_pk: int, now: float) -> int:
-        row = db.execute("SELECT pk FROM studies WHERE study_uid = ?", (meta.study_instance_uid,)).fetchone()
-        values = (meta.study_date, meta.study_time, meta.accession_number, meta.study_id, meta.study_json)
-        if row is not None:
-            db.execute(
-                """UPDATE studies SET study_date = ?, study_time = ?, accession_number = ?, study_id = ?,
-                       attributes = ?, accessed_at = ? WHERE pk = ?""",
-                values + (now, row[0]),
-            )
             return row[0]
-        cursor = db.execute(
-            """INSERT INTO studies (patient_pk, study_uid, study_date, study_time, accession_number, study_id,
-                   attributes, stored_at, accessed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            (patient_pk, meta.study_instance_uid) + values + (now, now),
+        return db.execute("INSERT INTO patients (patient_id, issuer, identity) VALUES (?, ?, ?)",
+                          (patient_id, issuer, who)).lastrowid
+
+    @staticmethod
+    def _patient_columns(meta: ObjectMetadata) -> tuple:
+        return (meta.patient_id, meta.issuer_of_patient_id, meta.patient_name, meta.patient_birth_date,
+                meta.patient_sex, meta.patient_json)
+
+    @staticmethod
+    def _set_names(db: sqlite3.Connection, study_pk: int, name: str, replace: bool = True) -> None:
+        """Each component group of the study's patient name, as stored and case/accent-folded, for C-FIND."""
+        if replace:
+            db.execute("DELETE FROM study_names WHERE study_pk = ?", (study_pk,))
+        db.executemany("INSERT INTO study_names (study_pk, name, folded) VALUES (?, ?, ?)",
+                       [(study_pk, group, fold(group)) for group in name_groups(name)])
+
+    def _upsert_study(
+        self, db: sqlite3.Connection, meta: ObjectMetadata, patient_pk: int, now: float
+    ) -> Tuple[int, List[Conflict]]:
+        row = db.execute("SELECT pk, patient_pk, patient_attributes, patient_stored_at FROM studies "
+                         "WHERE study_uid = ?", (meta.study_instance_uid,)).fetchone()
+        values = (meta.study_date, meta.study_time, meta.accession_number, meta.study_id, meta.study_json)
+        if row is None:
+            study_pk = db.execute(
+                """INSERT INTO studies (patient_pk, study_uid, study_date, study_time, accession_number, study_id,
+                       attributes, stored_at, accessed_at, patient_id, issuer, patient_name, birth_date, sex,
+                       patient_attributes, patient_stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (patient_pk, meta.study_instance_uid) + values + (now, now) + self._patient_columns(meta) + (now,),
+            ).lastrowid
+            self._set_names(db, study_pk, meta.patient_name, replace=False)
+            return study_pk, self._compare_with_patient(db, study_pk, patient_pk, meta, now)
+        study_pk, old_patient_pk, old_attributes, patient_stored_at = row
+        db.execute(
+            """UPDATE studies SET study_date = ?, study_time = ?, accession_number = ?, study_id = ?,
+                   attributes = ?, accessed_at = ? WHERE pk = ?""",
+            values + (now, study_pk),
         )
-        return cursor.lastrowid
+        if old_attributes == meta.patient_json and old_patient_pk == patient_pk:
+            return study_pk, []  # the common case: the study's objects agree
+        conflicts: List[Conflict] = []
+        differing = differences(old_attributes, meta.patient_json)
+        if differing:
+            conflicts.append(self._record(db, meta.study_instance_uid, "", self._ours(meta), differing, old_attributes,
+                                          now))
+        if now >= patient_stored_at:  # the most recently stored object's values stand
+            db.execute(
+                """UPDATE studies SET patient_pk = ?, patient_id = ?, issuer = ?, patient_name = ?, birth_date = ?,
+                       sex = ?, patient_attributes = ?, patient_stored_at = ? WHERE pk = ?""",
+                (patient_pk,) + self._patient_columns(meta) + (now, study_pk),
+            )
+            self._set_names(db, study_pk, meta.patient_name)
+            if old_patient_pk != patient_pk:
+                self._prune_patient(old_patient_pk)
+            if differing:
+                conflicts.extend(self._compare_with_patient(db, study_pk, patient_pk, meta, now))
+        return study_pk, conflicts
+
+    def _compare_with_patient(
+        self, db: sqlite3.Connection, study_pk: int, patient_pk: int, meta: ObjectMetadata, now: float
+    ) -> List[Conflict]:
+        """Conflicts of a study's (new) patient attributes with the other studies of its patient."""
+        others = db.execute(
+            "SELECT study_uid, patient_attributes FROM studies WHERE patient_pk = ? AND pk != ? "
+            "AND patient_attributes != ? LIMIT ?",
+            (patient_pk, study_pk, meta.patient_json, MAX_COMPARED_STUDIES),
+        ).fetchall()
+        conflicts = []
+        for other_uid, theirs in others:
+            differing = differences(theirs, meta.patient_json)
+            if differing:
+                conflicts.append(self._record(db, meta.study_instance_uid, other_uid, self._ours(meta), differing, theirs,
+                                              now))
+        return conflicts
+
+    @staticmethod
+    def _record(
+        db: sqlite3.Connection,
+        study_uid: str,
+        other_uid: str,
+        ours: Tuple[str, str, str, str],
+        differing: Tuple[str, ...],
+        theirs: str,
+        now: float,
+    ) -> Conflict:
+        """Record a conflict (counted again if the pair of studies already has it, either way round).
+
+        ``ours``: (Patient ID, Issuer, patient JSON, SOP Instance UID) of the object that showed it;
+        ``theirs``: the patient JSON it differs from.
+        """
+        patient_id, issuer, attributes_json, sop_uid = ours
+        attributes = ",".join(differing)
+        row = db.execute(
+            "SELECT pk FROM conflicts WHERE attributes = ? AND ((study_uid = ? AND other_study_uid = ?) "
+            "OR (study_uid = ? AND other_study_uid = ?))",
+            (attributes, study_uid, other_uid, other_uid, study_uid),
+        ).fetchone()
+        if row is None:
+            db.execute(
+                "INSERT INTO conflicts (study_uid, other_study_uid, patient_id, issuer, attributes, sop_uid, "
+                "first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (study_uid, other_uid, patient_id, issuer, attributes, sop_uid, now, now),
+            )
+        else:
+            db.execute("UPDATE conflicts SET occurrences = occurrences + 1, last_seen = ?, sop_uid = ? WHERE pk = ?",
+                       (now, sop_uid, row[0]))
+        values = tuple((keyword, value_text(theirs, keyword), value_text(attributes_json, keyword))
+                       for keyword in differing)
+        return Conflict(study_uid, patient_id, issuer, differing, other_uid, sop_uid, row is None, values)
+
+    @staticmethod
+    def _ours(meta: ObjectMetadata) -> Tuple[str, str, str, str]:
+        return meta.patient_id, meta.issuer_of_patient_id, meta.patient_json, meta.sop_instance_uid
 
     def _upsert_series(self, db: sqlite3.Connection, meta: ObjectMetadata, study_pk: int) -> int:
         row = db.execute("SELECT pk, study_pk FROM series WHERE series_uid = ?", (meta.series_instance_uid,)).fetchone()
@@ -282,8 +462,8 @@ class ArchiveIndex:
 
     # --- removing ----------------------------------------------------------------
 
-    def _delete_instance(self, sop_uid: str) -> None:
-        """Delete one instance row and maintain counters; empty series, studies and patients go too."""
+    def _remove_instance(self, sop_uid: str) -> Optional[Tuple[int, int, int]]:
+        """Delete one instance row and maintain counters; returns its (series, study, patient) pks, or None."""
         db = self.db
         row = db.execute(
             """SELECT i.pk, i.size, se.pk, st.pk, st.patient_pk FROM instances i
@@ -292,24 +472,36 @@ class ArchiveIndex:
             (sop_uid,),
         ).fetchone()
         if row is None:
-            return
+            return None
         instance_pk, size, series_pk, study_pk, patient_pk = row
         db.execute("DELETE FROM instances WHERE pk = ?", (instance_pk,))
         db.execute("UPDATE series SET num_instances = num_instances - 1 WHERE pk = ?", (series_pk,))
         db.execute("UPDATE studies SET num_instances = num_instances - 1, size = size - ? WHERE pk = ?", (size, study_pk))
+        return series_pk, study_pk, patient_pk
+
+    def _prune(self, series_pk: int, study_pk: int, patient_pk: int) -> None:
+        """Remove a series, study and patient left without instances (and the conflicts of such a study)."""
+        db = self.db
         if db.execute("SELECT num_instances FROM series WHERE pk = ?", (series_pk,)).fetchone()[0] == 0:
             db.execute("DELETE FROM series WHERE pk = ?", (series_pk,))
             db.execute("UPDATE studies SET num_series = num_series - 1 WHERE pk = ?", (study_pk,))
-        if db.execute("SELECT num_instances FROM studies WHERE pk = ?", (study_pk,)).fetchone()[0] == 0:
+        study = db.execute("SELECT num_instances, study_uid, patient_pk FROM studies WHERE pk = ?", (study_pk,)).fetchone()
+        if study[0] == 0:
             db.execute("DELETE FROM studies WHERE pk = ?", (study_pk,))
-            if db.execute("SELECT 1 FROM studies WHERE patient_pk = ? LIMIT 1", (patient_pk,)).fetchone() is None:
-                db.execute("DELETE FROM patients WHERE pk = ?", (patient_pk,))
+            db.execute("DELETE FROM conflicts WHERE study_uid = ? OR other_study_uid = ?", (study[1], study[1]))
+            self._prune_patient(study[2])
+
+    def _prune_patient(self, patient_pk: int) -> None:
+        if self.db.execute("SELECT 1 FROM studies WHERE patient_pk = ? LIMIT 1", (patient_pk,)).fetchone() is None:
+            self.db.execute("DELETE FROM patients WHERE pk = ?", (patient_pk,))
 
     def delete_instances(self, sop_uids: Iterable[str]) -> None:
         """Delete instance rows (after their files were removed), in one transaction."""
         with self.transaction():
             for sop_uid in sop_uids:
-                self._delete_instance(sop_uid)
+                parents = self._remove_instance(sop_uid)
+                if parents is not None:
+                    self._prune(*parents)
 
     def study_instances(self, study_uid: str) -> List[InstanceRow]:
         rows = self.db.execute(
@@ -376,19 +568,53 @@ class ArchiveIndex:
 
     def studies(self) -> List[StudyRow]:
         rows = self.db.execute(
-            """SELECT st.study_uid, p.patient_id, p.patient_name, st.study_date, st.attributes, st.num_series,
-                      st.num_instances, st.size, st.stored_at, st.accessed_at, st.protected
-               FROM studies st JOIN patients p ON st.patient_pk = p.pk ORDER BY st.accessed_at DESC"""
+            """SELECT study_uid, patient_id, patient_name, study_date, attributes, num_series, num_instances, size,
+                      stored_at, accessed_at, protected
+               FROM studies ORDER BY accessed_at DESC"""
         ).fetchall()
         return [StudyRow(*row[:-1], bool(row[-1])) for row in rows]
 
-    def patients(self) -> List[Tuple[str, str, int, int]]:
-        """(patient ID, name, number of studies, total size) for every patient."""
-        return self.db.execute(
-            """SELECT p.patient_id, p.patient_name, COUNT(st.pk), COALESCE(SUM(st.size), 0)
-               FROM patients p LEFT JOIN studies st ON st.patient_pk = p.pk
-               GROUP BY p.pk ORDER BY p.patient_name, p.patient_id"""
+    def patients(self) -> List[Tuple[str, str, Tuple[str, ...], int, int]]:
+        """(patient ID, issuer, the names its studies carry (most recently stored first), number of studies, total
+        size) for every patient, by Patient ID."""
+        rows = self.db.execute(
+            """SELECT p.patient_id, p.issuer, st.patient_name, st.size FROM patients p
+               JOIN studies st ON st.patient_pk = p.pk ORDER BY p.pk, st.patient_stored_at DESC, st.pk DESC"""
         ).fetchall()
+        patients: Dict[Tuple[str, str], list] = {}
+        order = []
+        for patient_id, issuer, name, size in rows:
+            key = (patient_id, issuer) if patient_id else (patient_id, f"{len(order)}")
+            entry = patients.get(key)
+            if entry is None:
+                entry = patients[key] = [patient_id, issuer, [], 0, 0]
+                order.append(key)
+            if name not in entry[2]:
+                entry[2].append(name)
+            entry[3] += 1
+            entry[4] += size
+        listed = [(pid, issuer, tuple(names), studies, size) for pid, issuer, names, studies, size
+                  in (patients[key] for key in order)]
+        return sorted(listed, key=lambda row: (row[0], row[1], row[2]))
+
+    def conflicts(self, study_uid: Optional[str] = None) -> List[ConflictRow]:
+        """Recorded patient attribute conflicts (of one study, either side), newest first."""
+        where, params = "", ()
+        if study_uid is not None:
+            where, params = "WHERE study_uid = ? OR other_study_uid = ?", (study_uid, study_uid)
+        rows = self.db.execute(
+            f"""SELECT study_uid, other_study_uid, patient_id, issuer, attributes, sop_uid, first_seen, last_seen,
+                       occurrences FROM conflicts {where} ORDER BY last_seen DESC, pk DESC""", params
+        ).fetchall()
+        return [ConflictRow(row[0], row[1], row[2], row[3], tuple(row[4].split(",")), *row[5:]) for row in rows]
+
+    def clear_conflicts(self, study_uid: Optional[str] = None) -> int:
+        """Forget recorded conflicts (of one study, either side, or all); returns how many."""
+        with self.transaction() as db:
+            if study_uid is None:
+                return db.execute("DELETE FROM conflicts").rowcount
+            return db.execute("DELETE FROM conflicts WHERE study_uid = ? OR other_study_uid = ?",
+                              (study_uid, study_uid)).rowcount
 
     def all_instances(self) -> Iterator[InstanceRow]:
         cursor = self.db.execute(
@@ -407,3 +633,85 @@ class ArchiveIndex:
             self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
             for table in ("patients", "studies", "series", "instances")
         )
+
+
+# --- upgrading -------------------------------------------------------------------------
+
+
+def _upgrade_from_1(index: ArchiveIndex, read_object: ObjectReader) -> Upgrade:
+    """Schema 1 -> 2: each study gets the patient attributes its own objects carry.
+
+    Version 1 kept one set of patient attributes per Patient ID and Issuer,
+    overwritten by whatever object was stored last, so a study could answer
+    with a name its images do not carry.  Each study's most recently stored
+    object is read from its file (before the transaction: the index stays
+    readable meanwhile); where it cannot be read, the study keeps its
+    patient's indexed values.  A study whose newest object names another
+    Patient ID moves to that patient.  Studies of one patient whose
+    attributes then differ are recorded as conflicts.  Everything else is
+    one transaction: a crash leaves version 1, upgraded again at the next start.
+    """
+    db = index.db
+    newest = db.execute(
+        """SELECT st.pk, st.study_uid,
+                  (SELECT i.path FROM instances i JOIN series se ON i.series_pk = se.pk
+                   WHERE se.study_pk = st.pk ORDER BY i.stored_at DESC, i.pk DESC LIMIT 1),
+                  (SELECT MAX(i.stored_at) FROM instances i JOIN series se ON i.series_pk = se.pk
+                   WHERE se.study_pk = st.pk)
+           FROM studies st"""
+    ).fetchall()
+    read: Dict[int, Tuple[ObjectMetadata, float]] = {}
+    for study_pk, study_uid, path, stored_at in newest:
+        meta = read_object(path) if path else None
+        if meta is not None and meta.study_instance_uid == study_uid:
+            read[study_pk] = (meta, stored_at)
+    conflicts: List[Conflict] = []
+    with index.transaction():
+        for name in ("patients_name", "patients_birth_date", "patients_patient_id", "patient_names_name",
+                     "patient_names_folded", "patient_names_patient"):
+            db.execute(f"DROP INDEX IF EXISTS {name}")
+        for column, definition in (("patient_id", "TEXT NOT NULL DEFAULT ''"), ("issuer", "TEXT NOT NULL DEFAULT ''"),
+                                   ("patient_name", "TEXT NOT NULL DEFAULT ''"),
+                                   ("birth_date", "TEXT NOT NULL DEFAULT ''"), ("sex", "TEXT NOT NULL DEFAULT ''"),
+                                   ("patient_attributes", "TEXT NOT NULL DEFAULT '{}'"),
+                                   ("patient_stored_at", "REAL NOT NULL DEFAULT 0")):
+            db.execute(f"ALTER TABLE studies ADD COLUMN {column} {definition}")
+        # first the patient's indexed values, for studies whose object cannot be read
+        db.execute(
+            """UPDATE studies SET (patient_id, issuer, patient_name, birth_date, sex, patient_attributes) =
+                   (SELECT patient_id, issuer, patient_name, birth_date, sex, attributes FROM patients
+                    WHERE patients.pk = studies.patient_pk), patient_stored_at = stored_at"""
+        )
+        db.execute("DROP TABLE patient_names")
+        for column in ("patient_name", "birth_date", "sex", "attributes"):
+            db.execute(f"ALTER TABLE patients DROP COLUMN {column}")
+        for statement in _SCHEMA:
+            db.execute(statement)
+        for study_pk, (meta, stored_at) in read.items():
+            patient_pk = index._patient(db, meta.patient_id, meta.issuer_of_patient_id, meta.study_instance_uid)
+            db.execute(
+                """UPDATE studies SET patient_pk = ?, patient_id = ?, issuer = ?, patient_name = ?, birth_date = ?,
+                       sex = ?, patient_attributes = ?, patient_stored_at = ? WHERE pk = ?""",
+                (patient_pk,) + index._patient_columns(meta) + (stored_at, study_pk),
+            )
+        for study_pk, name in db.execute("SELECT pk, patient_name FROM studies").fetchall():
+            index._set_names(db, study_pk, name, replace=False)
+        db.execute("DELETE FROM patients WHERE pk NOT IN (SELECT patient_pk FROM studies)")
+        # studies of one patient that now disagree: each compared with those stored before it
+        now = max((stored_at for _, _, _, stored_at in newest if stored_at is not None), default=0.0)
+        disagreeing = db.execute(
+            "SELECT patient_pk FROM studies GROUP BY patient_pk HAVING COUNT(DISTINCT patient_attributes) > 1"
+        ).fetchall()
+        for (patient_pk,) in disagreeing:
+            studies = db.execute(
+                "SELECT study_uid, patient_id, issuer, patient_attributes FROM studies WHERE patient_pk = ? "
+                "ORDER BY patient_stored_at, pk", (patient_pk,)).fetchall()
+            for position, (study_uid, patient_id, issuer, attributes) in enumerate(studies):
+                for other_uid, _, _, theirs in studies[:position][-MAX_COMPARED_STUDIES:]:
+                    differing = differences(theirs, attributes)
+                    if differing:
+                        conflicts.append(index._record(db, study_uid, other_uid, (patient_id, issuer, attributes, ""),
+                                                       differing, theirs, now))
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+    return Upgrade(1, len(newest), len(read), len(newest) - len(read), tuple(conflicts))
+

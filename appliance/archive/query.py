@@ -78,12 +78,13 @@ def _keys() -> Dict[str, Key]:
     ):
         for keyword in keywords:
             keys[keyword] = Key(keyword, level, json_level=json_level)
+    # patient attributes are the study's own (archive/patients.py), matched and answered at every level
     columns = {
-        "PatientName": "p.patient_name",
-        "PatientID": "p.patient_id",
-        "IssuerOfPatientID": "p.issuer",
-        "PatientBirthDate": "p.birth_date",
-        "PatientSex": "p.sex",
+        "PatientName": "st.patient_name",
+        "PatientID": "st.patient_id",
+        "IssuerOfPatientID": "st.issuer",
+        "PatientBirthDate": "st.birth_date",
+        "PatientSex": "st.sex",
         "StudyInstanceUID": "st.study_uid",
         "StudyDate": "st.study_date",
         "StudyTime": "st.study_time",
@@ -104,6 +105,8 @@ def _keys() -> Dict[str, Key]:
         ("NumberOfStudyRelatedSeries", "STUDY"),
         ("NumberOfStudyRelatedInstances", "STUDY"),
         ("NumberOfPatientRelatedStudies", "PATIENT"),
+        ("NumberOfPatientRelatedSeries", "PATIENT"),
+        ("NumberOfPatientRelatedInstances", "PATIENT"),
         ("NumberOfSeriesRelatedInstances", "SERIES"),
         ("RetrieveAETitle", "PATIENT"),
         ("InstanceAvailability", "PATIENT"),
@@ -119,16 +122,15 @@ _DATE_TIME_PAIRS = (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"), ("
                     ("AcquisitionDate", "AcquisitionTime"))
 
 _FROM = {
-    "STUDY": "FROM studies st JOIN patients p ON st.patient_pk = p.pk",
-    "SERIES": "FROM series se JOIN studies st ON se.study_pk = st.pk JOIN patients p ON st.patient_pk = p.pk",
-    "IMAGE": "FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies st ON se.study_pk = st.pk "
-    "JOIN patients p ON st.patient_pk = p.pk",
+    "STUDY": "FROM studies st",
+    "SERIES": "FROM series se JOIN studies st ON se.study_pk = st.pk",
+    "IMAGE": "FROM instances i JOIN series se ON i.series_pk = se.pk JOIN studies st ON se.study_pk = st.pk",
 }
 _SELECT = {
-    "STUDY": "p.pk, p.attributes, st.pk, st.attributes, st.num_series, st.num_instances",
-    "SERIES": "p.pk, p.attributes, st.pk, st.attributes, st.num_series, st.num_instances, "
+    "STUDY": "st.patient_pk, st.patient_attributes, st.pk, st.attributes, st.num_series, st.num_instances",
+    "SERIES": "st.patient_pk, st.patient_attributes, st.pk, st.attributes, st.num_series, st.num_instances, "
     "se.pk, se.attributes, se.num_instances",
-    "IMAGE": "p.pk, p.attributes, st.pk, st.attributes, st.num_series, st.num_instances, "
+    "IMAGE": "st.patient_pk, st.patient_attributes, st.pk, st.attributes, st.num_series, st.num_instances, "
     "se.pk, se.attributes, se.num_instances, i.attributes",
 }
 
@@ -305,7 +307,7 @@ def _pushdown(key: Key, text: str, insensitive: bool) -> Optional[Tuple[str, Lis
             operator, value = "GLOB", M.glob_pattern(value)
         else:
             operator = "="  # compared as it is: GLOB's escapes would make "[" never match
-        return f"p.pk IN (SELECT patient_pk FROM patient_names WHERE {column_name} {operator} ?)", [value]
+        return f"st.pk IN (SELECT study_pk FROM study_names WHERE {column_name} {operator} ?)", [value]
     if vr == "IS":
         try:
             numbers = [int(v) for v in text.split("\\")]
@@ -338,6 +340,10 @@ def _sequence_term(key: Key, element, insensitive: bool) -> _Term:
 
 
 # --- running ------------------------------------------------------------------------
+
+#: computed patient counters: which of (studies, series, instances)
+_PATIENT_COUNTS = {"NumberOfPatientRelatedStudies": 0, "NumberOfPatientRelatedSeries": 1,
+                   "NumberOfPatientRelatedInstances": 2}
 
 
 def _json_text(entry: Optional[dict]) -> Any:
@@ -374,6 +380,7 @@ class QueryRun:
         self.db = sqlite3.connect(uri, uri=True, timeout=30.0, check_same_thread=False)
         self.cursor = self.db.execute(query.sql, query.params)
         self._modalities: Dict[int, List[str]] = {}
+        self._patient_counts: Dict[int, Tuple[int, int, int]] = {}
         self.done = False
 
     def close(self) -> None:
@@ -448,9 +455,15 @@ class QueryRun:
             return {"vr": "IS", "Value": [values["num_instances"]]}
         if name == "NumberOfSeriesRelatedInstances":
             return {"vr": "IS", "Value": [values.get("series_instances", 0)]}
-        if name == "NumberOfPatientRelatedStudies":
-            count = self.db.execute("SELECT COUNT(*) FROM studies WHERE patient_pk = ?", (values["patient_pk"],))
-            return {"vr": "IS", "Value": [count.fetchone()[0]]}
+        if name in _PATIENT_COUNTS:
+            # by Patient ID and Issuer (every study of the patient, whatever names they carry)
+            counts = self._patient_counts.get(values["patient_pk"])
+            if counts is None:
+                counts = self.db.execute(
+                    "SELECT COUNT(*), SUM(num_series), SUM(num_instances) FROM studies WHERE patient_pk = ?",
+                    (values["patient_pk"],)).fetchone()
+                self._patient_counts = {values["patient_pk"]: counts}
+            return {"vr": "IS", "Value": [counts[_PATIENT_COUNTS[name]]]}
         if name == "ModalitiesInStudy":
             study_pk = values["study_pk"]
             modalities = self._modalities.get(study_pk)

@@ -5,6 +5,7 @@
     appliance-archive [--config PATH] protect STUDY_UID | unprotect STUDY_UID
     appliance-archive [--config PATH] evict --dry-run [--bytes N]
     appliance-archive [--config PATH] verify
+    appliance-archive [--config PATH] conflicts [--clear STUDY_UID | --clear-all]
 
 It works on the archive's files and index directly, safely beside a running
 appliance (SQLite's locking; files are removed before their rows).
@@ -59,9 +60,11 @@ def _run(deferred):
 def _list(archive: Archive, patients: bool, out) -> int:
     if patients:
         rows = archive.index.patients()
-        print(f"{'PATIENT ID':<20} {'NAME':<32} {'STUDIES':>7} {'SIZE':>10}", file=out)
-        for patient_id, name, studies, size in rows:
-            print(f"{patient_id:<20} {name:<32} {studies:>7} {_size(size):>10}", file=out)
+        # the names the patient's studies carry, most recently stored first (more than one: see `conflicts`)
+        print(f"{'PATIENT ID':<20} {'ISSUER':<16} {'STUDIES':>7} {'SIZE':>10}  NAMES", file=out)
+        for patient_id, issuer, names, studies, size in rows:
+            print(f"{patient_id or '-':<20} {issuer or '-':<16} {studies:>7} {_size(size):>10}  {' | '.join(names)}",
+                  file=out)
         return 0
     print(f"{'STUDY INSTANCE UID':<64} {'PATIENT ID':<16} {'DATE':<8} {'SER':>4} {'INST':>6} {'SIZE':>10} "
           f"{'STORED':<19} {'ACCESSED':<19} PROTECTED", file=out)
@@ -128,6 +131,19 @@ def _verify(archive: Archive, out) -> int:
     return 1 if problems else 0
 
 
+def _conflicts(archive: Archive, out) -> int:
+    """Patient attributes that differ between studies of one Patient ID, or within one study."""
+    rows = archive.index.conflicts()
+    for row in rows:
+        issuer = f" (issuer {row.issuer})" if row.issuer else ""
+        against = f"study {row.other_study_uid}" if row.other_study_uid else "its own earlier objects"
+        times = f"{row.occurrences} times, last {_when(row.last_seen)}" if row.occurrences > 1 else "once"
+        print(f"{_when(row.first_seen)}  Patient ID {row.patient_id or '(none)'}{issuer}: study {row.study_uid} "
+              f"differs from {against} in {', '.join(row.attributes)} (seen {times})", file=out)
+    print(f"{len(rows)} conflicts", file=out)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None, out=None) -> int:
     out = out or sys.stdout
     parser = argparse.ArgumentParser(prog="appliance-archive", description="Manage the Disk-Server's archive.")
@@ -142,6 +158,12 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
     evict.add_argument("--dry-run", action="store_true", required=True)
     evict.add_argument("--bytes", type=int, default=None, help="bytes to free (default: what the limits need now)")
     commands.add_parser("verify", help="check the archive's files against its index")
+    conflicts = commands.add_parser(
+        "conflicts", help="list studies whose patient attributes differ from another study of the same Patient ID "
+                          "or within the study")
+    clearing = conflicts.add_mutually_exclusive_group()
+    clearing.add_argument("--clear", metavar="STUDY_UID", help="forget the conflicts of this study (once fixed)")
+    clearing.add_argument("--clear-all", action="store_true", help="forget every recorded conflict")
     args = parser.parse_args(argv)
 
     try:
@@ -170,6 +192,12 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
             return 0
         if args.command == "evict":
             return _evict_dry_run(archive, args.bytes, out)
+        if args.command == "conflicts":
+            if args.clear or args.clear_all:
+                cleared = archive.index.clear_conflicts(None if args.clear_all else args.clear)
+                print(f"forgot {cleared} conflicts", file=out)
+                return 0
+            return _conflicts(archive, out)
         return _verify(archive, out)
     finally:
         archive.close()
