@@ -58,6 +58,14 @@ What it does:
   ``-sr`` keeps the identifiers' dumps out of the output.  The universal
   query on the 1M index (189,810 studies) is timed ``--universal-1m-repeat``
   times (default 1) after the rounds: it grows linearly by nature;
+* patient attribute conflicts (issue 8), unless ``--no-conflicts``: a corpus of
+  2,000 studies, one image each, of 1,000 Patient IDs whose two studies carry
+  different names (and half of them different birth dates), stored in a fresh
+  appliance and a fresh Orthanc; three queries (``PatientName=Smith*``,
+  ``PatientName=Jone?^Pat0001*``, ``PatientName=Rossi*`` with
+  ``ModalitiesInStudy=NM``) are answered once by each, and each answer is
+  checked against the studies whose own objects match: matches returned,
+  matches expected, and answers under a name their study's objects do not carry;
 * C-MOVE: stores the move corpus in both servers, then per round times one
   ``movescu`` STUDY-level move of the 200 images to storescp per server
   (one untimed warm-up each) and checks that storescp received 200 files;
@@ -109,6 +117,9 @@ QUERY_CORPUS = os.path.join(CORPUS_DIR, "query")
 QUERY_MANIFEST = os.path.join(CORPUS_DIR, "query.json")
 SCALE_DIR = os.path.join(CORPUS_DIR, "query-1m")
 QUERY_CORPUS_VERSION = 1
+CONFLICT_CORPUS = os.path.join(CORPUS_DIR, "conflicts")
+CONFLICT_CORPUS_VERSION = 1
+N_CONFLICT_PATIENTS = 1000
 SCALE_VERSION = 1
 
 EXPLICIT_VR_LITTLE_ENDIAN = sb.EXPLICIT_VR_LITTLE_ENDIAN
@@ -140,6 +151,7 @@ SOP_CLASSES = {
     "CR": "1.2.840.10008.5.1.4.1.1.1",
     "DX": "1.2.840.10008.5.1.4.1.1.1.1",
     "US": "1.2.840.10008.5.1.4.1.1.6.1",
+    "NM": "1.2.840.10008.5.1.4.1.1.20",
 }
 MODALITY_WEIGHTS = (("CT", 35), ("MR", 25), ("CR", 15), ("DX", 15), ("US", 10))
 DESCRIPTIONS = {
@@ -387,7 +399,7 @@ class Synthesizer:
         self.next_pk = {table: (db.execute(f"SELECT COALESCE(MAX(pk), 0) FROM {table}").fetchone()[0] + 1)
                         for table in ("patients", "studies", "series", "instances")}
         self.patient_pks: Dict[str, int] = {}
-        self.rows: Dict[str, list] = {t: [] for t in ("patients", "patient_names", "studies", "series", "instances")}
+        self.rows: Dict[str, list] = {t: [] for t in ("patients", "study_names", "studies", "series", "instances")}
 
     def _pk(self, table: str) -> int:
         pk = self.next_pk[table]
@@ -400,16 +412,16 @@ class Synthesizer:
         patient_pk = self.patient_pks.get(patient["pid"])
         if patient_pk is None:
             patient_pk = self.patient_pks[patient["pid"]] = self._pk("patients")
-            attributes = _dumps({
-                "00100010": _pn(name), "00100020": {"vr": "LO", "Value": [patient["pid"]]},
-                "00100030": {"vr": "DA", "Value": [patient["birth"]]}, "00100040": {"vr": "CS", "Value": [patient["sex"]]},
-            })
             identity = self.identity(SimpleNamespace(patient_id=patient["pid"], issuer_of_patient_id="",
                                                      study_instance_uid=study["uid"]))
-            self.rows["patients"].append((patient_pk, patient["pid"], "", name, patient["birth"], patient["sex"],
-                                          attributes, identity))
-            self.rows["patient_names"].extend((patient_pk, group, self.fold(group)) for group in self.name_groups(name))
+            self.rows["patients"].append((patient_pk, patient["pid"], "", identity))
+        # each study keeps its patient attributes (ArchiveIndex: the study's own objects')
+        patient_attributes = _dumps({
+            "00100010": _pn(name), "00100020": {"vr": "LO", "Value": [patient["pid"]]},
+            "00100030": {"vr": "DA", "Value": [patient["birth"]]}, "00100040": {"vr": "CS", "Value": [patient["sex"]]},
+        })
         study_pk = self._pk("studies")
+        self.rows["study_names"].extend((study_pk, group, self.fold(group)) for group in self.name_groups(name))
         attributes = _dumps({
             "00080020": {"vr": "DA", "Value": [study["date"]]}, "00080030": {"vr": "TM", "Value": [study["time"]]},
             "00080050": {"vr": "SH", "Value": [study["accession"]]}, "00080090": _pn(study["referring"]),
@@ -438,22 +450,23 @@ class Synthesizer:
             total += len(series["instances"])
         self.rows["studies"].append((study_pk, patient_pk, study["uid"], study["date"], study["time"],
                                      study["accession"], study["study_id"], attributes, len(study["series"]), total,
-                                     total * self.file_size, self.now, self.now, 0))
+                                     total * self.file_size, self.now, self.now, 0, patient["pid"], "", name,
+                                     patient["birth"], patient["sex"], patient_attributes, self.now))
 
     def flush(self) -> None:
         statements = {
-            "patients": "INSERT INTO patients (pk, patient_id, issuer, patient_name, birth_date, sex, attributes, "
-                        "identity) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            "patient_names": "INSERT INTO patient_names (patient_pk, name, folded) VALUES (?, ?, ?)",
+            "patients": "INSERT INTO patients (pk, patient_id, issuer, identity) VALUES (?, ?, ?, ?)",
+            "study_names": "INSERT INTO study_names (study_pk, name, folded) VALUES (?, ?, ?)",
             "studies": "INSERT INTO studies (pk, patient_pk, study_uid, study_date, study_time, accession_number, "
-                       "study_id, attributes, num_series, num_instances, size, stored_at, accessed_at, protected) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       "study_id, attributes, num_series, num_instances, size, stored_at, accessed_at, protected, "
+                       "patient_id, issuer, patient_name, birth_date, sex, patient_attributes, patient_stored_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             "series": "INSERT INTO series (pk, study_pk, series_uid, modality, series_number, attributes, num_instances)"
                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
             "instances": "INSERT INTO instances (pk, series_pk, sop_uid, sop_class, instance_number, transfer_syntax, "
                          "path, size, source_ae, stored_at, attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         }
-        for table in ("patients", "patient_names", "studies", "series", "instances"):
+        for table in ("patients", "studies", "study_names", "series", "instances"):
             if self.rows[table]:
                 self.db.executemany(statements[table], self.rows[table])
                 self.rows[table] = []
@@ -462,13 +475,13 @@ class Synthesizer:
 def _table_dump(db: sqlite3.Connection) -> dict:
     """Every row of the query-relevant columns, without pks, times, paths and sizes, for comparison."""
     return {
-        "patients": sorted(db.execute("SELECT patient_id, issuer, patient_name, birth_date, sex, attributes, identity "
-                                      "FROM patients")),
-        "patient_names": sorted(db.execute("SELECT p.patient_id, n.name, n.folded FROM patient_names n "
-                                           "JOIN patients p ON n.patient_pk = p.pk")),
+        "patients": sorted(db.execute("SELECT patient_id, issuer, identity FROM patients")),
+        "study_names": sorted(db.execute("SELECT st.study_uid, n.name, n.folded FROM study_names n "
+                                         "JOIN studies st ON n.study_pk = st.pk")),
         "studies": sorted(db.execute("SELECT p.patient_id, st.study_uid, st.study_date, st.study_time, "
                                      "st.accession_number, st.study_id, st.attributes, st.num_series, st.num_instances,"
-                                     " st.protected FROM studies st JOIN patients p ON st.patient_pk = p.pk")),
+                                     " st.protected, st.patient_id, st.issuer, st.patient_name, st.birth_date, st.sex,"
+                                     " st.patient_attributes FROM studies st JOIN patients p ON st.patient_pk = p.pk")),
         "series": sorted(db.execute("SELECT st.study_uid, se.series_uid, se.modality, se.series_number, se.attributes,"
                                     " se.num_instances FROM series se JOIN studies st ON se.study_pk = st.pk")),
         "instances": sorted(db.execute("SELECT se.series_uid, i.sop_uid, i.sop_class, i.instance_number, "
@@ -520,7 +533,7 @@ def check_synthesis(workdir: str) -> None:
 def _scale_key() -> dict:
     from appliance.archive import index, metadata
 
-    schema = hashlib.sha256(index._SCHEMA.encode()).hexdigest()[:16]
+    schema = hashlib.sha256(repr(index._SCHEMA).encode()).hexdigest()[:16]
     keywords = hashlib.sha256(repr((metadata.PATIENT_KEYWORDS, metadata.STUDY_KEYWORDS, metadata.SERIES_KEYWORDS,
                                     metadata.INSTANCE_KEYWORDS)).encode()).hexdigest()[:16]
     return {"version": SCALE_VERSION, "schema_version": index.SCHEMA_VERSION, "schema": schema,
@@ -585,6 +598,123 @@ def ensure_scale_index(workdir: str, file_size: int) -> dict:
         json.dump(manifest, handle, indent=1)
     print(f"  built in {manifest['build_seconds']} s: {counts}, {manifest['bytes'] / 1e6:.0f} MB", flush=True)
     return manifest
+
+
+# --------------------------------------------------------------------------- patient attribute conflicts
+
+#: issue 8's queries: keys, and which studies' own values match them
+CONFLICT_QUERIES = {
+    "smith": ({"PatientName": "Smith*"}, lambda s: s["name"].startswith("Smith")),
+    "jones_pat0001": ({"PatientName": "Jone?^Pat0001*"},
+                      lambda s: re.fullmatch(r"Jone.\^Pat0001.*", s["name"]) is not None),
+    "rossi_nm": ({"PatientName": "Rossi*", "ModalitiesInStudy": "NM"},
+                 lambda s: s["name"].startswith("Rossi") and s["modality"] == "NM"),
+}
+
+
+def conflict_studies() -> List[dict]:
+    """2,000 one-image studies: each Patient ID's second study carries another surname (a married name, a
+    corrected registration), half of them another birth date; stored first study, second study, next ID."""
+    rng = random.Random(8)
+    surnames = ("Smith", "Jones", "Rossi", "Brown", "Novak", "Dubois", "Silva", "Jonas")
+    studies = []
+    for p in range(N_CONFLICT_PATIENTS):
+        birth = _date(rng, (datetime.date(1930, 1, 1), datetime.date(2010, 12, 31)))
+        first = surnames[rng.randrange(len(surnames))]
+        second = surnames[(surnames.index(first) + 1 + rng.randrange(len(surnames) - 1)) % len(surnames)]
+        for k, surname in enumerate((first, second)):
+            s = 2 * p + k
+            studies.append({
+                "index": s, "pid": f"QC{p:07d}", "name": f"{surname}^Pat{p:05d}",
+                "birth": birth if k == 0 or p % 2 else birth[:6] + f"{int(birth[6:]) % 28 + 1:02d}",
+                "sex": "MFO"[p % 3], "modality": ("NM", "CT", "MR")[rng.randrange(3)],
+                "uid": _uid("qc", "study", s), "series": _uid("qc", "series", s), "sop": _uid("qc", "sop", s),
+            })
+    return studies
+
+
+def ensure_conflict_corpus() -> List[dict]:
+    """The conflict corpus files (built if missing or stale); returns the studies in storing order."""
+    studies = conflict_studies()
+    stamp = os.path.join(CONFLICT_CORPUS, "version")
+    try:
+        with open(stamp) as handle:
+            if handle.read().strip() == str(CONFLICT_CORPUS_VERSION):
+                return studies
+    except OSError:
+        pass
+    print(f"building the conflict corpus: {len(studies):,} studies into {CONFLICT_CORPUS} ...", flush=True)
+    staging = CONFLICT_CORPUS + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    for study in studies:
+        shaped = {"date": "20240101", "time": "120000", "accession": f"QCA{study['index']:07d}",
+                  "referring": "", "description": "CONFLICTS", "study_id": str(study["index"] + 1),
+                  "uid": study["uid"],
+                  "patient": {"name": study["name"], "pid": study["pid"], "birth": study["birth"], "sex": study["sex"]}}
+        series = {"modality": study["modality"], "description": "CONFLICTS", "uid": study["series"], "number": 1}
+        sb._write(_dataset(shaped, series, 1, study["sop"]), os.path.join(staging, f"{study['index']:06d}.dcm"))
+    with open(os.path.join(staging, "version"), "w") as handle:
+        handle.write(str(CONFLICT_CORPUS_VERSION))
+    shutil.rmtree(CONFLICT_CORPUS, ignore_errors=True)
+    os.replace(staging, CONFLICT_CORPUS)
+    return studies
+
+
+_ANSWER_ELEMENT = re.compile(rb"^I: \((0010,0010|0020,000d)\) \w\w (?:\[(.*?)\]|\(no value available\))", re.M)
+
+
+def find_answers(tools, server, keys: Dict[str, str]) -> List[Tuple[str, str]]:
+    """One findscu -v (dumps printed): (Study Instance UID, Patient's Name) of each answer."""
+    command = [c for c in find_command(tools, server, keys) if c != "-sr"]
+    done = subprocess.run(command, env=sb.dcmtk_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=FIND_TIMEOUT)
+    final = _FINAL.search(done.stdout)
+    if done.returncode != 0 or final is None or final.group(1) != b"Success":
+        raise BenchError(f"findscu on {server.name} failed: {' '.join(command)}\n"
+                         + done.stdout.decode("utf-8", "replace")[-2000:])
+    answers = []
+    for block in _RESPONSE.split(done.stdout)[1:]:
+        values = {tag: (value or b"").decode("utf-8", "replace").strip(" \x00")
+                  for tag, value in _ANSWER_ELEMENT.findall(block)}
+        answers.append((values.get(b"0020,000d", ""), values.get(b"0010,0010", "")))
+    return answers
+
+
+def measure_conflicts(tools, workdir: str, move_port: int) -> dict:
+    """Issue 8's check: each server loaded with the conflict corpus answers the three queries; returned,
+    expected, and answers under a name the study's own objects do not carry."""
+    studies = ensure_conflict_corpus()
+    own = {study["uid"]: study["name"] for study in studies}
+    files = [os.path.join(CONFLICT_CORPUS, f"{study['index']:06d}.dcm") for study in studies]
+    result = {"studies": len(studies), "patients": N_CONFLICT_PATIENTS, "queries": {}}
+    servers = {"appliance": QueryAppliance(tools, workdir, "appliance", move_port),
+               "orthanc": QueryOrthanc(tools, workdir, move_port)}
+    try:
+        for name, server in servers.items():
+            server.start()
+            store = subprocess.run([tools["storescu"], "-aec", server.aet, HOST, str(server.port), *files],
+                                   env=sb.dcmtk_env(), stdin=subprocess.DEVNULL, capture_output=True,
+                                   timeout=LOAD_TIMEOUT)
+            if store.returncode != 0:
+                raise BenchError(f"storescu to {name} failed:\n" + store.stdout.decode("utf-8", "replace")[-2000:])
+        for query, (keys, predicate) in CONFLICT_QUERIES.items():
+            expected = {study["uid"] for study in studies if predicate(study)}
+            row = {"keys": keys, "expected": len(expected)}
+            for name, server in servers.items():
+                answers = find_answers(tools, server, keys)
+                found = {uid for uid, _ in answers}
+                row[name] = {"returned": len(answers), "correct": len(found & expected),
+                             "not_matching": len(found - expected),
+                             "under_another_name": sum(1 for uid, shown in answers if own.get(uid) != shown)}
+            result["queries"][query] = row
+            print(f"conflicts {query:<14} expected {row['expected']:4d}  " + "  ".join(
+                f"{name} {row[name]['returned']:4d} returned ({row[name]['correct']} right, "
+                f"{row[name]['under_another_name']} under another name)" for name in servers), flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return result
 
 
 # --------------------------------------------------------------------------- servers
@@ -928,6 +1058,8 @@ def report(result: dict) -> str:
                 lines.append(f"  the universal query returns every study ({result['summary']['universal']['appliance-1m']['matches']}"
                              f" at 1M): it grows linearly by nature ({ratio:.1f}x) and is not part of the logarithmic "
                              "claim.")
+    if result.get("conflicts"):
+        lines.append(report_conflicts(result["conflicts"]))
     if result.get("plans"):
         lines.append("\nSQLite plans of our queries on the 1M index (EXPLAIN QUERY PLAN of build_query's SQL):")
         for query, plan in result["plans"].items():
@@ -941,6 +1073,18 @@ def report(result: dict) -> str:
                      + ", ".join(f"{s:.0f} s before {what}" for what, s in settle.items()))
     lines.append("servers interleaved, their order rotating from round to round; findscu process start-up, "
                  "association and release are in every time, for every server alike.")
+    return "\n".join(lines)
+
+
+def report_conflicts(info: dict) -> str:
+    lines = [f"\npatient attribute conflicts: {info['studies']:,} studies of {info['patients']:,} Patient IDs, each ID's "
+             "two studies under different names; answers against the studies whose own objects match",
+             f"  {'query':<40} {'expected':>8}  {'appliance':>30}  {'orthanc':>30}"]
+    for row in info["queries"].values():
+        keys = " ".join(f"{k}={v}" for k, v in row["keys"].items())
+        cells = [f"{row[name]['returned']} ({row[name]['correct']} right, {row[name]['under_another_name']} misnamed)"
+                 for name in ("appliance", "orthanc")]
+        lines.append(f"  {keys:<40} {row['expected']:>8}  {cells[0]:>30}  {cells[1]:>30}")
     return "\n".join(lines)
 
 
@@ -978,6 +1122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs of each (query, server) (default 5)")
     parser.add_argument("--no-scale", action="store_true", help="skip the 1M-instance index")
     parser.add_argument("--no-move", action="store_true", help="skip the C-MOVE measurement")
+    parser.add_argument("--no-conflicts", action="store_true", help="skip the patient attribute conflicts check")
+    parser.add_argument("--conflicts-only", action="store_true", help="only the patient attribute conflicts check")
     parser.add_argument("--load-associations", type=int, default=4,
                         help="parallel storescu associations loading the corpus (default 4)")
     parser.add_argument("--universal-1m-repeat", type=int, default=1,
@@ -997,6 +1143,13 @@ def _run(args) -> int:
         raise BenchError("Linux only")
     tools = find_tools(args)
     started = datetime.datetime.now()
+    if args.conflicts_only:
+        with tempfile.TemporaryDirectory(prefix="query-bench-", dir=args.workdir) as workdir, _servers_stopped():
+            destination = MoveDestination(tools, workdir)
+            destination.start()
+            result = {"conflicts": measure_conflicts(tools, workdir, destination.port)}
+        print(report_conflicts(result["conflicts"]))
+        return 0
     corpus = ensure_query_corpus(args.load_associations)
     expected = corpus["expected"]
     queries = {name: {"label": label, "keys": dict(keys) if keys is not None else
@@ -1011,7 +1164,7 @@ def _run(args) -> int:
         "versions": sb.versions(tools),
         "config": {"repeat": args.repeat, "load_associations": args.load_associations,
                    "universal_1m_repeat": args.universal_1m_repeat, "scale": not args.no_scale,
-                   "move": not args.no_move,
+                   "move": not args.no_move, "conflicts": not args.no_conflicts,
                    "findscu": " ".join(["findscu", "-v", "-sr", "-S", "-aet", FIND_AET, "-aec", "AET",
                                         "-k", "QueryRetrieveLevel=STUDY"]
                                        + [x for k in RETURN_KEYS for x in ("-k", k + "[=value]")]
@@ -1131,6 +1284,10 @@ def _run(args) -> int:
                     print(f"[{rep + 1}/{args.repeat}] C-MOVE      {name:<13} {seconds * 1000:9.1f} ms  "
                           f"{move_corpus['files']} received  load {load_avg:.2f}", flush=True)
             destination.clear()
+        if not args.no_conflicts:
+            for name in ("appliance", "orthanc"):
+                servers.pop(name).stop()
+            result["conflicts"] = measure_conflicts(tools, workdir, destination.port)
         sb.stop_all()
 
     result["summary"] = summarise(result)
