@@ -309,6 +309,18 @@ def fill_many(archive: Archive, count: int = 150) -> None:
         archive.index.add(extract(ds), f"none/{number}", 1000, EXPLICIT_VR_LITTLE_ENDIAN, "TESTS", 1.0)
 
 
+def fill_long_names(archive: Archive, count: int = 400) -> None:
+    """``count`` studies whose patient names are runs of 60 letters: what a backtracking wildcard matcher
+    chokes on (issue 9).  Indexed directly (no files)."""
+    from appliance.archive.metadata import extract
+
+    for number in range(count):
+        ds = make_dataset(patient="a" * 60 + "=" + "a" * (number % 7), patient_id=f"PIDLONG{number}",
+                          study=f"{ROOT}.98.{number + 1}", series=f"{ROOT}.98.{number + 1}.1",
+                          sop=f"{ROOT}.98.{number + 1}.1.1")
+        archive.index.add(extract(ds), f"none/long{number}", 1000, EXPLICIT_VR_LITTLE_ENDIAN, "TESTS", 1.0)
+
+
 _TEMPLATES: Dict[str, str] = {}
 
 

@@ -43,6 +43,7 @@ from .support_query import (
     fill_charsets,
     fill_conflicts,
     fill_corpus,
+    fill_long_names,
     fill_many,
     series_uid,
     sop_uid,
@@ -349,6 +350,32 @@ class CharacterSetInteropTests(unittest.TestCase):
 
 
 # --- pynetdicom ------------------------------------------------------------------------------------------------
+
+
+class FindscuHostileWildcardTests(unittest.TestCase):
+    """Issue 9: wildcards that make a backtracking matcher run for minutes (the audit's query took 12 s on one
+    name and froze the reactor) are answered at once, and the AE keeps answering others meanwhile."""
+
+    timeout = 60
+    skip = _need(FINDSCU)
+
+    @deferred_test
+    async def test_echo_answered_during_a_hostile_find(self):
+        server = QueryServer(self, fill_long_names)
+        hostile = "x\\" + "*a" * 12 + "*b"  # several names: no single SQL prefix; every long name a candidate
+        finding = defer.ensureDeferred(findscu(server.port, ["QueryRetrieveLevel=STUDY", f"PatientName={hostile}",
+                                                             "StudyInstanceUID"]))
+        timeouts = Timeouts(artim=5.0, association=10.0, dimse=10.0, idle=None)
+        association = await requestor.connect(reactor, "127.0.0.1", server.port, "ECHOER", "DISK_SERVER",
+                                              timeouts=timeouts, implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                                              implementation_version_name="TESTS")
+        self.assertEqual(await association.echo(), 0x0000)
+        await association.release()
+        run = await finding
+        self.assertEqual((run.final, run.responses), ("Success", []), run.tail())
+        grouped = await findscu(server.port, ["QueryRetrieveLevel=STUDY", "PatientName=" + "*a" * 14 + "=*a*a*a*b",
+                                              "StudyInstanceUID"])
+        self.assertEqual((grouped.final, grouped.responses), ("Success", []), grouped.tail())
 
 
 class FindscuConflictTests(unittest.TestCase):

@@ -567,6 +567,9 @@ class QueryRunTests(SynchronousTestCase):
             identifier("STUDY", AccessionNumber="", StudyInstanceUID=f"{study_uid(1)}\\{study_uid(2)}"),
             identifier("STUDY", AccessionNumber="ACC100*", ModalitiesInStudy="SR\\US"),
             identifier("STUDY", AccessionNumber="", PatientBirthDate="-19751231", PatientSex="F"),
+            identifier("STUDY", AccessionNumber="", PatientName="Doe^Jane\\Smith*"),
+            identifier("STUDY", AccessionNumber="", PatientName="Doe*=\\O'Brien^Pat"),
+            identifier("STUDY", AccessionNumber="", PatientName="*=\\Smithers*"),
             identifier("SERIES", StudyInstanceUID=study_uid(5), SeriesInstanceUID="", Modality="M?", SeriesNumber="1\\3"),
             identifier("IMAGE", StudyInstanceUID=study_uid(5), SeriesInstanceUID=series_uid(5, 0), SOPInstanceUID="",
                        SOPClassUID=SOP_CLASSES["MR"], InstanceNumber="3"),
@@ -582,6 +585,31 @@ class QueryRunTests(SynchronousTestCase):
                 finally:
                     query_module._pushdown = original
                 self.assertEqual(sorted(map(repr, with_sql)), sorted(map(repr, without)))
+
+    def test_names_with_several_values_or_groups_use_the_index(self):
+        """Person names with a backslash (several names) or '=' (component groups) are prefiltered in SQL too:
+        the audit's query ``x\\*a*a*...*b`` over every stored name no longer reaches Python for each study."""
+        query = build_query(identifier("STUDY", PatientName="x\\*a*a*a*a*a*a*a*b"))
+        self.assertIn("study_names", query.sql)
+        self.assertEqual(query.params, ["x", "*a*a*a*a*a*a*a*b"])
+        grouped = build_query(identifier("STUDY", PatientName="*=山田^*"))
+        self.assertEqual(grouped.params, ["山田^*"])
+        self.assertNotIn("study_names", build_query(identifier("STUDY", PatientName="Doe\\*")).sql)
+
+    def test_fetch_decides_a_bounded_slice(self):
+        """A query whose candidates all fail comes back in slices of at most max_rows candidates, each with no
+        match, until done: no fetch holds its worker thread over the whole index."""
+        archive = archive_copy(os.path.abspath(self.mktemp()), fill_many)
+        self.addCleanup(archive.close)
+        run = QueryRun(archive.index_path, build_query(identifier("IMAGE", StudyInstanceUID=f"{ROOT}.99",
+                                                                    SeriesInstanceUID=f"{ROOT}.99.1",
+                                                                    ImageType="NONE")))
+        self.addCleanup(run.close)
+        calls = 0
+        while not run.done:
+            self.assertEqual(run.fetch(64, max_rows=10), [])
+            calls += 1
+        self.assertEqual(calls, 16)  # 150 candidates, 10 at a time, then the empty fetch that ends it
 
     def test_legacy_dotted_date_found_by_range(self):
         """A stored YYYY.MM.DD Study Date (old ACR-NEMA style) is found by a DA range: the SQL

@@ -26,7 +26,7 @@ __all__ = [
     "fold_chars",
     "name_groups",
     "has_wildcard",
-    "wildcard_regex",
+    "glob_match",
     "glob_pattern",
     "parse_range",
     "time_bounds",
@@ -88,17 +88,70 @@ def has_wildcard(value: str) -> bool:
 
 
 @lru_cache(maxsize=1024)
-def wildcard_regex(pattern: str) -> "re.Pattern[str]":
-    """A compiled regex for a C-FIND wildcard pattern: ``*`` any run, ``?`` one character."""
-    parts = []
-    for char in pattern:
-        if char == "*":
-            parts.append(".*")
-        elif char == "?":
-            parts.append(".")
-        else:
-            parts.append(re.escape(char))
-    return re.compile("".join(parts), re.DOTALL)
+def _segments(pattern: str) -> Tuple[str, ...]:
+    """A wildcard pattern split at its ``*``: fixed-length segments, in which ``?`` is any one character."""
+    return tuple(pattern.split("*"))
+
+
+def _segment_at(text: str, segment: str, start: int) -> bool:
+    """Whether ``segment`` (``?`` any character) matches ``text`` at ``start``."""
+    if "?" not in segment:
+        return text.startswith(segment, start)
+    if start + len(segment) > len(text):
+        return False
+    for offset, char in enumerate(segment):
+        if char != "?" and text[start + offset] != char:
+            return False
+    return True
+
+
+def _find_segment(text: str, segment: str, start: int, end: int) -> int:
+    """The leftmost position from ``start`` where ``segment`` matches and ends by ``end``; -1 if none."""
+    if "?" not in segment:
+        return text.find(segment, start, end)
+    # anchor on the segment's longest literal run, found by str.find; '?' positions are then checked
+    literal = max(segment.split("?"), key=len)
+    offset = segment.find(literal) if literal else 0
+    position = start
+    last = end - len(segment)
+    while position <= last:
+        if literal:
+            found = text.find(literal, position + offset, last + offset + len(literal))
+            if found < 0:
+                return -1
+            position = found - offset
+        if _segment_at(text, segment, position):
+            return position
+        position += 1
+    return -1
+
+
+def glob_match(pattern: str, text: str) -> bool:
+    """C-FIND wildcard matching (PS3.4 C.2.2.2.4): ``*`` any run, ``?`` one character, everything else literal.
+
+    Never backtracks: the segments between ``*`` have fixed lengths, so the
+    first is anchored at the start, the last at the end, and each one between
+    is placed at its leftmost match after the one before (placing it further
+    right can only leave less room for the rest).  Time is bounded by the
+    text's length times the pattern's, whatever the pattern; literal
+    segments are found by ``str.find``.
+    """
+    segments = _segments(pattern)
+    if len(segments) == 1:
+        return len(text) == len(pattern) and _segment_at(text, pattern, 0)
+    head, tail = segments[0], segments[-1]
+    end = len(text) - len(tail)
+    if end < len(head) or not _segment_at(text, head, 0) or not _segment_at(text, tail, end):
+        return False
+    position = len(head)
+    for segment in segments[1:-1]:
+        if not segment:
+            continue
+        found = _find_segment(text, segment, position, end)
+        if found < 0:
+            return False
+        position = found + len(segment)
+    return True
 
 
 def glob_pattern(pattern: str) -> str:
@@ -241,8 +294,7 @@ def make_matcher(vr: str, query: str, insensitive_names: bool = False) -> Option
 
 def _text_predicate(pattern: str) -> Callable[[str], bool]:
     if has_wildcard(pattern):
-        regex = wildcard_regex(pattern)
-        return lambda value: regex.fullmatch(value) is not None
+        return lambda value: glob_match(pattern, value)
     return lambda value: value == pattern
 
 

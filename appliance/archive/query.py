@@ -296,18 +296,7 @@ def _pushdown(key: Key, text: str, insensitive: bool) -> Optional[Tuple[str, Lis
         clause = " OR ".join(f"{column} BETWEEN ? AND ?" for _ in spans)
         return f"({clause})", [bound for span in spans for bound in span]
     if vr == "PN":
-        name = M.normalize_name(text)
-        if "=" in name or "\\" in name:
-            return None
-        if insensitive and "?" in name:
-            return None  # '?' is one character of the name, folded names may be longer (Hangul, "ß")
-        value = M.fold(name) if insensitive else name
-        column_name = "folded" if insensitive else "name"
-        if M.has_wildcard(name):
-            operator, value = "GLOB", M.glob_pattern(value)
-        else:
-            operator = "="  # compared as it is: GLOB's escapes would make "[" never match
-        return f"st.pk IN (SELECT study_pk FROM study_names WHERE {column_name} {operator} ?)", [value]
+        return _name_pushdown(text, insensitive)
     if vr == "IS":
         try:
             numbers = [int(v) for v in text.split("\\")]
@@ -325,6 +314,33 @@ def _pushdown(key: Key, text: str, insensitive: bool) -> Optional[Tuple[str, Lis
     return None
 
 
+def _name_pushdown(text: str, insensitive: bool) -> Optional[Tuple[str, List[Any]]]:
+    """Studies one of whose name groups matches, for each of the query's names (backslash), a group the query
+    requires: one non-universal group of it (with ``=``, the group in its place must match, and it is one of the
+    study's groups).  None when some name matches every study."""
+    conditions: List[str] = []
+    params: List[Any] = []
+    column = "folded" if insensitive else "name"
+    for alternative in text.split("\\"):
+        name = M.normalize_name(alternative)
+        groups = [group for group in name.split("=") if group.strip("*")]
+        if not groups:
+            return None  # universal
+        group = groups[0]
+        if insensitive and "?" in group:
+            return None  # '?' is one character of the name, folded names may be longer (Hangul, "ß")
+        value = M.fold(group) if insensitive else group
+        if M.has_wildcard(group):
+            conditions.append(f"{column} GLOB ?")
+            params.append(M.glob_pattern(value))
+        else:
+            conditions.append(f"{column} = ?")  # compared as it is: GLOB's escapes would make "[" never match
+            params.append(value)
+    if len(params) > MAX_SQL_LIST:
+        return None
+    return f"st.pk IN (SELECT study_pk FROM study_names WHERE {' OR '.join(conditions)})", params
+
+
 def _sequence_term(key: Key, element, insensitive: bool) -> _Term:
     items = list(element.value)
     sub_terms: List[Tuple[str, Optional[Callable[[Any], bool]]]] = []
@@ -340,6 +356,9 @@ def _sequence_term(key: Key, element, insensitive: bool) -> _Term:
 
 
 # --- running ------------------------------------------------------------------------
+
+#: Candidates decided per QueryRun.fetch call at most: a slice of a few milliseconds of work.
+ROWS_PER_FETCH = 2048
 
 #: computed patient counters: which of (studies, series, instances)
 _PATIENT_COUNTS = {"NumberOfPatientRelatedStudies": 0, "NumberOfPatientRelatedSeries": 1,
@@ -386,14 +405,22 @@ class QueryRun:
     def close(self) -> None:
         self.db.close()
 
-    def fetch(self, count: int) -> List[Any]:
-        """Up to ``count`` matches as DICOM JSON response identifiers (or encoded); fewer once exhausted."""
+    def fetch(self, count: int, max_rows: int = None) -> List[Any]:
+        """Up to ``count`` matches as DICOM JSON response identifiers (or encoded); fewer once exhausted.
+
+        At most ``max_rows`` candidates (default :data:`ROWS_PER_FETCH`) are
+        decided per call, so a query whose candidates mostly fail comes back
+        in slices, perhaps with no match, rather than holding its worker
+        thread over the whole index: :attr:`done` says when it is over.
+        """
+        budget = ROWS_PER_FETCH if max_rows is None else max_rows
         results: List[Any] = []
-        while len(results) < count:
-            rows = self.cursor.fetchmany(max(64, count))
+        while len(results) < count and budget > 0:
+            rows = self.cursor.fetchmany(min(max(64, count), budget))
             if not rows:
                 self.done = True
                 break
+            budget -= len(rows)
             for row in rows:
                 result = self._match(row)
                 if result is not None:
