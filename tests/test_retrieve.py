@@ -38,7 +38,6 @@ from appliance.ae.retrieve import (
     RetrieveService,
     choose_context,
     convert_stored_data_set,
-    data_set_offset,
     failed_uid_list,
     parse_identifier,
     propose_contexts,
@@ -48,7 +47,7 @@ from appliance.ae.verification import VerificationService
 from appliance.archive.archive import Archive
 from appliance.archive.eviction import StorageLimits
 from appliance.archive.index import InstanceRow
-from appliance.archive.store import part10_header
+from appliance.archive.store import data_set_offset, part10_header
 from appliance.compat import decode_dataset
 from appliance.compat import encode_dataset as encode_identifier
 from appliance.dicom import dimse as D

@@ -40,8 +40,6 @@ sub-operation, as the statement's sections 3.1.2 and 3.1.3.3 describe:
 
 from __future__ import annotations
 
-import os
-import struct
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -56,6 +54,7 @@ from zope.interface import implementer
 
 from ..archive.archive import Archive
 from ..archive.index import InstanceRow
+from ..archive.store import open_stored_data_set
 from ..compat import decode_dataset, encode_dataset
 from ..config import ApplianceConfig, DeviceConfig
 from ..dicom import dimse as D
@@ -81,8 +80,6 @@ __all__ = [
     "parse_identifier",
     "propose_contexts",
     "choose_context",
-    "data_set_offset",
-    "open_stored_data_set",
     "convert_stored_data_set",
     "failed_uid_list",
     "MAX_CONTEXTS",
@@ -102,7 +99,6 @@ _FALLBACK_SYNTAXES = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, EXPL
 #: VRs whose values are arrays of binary words (their byte order follows the transfer syntax).
 _WORD_VRS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _LEVELS = ("STUDY", "SERIES", "IMAGE")
-_LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
 
 _QUERY_RETRIEVE_LEVEL = 0x00080052
 _STUDY_UID, _SERIES_UID, _SOP_UID = 0x0020000D, 0x0020000E, 0x00080018
@@ -243,43 +239,6 @@ def choose_context(negotiated: Negotiated, sop_class: str, transfer_syntax: str)
 
 
 # --- the archive's files (worker threads) --------------------------------------------------------------
-
-
-def data_set_offset(handle) -> int:
-    """Where the data set of the Part 10 file ``handle`` starts: after 'DICM' and the File Meta
-    Information, from its group length (0002,0000), else by walking group 0002 (PS3.10 7.1)."""
-    handle.seek(0)
-    head = handle.read(132)
-    if len(head) != 132 or head[128:132] != b"DICM":
-        raise ValueError("not a Part 10 file: no 'DICM' at byte 128")
-    first = handle.read(12)
-    if first[:6] == b"\x02\x00\x00\x00UL" and first[6:8] == b"\x04\x00":
-        return 144 + struct.unpack("<L", first[8:12])[0]
-    position = 132
-    while True:
-        handle.seek(position)
-        header = handle.read(12)
-        if header[:2] != b"\x02\x00":
-            return position
-        if header[4:6] in _LONG_VRS:
-            position += 12 + struct.unpack("<L", header[8:12])[0]
-        else:
-            position += 8 + struct.unpack("<H", header[6:8])[0]
-
-
-def open_stored_data_set(path: str):
-    """I/O thread: (file object positioned at the data set, its length in bytes)."""
-    handle = open(path, "rb")
-    try:
-        offset = data_set_offset(handle)
-        length = os.fstat(handle.fileno()).st_size - offset
-        if length < 0:
-            raise ValueError("file shorter than its File Meta Information")
-        handle.seek(offset)
-    except BaseException:
-        handle.close()
-        raise
-    return handle, length
 
 
 def _swap_words(ds: Dataset) -> None:

@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
-__all__ = ["ObjectStore", "part10_header", "uid_hash", "pixel_data_coercion"]
+__all__ = ["ObjectStore", "part10_header", "uid_hash", "pixel_data_coercion", "data_set_offset", "open_stored_data_set"]
 
 _TMP = "tmp"
 _OBJECTS = "objects"
@@ -64,6 +64,46 @@ def part10_header(
     if source_ae_title:
         body += _meta_element(0x0016, b"AE", _padded(source_ae_title, b" "))
     return bytes(128) + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body
+
+
+_LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+
+
+def data_set_offset(handle) -> int:
+    """Where the data set of the Part 10 file ``handle`` starts: after 'DICM' and the File Meta
+    Information, from its group length (0002,0000), else by walking group 0002 (PS3.10 7.1)."""
+    handle.seek(0)
+    head = handle.read(132)
+    if len(head) != 132 or head[128:132] != b"DICM":
+        raise ValueError("not a Part 10 file: no 'DICM' at byte 128")
+    first = handle.read(12)
+    if first[:6] == b"\x02\x00\x00\x00UL" and first[6:8] == b"\x04\x00":
+        return 144 + struct.unpack("<L", first[8:12])[0]
+    position = 132
+    while True:
+        handle.seek(position)
+        header = handle.read(12)
+        if header[:2] != b"\x02\x00":
+            return position
+        if header[4:6] in _LONG_VRS:
+            position += 12 + struct.unpack("<L", header[8:12])[0]
+        else:
+            position += 8 + struct.unpack("<H", header[6:8])[0]
+
+
+def open_stored_data_set(path: str):
+    """I/O thread: (file object positioned at the data set, its length in bytes)."""
+    handle = open(path, "rb")
+    try:
+        offset = data_set_offset(handle)
+        length = os.fstat(handle.fileno()).st_size - offset
+        if length < 0:
+            raise ValueError("file shorter than its File Meta Information")
+        handle.seek(offset)
+    except BaseException:
+        handle.close()
+        raise
+    return handle, length
 
 
 def _fsync_directory(path: str) -> None:
