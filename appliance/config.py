@@ -13,13 +13,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .archive.eviction import StorageLimits
 from .compat import tomllib
-from .logs import LEVELS as LOG_LEVELS
 from .dicom.uids import (
     DEFAULT_TRANSFER_SYNTAX_PRIORITY,
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     is_valid_uid,
 )
+from .logs import LEVELS as LOG_LEVELS
 
 __all__ = [
     "ConfigError",
@@ -170,6 +170,10 @@ class ArchiveConfig:
     limits: StorageLimits
     pn_matching: str = "sensitive"
     max_results: int = 0
+    #: a received data set, or a deflated one inflated, may be at most this large (bytes)
+    max_object_size: int = 4 << 30
+    #: a deflated data set may inflate at most this many times its size (beyond 16 MiB)
+    max_inflation_ratio: float = 200.0
 
 
 @dataclass(frozen=True)
@@ -287,6 +291,22 @@ def _fraction(value: Any) -> float:
     return float(value)
 
 
+def _at_least(low: int, check: Callable[[Any], int]) -> Callable[[Any], int]:
+    def run(value: Any) -> int:
+        result = check(value)
+        if result < low:
+            raise ValueError(f"must be at least {low} bytes, not {value!r}")
+        return result
+
+    return run
+
+
+def _ratio(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 100000:
+        raise ValueError(f"must be a number from 1 to 100000, not {value!r}")
+    return float(value)
+
+
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"must be true or false, not {value!r}")
@@ -374,6 +394,8 @@ def _archive(section: "_Section", data_dir: str) -> ArchiveConfig:
         ),
         pn_matching=section.get("pn_matching", _choice("sensitive", "insensitive"), "sensitive"),
         max_results=section.get("max_results", _integer(0, 10**9), 0),
+        max_object_size=section.get("max_object_size", _at_least(1 << 20, byte_size), 4 << 30),
+        max_inflation_ratio=section.get("max_inflation_ratio", _ratio, 200.0),
     )
 
 

@@ -23,6 +23,7 @@ from . import config as configuration
 from . import logs
 from .ae.listeners import acceptor_factory, disk_server_services, memory_server_services
 from .archive.archive import Archive
+from .archive.deflate import InflateLimits
 from .net import tls
 from .net.threads import ThreadPoolService
 
@@ -152,7 +153,8 @@ def makeService(options, reactor=None) -> MultiService:
         pool.setServiceParent(root)
     try:
         archive = Archive(config.archive.path, config.archive.limits, config.archive.on_duplicate, reactor,
-                          io.runner, db.runner)
+                          io.runner, db.runner, InflateLimits(config.archive.max_object_size,
+                                                              config.archive.max_inflation_ratio))
     except (OSError, RuntimeError, sqlite3.Error) as error:
         raise usage.UsageError(f"{config.path}: [appliance] data_dir: cannot open the archive: {error}")
     ArchiveService(archive).setServiceParent(root)

@@ -18,6 +18,7 @@ from appliance import config as configuration
 from appliance.ae import storage as storage_module
 from appliance.ae.listeners import acceptor_factory, disk_server_services, storage_syntaxes
 from appliance.archive.archive import Archive
+from appliance.archive.deflate import InflateLimits
 from appliance.archive.eviction import StorageLimits
 from appliance.dicom import dimse as D
 from appliance.dicom import pdu as P
@@ -40,7 +41,7 @@ class StorageHarness:
     """An in-memory Disk-Server with a real archive in a temporary folder."""
 
     def __init__(self, test: SynchronousTestCase, limits=StorageLimits(min_free_space=0), on_duplicate="replace",
-                 sop_classes="all"):
+                 sop_classes="all", inflate_limits=InflateLimits()):
         self.test = test
         root = test.mktemp()
         self.clock = Clock()
@@ -49,7 +50,7 @@ class StorageHarness:
             {"appliance": {"data_dir": root}, "disk_server": {"sop_classes": sop_classes}}, os.path.join(root, "x.toml")
         )
         self.archive = Archive(self.config.archive.path, limits, on_duplicate, self.clock, synchronous_runner,
-                               synchronous_runner)
+                               synchronous_runner, inflate_limits)
         test.addCleanup(self.archive.close)
         self.factory = acceptor_factory(
             self.config.disk_server, self.config, disk_server_services(self.config, self.archive), self.clock

@@ -46,6 +46,7 @@ def disk_server_services(config: ApplianceConfig, archive: Archive, read: Option
             storage_syntaxes(config.archive.sop_classes),
             config.implementation_class_uid,
             config.implementation_version_name,
+            archive.inflate_limits,
         ),
         FindService(
             archive,

@@ -25,6 +25,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from ..archive.archive import Archive, Duplicate, OutOfResources, StoredObject, StoreOutcome
+from ..archive.deflate import DEFLATED, InflateLimits, NotInflatable, TooLarge, read_deflated
 from ..archive.fastscan import scan
 from ..archive.metadata import ObjectMetadata, extract
 from ..archive.store import ObjectStore, TempObject, part10_header, pixel_data_coercion
@@ -52,7 +53,7 @@ MAX_IN_FLIGHT = 1024 * 1024
 DUPLICATE_REJECTED = 0x0111
 
 #: Transfer syntaxes whose data set bytes pydicom can read straight from memory
-#: (deflated ones are read through dcmread, which inflates).
+#: (deflated ones are inflated as a stream: archive/deflate.py).
 _PLAIN_SYNTAXES = frozenset(UNCOMPRESSED_TRANSFER_SYNTAXES) | {
     "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
     "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
@@ -252,12 +253,40 @@ def coerce_sealed(temp: TempObject, coercion: _Coercion) -> None:
         os.fsync(handle.fileno())
 
 
+def examine_deflated(temp: TempObject, header_length: int, sop_class_uid: str, sop_instance_uid: str,
+                     source_ae: str, limits: InflateLimits, spill_dir: str) -> StoredObject:
+    """I/O thread, for a deflated object written to its temporary file: inflate it as a stream within
+    ``limits`` (never whole, in memory), check it, fsync.  Stored as received, deflated."""
+    temp.handle.flush()
+    try:
+        with open(temp.path, "rb") as handle:
+            metadata, _ = read_deflated(handle, header_length, limits, spill_dir)
+    except TooLarge as error:
+        raise _Refused(S.OUT_OF_RESOURCES, str(error)) from None
+    except NotInflatable as error:
+        raise _Refused(S.CANNOT_UNDERSTAND, str(error)) from None
+    except ValueError as error:
+        raise _Refused(0xA900, str(error)) from None
+    except OSError:
+        raise
+    except Exception as error:  # pydicom raises many kinds on garbage
+        raise _Refused(S.CANNOT_UNDERSTAND, f"cannot parse data set: {type(error).__name__}: {error}") from None
+    metadata, _ = check_metadata(metadata, 0, b"", sop_class_uid, sop_instance_uid, DEFLATED)
+    ObjectStore.seal(temp)
+    return StoredObject(temp, metadata, DEFLATED, source_ae, False)
+
+
 def finish_streamed(store: ObjectStore, temp: TempObject, chunks: List[bytes], header_length: int,
-                    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str) -> StoredObject:
+                    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str,
+                    limits: InflateLimits = InflateLimits()) -> StoredObject:
     """I/O thread, for an object already streaming to its file: write the rest, examine, seal."""
     try:
         store.write(temp, chunks)
-        stored = examine(temp, header_length, sop_class_uid, sop_instance_uid, transfer_syntax, source_ae)
+        if transfer_syntax == DEFLATED:
+            stored = examine_deflated(temp, header_length, sop_class_uid, sop_instance_uid, source_ae, limits,
+                                      store.tmp)
+        else:
+            stored = examine(temp, header_length, sop_class_uid, sop_instance_uid, transfer_syntax, source_ae)
     except BaseException:
         store.discard(temp)
         raise
@@ -283,6 +312,7 @@ class IncomingObject:
         self._chunks: List[bytes] = []
         self._prefix: Optional[bytes] = None
         self._buffered = 0
+        self._received = 0
         self._in_flight = 0
         self._paused = False
         for keyword, uid in (("Affected SOP Instance UID", self.sop_instance_uid),
@@ -313,6 +343,12 @@ class IncomingObject:
     def write(self, data: bytes) -> None:
         if self.refusal is not None:
             return  # drain: the data set is read and dropped, then refused
+        self._received += len(data)
+        if self._received > self.service.limits.max_size:
+            self.refusal = _Refused(S.OUT_OF_RESOURCES,
+                                    f"data set larger than max_object_size={self.service.limits.max_size}")
+            self._chunks, self._buffered = [], 0
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered >= CHUNK:
@@ -407,7 +443,7 @@ class IncomingObject:
         if prefix is None or self.transfer_syntax not in _PLAIN_SYNTAXES:
             return await self.archive.io(
                 finish_streamed, self.archive.store, temp, chunks, len(self._header), self.sop_class_uid,
-                self.sop_instance_uid, self.transfer_syntax, self.source_ae,
+                self.sop_instance_uid, self.transfer_syntax, self.source_ae, self.service.limits,
             )
         writing = self.archive.io(finish_sealed, self.archive.store, temp, chunks)
         checking = self.archive.io(inspect_prefix, prefix, len(self._header), self.sop_class_uid,
@@ -472,8 +508,11 @@ class StorageService:
         abstract_syntaxes: Mapping[str, Tuple[str, ...]],
         implementation_class_uid: str,
         implementation_version_name: Optional[str],
+        limits: InflateLimits = InflateLimits(),
     ) -> None:
         self.archive = archive
+        #: max_object_size for every data set received, and how far a deflated one may inflate
+        self.limits = limits
         self.abstract_syntaxes = dict(abstract_syntaxes)
         self.implementation_class_uid = implementation_class_uid
         self.implementation_version_name = implementation_version_name

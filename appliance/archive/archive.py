@@ -15,14 +15,16 @@ from itertools import islice
 from typing import Callable, Dict, List, Optional, Tuple
 
 from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
 from twisted.internet import defer
 
 from ..logs import logger
+from .deflate import DEFLATED, InflateLimits, read_deflated
 from .eviction import StorageLimits, plan, shortfall
 from .index import ArchiveIndex, InstanceRow, Upgrade
 from .metadata import ObjectMetadata, extract
 from .patients import Conflict
-from .store import ObjectStore, TempObject
+from .store import ObjectStore, TempObject, data_set_offset
 
 __all__ = ["Archive", "OutOfResources", "Duplicate", "StoredObject", "StoreOutcome", "Runner"]
 
@@ -88,6 +90,7 @@ class Archive:
         clock,
         io: Runner,
         db: Runner,
+        inflate_limits: InflateLimits = InflateLimits(),
     ) -> None:
         if on_duplicate not in ("replace", "keep", "reject"):
             raise ValueError(f"on_duplicate must be replace, keep or reject, not {on_duplicate!r}")
@@ -97,6 +100,7 @@ class Archive:
         self.clock = clock
         self.io = io
         self.db = db
+        self.inflate_limits = inflate_limits
         self.store = ObjectStore(root)
         self.index_path = os.path.join(root, "index.sqlite")
         self.index = ArchiveIndex(self.index_path, read_object=self._read_indexed)
@@ -112,7 +116,7 @@ class Archive:
     def _read_indexed(self, relative: str) -> Optional[ObjectMetadata]:
         """An indexed object's attributes from its file (upgrading the index), None if it cannot be read."""
         try:
-            return read_object(self.store.absolute(relative))[0]
+            return read_object(self.store.absolute(relative), self.inflate_limits, self.store.tmp)[0]
         except Exception:  # a missing or unreadable file: the upgrade keeps the indexed values
             return None
 
@@ -246,7 +250,7 @@ class Archive:
 
     def reconcile(self) -> defer.Deferred:
         """Remove what interrupted stores left, and rows whose files vanished; fires with the counts."""
-        return self.io(_reconcile, self.store, self.index_path, self.started_at)
+        return self.io(_reconcile, self.store, self.index_path, self.started_at, self.inflate_limits)
 
 
 @dataclass
@@ -261,7 +265,8 @@ class Reconciliation:
     conflicts: List[Conflict] = field(default_factory=list)  # patient attributes the re-indexed objects disagree on
 
 
-def _reconcile(store: ObjectStore, index_path: str, started_before: float) -> Reconciliation:
+def _reconcile(store: ObjectStore, index_path: str, started_before: float,
+               limits: InflateLimits = InflateLimits()) -> Reconciliation:
     """I/O thread, at start-up: bring the index and the files back into agreement.
 
     Files are the truth.  A file under objects/ was fsynced and renamed into
@@ -279,7 +284,7 @@ def _reconcile(store: ObjectStore, index_path: str, started_before: float) -> Re
         for relative, mtime in store.stored_files():
             if mtime >= started_before or index.has_path(relative):
                 continue
-            _adopt(store, index, relative, mtime, result)
+            _adopt(store, index, relative, mtime, result, limits)
         result.missing = [row for row in index.all_instances() if not os.path.exists(store.absolute(row.path))]
         index.delete_instances([row.sop_uid for row in result.missing])
     finally:
@@ -299,11 +304,12 @@ def _reconcile(store: ObjectStore, index_path: str, started_before: float) -> Re
     return result
 
 
-def _adopt(store: ObjectStore, index: ArchiveIndex, relative: str, mtime: float, result: Reconciliation) -> None:
+def _adopt(store: ObjectStore, index: ArchiveIndex, relative: str, mtime: float, result: Reconciliation,
+           limits: InflateLimits) -> None:
     """Index a stored file the index does not name, or drop it if the index has a newer version."""
     path = store.absolute(relative)
     try:
-        meta, transfer_syntax, source_ae = read_object(path)
+        meta, transfer_syntax, source_ae = read_object(path, limits, store.tmp)
     except Exception:  # whatever makes it unreadable, a person should look at it
         result.quarantined.append(store.quarantine(relative))
         return
@@ -324,13 +330,23 @@ def _adopt(store: ObjectStore, index: ArchiveIndex, relative: str, mtime: float,
     result.conflicts.extend(added.conflicts)
 
 
-def read_object(path: str) -> Tuple[ObjectMetadata, str, str]:
-    """A stored Part 10 file's index attributes, transfer syntax and source AE title (pixel data never read)."""
-    ds = dcmread(path, stop_before_pixels=True, defer_size=1 << 20)
-    meta = extract(ds)
-    transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-    source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()
-    return meta, transfer_syntax, source_ae
+def read_object(path: str, limits: InflateLimits = InflateLimits(),
+                spill_dir: Optional[str] = None) -> Tuple[ObjectMetadata, str, str]:
+    """A stored Part 10 file's index attributes, transfer syntax and source AE title.
+
+    Pixel data is never read; a deflated data set is inflated as a stream
+    within ``limits`` (pydicom would inflate it whole, in memory), spilling
+    to ``spill_dir`` in the rare case its attributes need more than the
+    in-memory prefix.
+    """
+    meta_info = read_file_meta_info(path)
+    transfer_syntax = str(meta_info.get("TransferSyntaxUID", "") or "")
+    source_ae = str(meta_info.get("SourceApplicationEntityTitle", "") or "").strip()
+    if transfer_syntax == DEFLATED:
+        with open(path, "rb") as handle:
+            meta, _ = read_deflated(handle, data_set_offset(handle), limits, spill_dir)
+        return meta, transfer_syntax, source_ae
+    return extract(dcmread(path, stop_before_pixels=True, defer_size=1 << 20)), transfer_syntax, source_ae
 
 
 def log_conflicts(conflicts) -> None:

@@ -19,10 +19,9 @@ import sys
 import time
 from typing import List, Optional
 
-from pydicom import dcmread
-
 from .. import config as configuration
-from ..archive.archive import Archive
+from ..archive.archive import Archive, read_object
+from ..archive.deflate import InflateLimits
 from ..archive.eviction import plan, shortfall
 from ..net.threads import synchronous_runner
 
@@ -117,9 +116,10 @@ def _verify(archive: Archive, out) -> int:
             problems += 1
             continue
         try:
-            ds = dcmread(path, stop_before_pixels=True)
-            if str(ds.SOPInstanceUID) != row.sop_uid:
-                raise ValueError(f"holds SOP instance {ds.SOPInstanceUID}")
+            # pixel data never read; a deflated data set inflated as a stream, within the limits
+            meta, _, _ = read_object(path, archive.inflate_limits, archive.store.tmp)
+            if meta.sop_instance_uid != row.sop_uid:
+                raise ValueError(f"holds SOP instance {meta.sop_instance_uid}")
         except Exception as error:  # any parse problem is a finding, not a crash
             print(f"CORRUPT  {row.sop_uid}: {row.path}: {error}", file=out)
             problems += 1
@@ -173,7 +173,8 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
         return 2
     settings = config.archive
     archive = Archive(settings.path, settings.limits, settings.on_duplicate, _WallClock(),
-                      synchronous_runner, synchronous_runner)
+                      synchronous_runner, synchronous_runner,
+                      InflateLimits(settings.max_object_size, settings.max_inflation_ratio))
     try:
         if args.command == "list":
             return _list(archive, args.patients, out)
