@@ -136,6 +136,8 @@ class ListenerConfig:
     tls_port: int = 0
     #: the TLS listener's settings; None when it is off
     tls: Optional[TLSConfig] = None
+    #: established associations from one peer address at most
+    max_associations_per_host: int = 32
 
 
 @dataclass(frozen=True)
@@ -424,6 +426,7 @@ def _listener(path: str, name: str, table: Any, extra: Optional[Callable[["_Sect
         port=section.get("port", _integer(0, 65535), default_port),
         max_pdu=section.get("max_pdu", _integer(MIN_PDU, MAX_PDU), 16384),
         max_associations=section.get("max_associations", _integer(1, 100000), 64),
+        max_associations_per_host=section.get("max_associations_per_host", _integer(1, 100000), 32),
         timeout=timeout,
         artim_timeout=section.get("artim_timeout", _seconds, timeout),
         dimse_timeout=section.get("dimse_timeout", _seconds, timeout),

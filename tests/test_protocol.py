@@ -318,6 +318,42 @@ class AcceptorAssociationTests(AcceptorTestMixin, unittest.TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+class PerHostLimitTests(AcceptorTestMixin, unittest.TestCase):
+    """max_associations_per_host: one peer address cannot take every association of the AE."""
+
+    def connect_from(self, host: str):
+        from twisted.internet.address import IPv4Address
+
+        protocol = self.factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_limit_per_address(self):
+        self.factory = make_factory(self.clock, max_associations=4, max_associations_per_host=2)
+        held = []
+        for _ in range(2):
+            protocol, transport = self.connect_from("10.0.0.1")
+            protocol.dataReceived(echo_request().encode())
+            self.assertEqual(transport.value()[:1], b"\x02")
+            held.append(protocol)
+        third, third_transport = self.connect_from("10.0.0.1")
+        third.dataReceived(echo_request().encode())
+        self.assertEqual(third_transport.value(), rj_bytes(2, 3, 2))
+        self.assertIn("2 associations from 10.0.0.1 of max_associations_per_host=2", third.record.outcome)
+        other, other_transport = self.connect_from("10.0.0.2")
+        other.dataReceived(echo_request().encode())
+        self.assertEqual(other_transport.value()[:1], b"\x02")  # another host still gets in
+        closed(held.pop())
+        again, again_transport = self.connect_from("10.0.0.1")
+        again.dataReceived(echo_request().encode())
+        self.assertEqual(again_transport.value()[:1], b"\x02")
+        for protocol in (third, other, again, *held):
+            closed(protocol)
+        self.assertEqual((self.factory.connections, self.factory.associations, self.factory.host_associations),
+                         (0, 0, {}))
+
+
 class AcceptorTimerTests(AcceptorTestMixin, unittest.TestCase):
     """ARTIM and the idle timeout."""
 
@@ -362,27 +398,60 @@ class AcceptorTimerTests(AcceptorTestMixin, unittest.TestCase):
         closed(protocol)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_idle_timer_spares_operation_in_progress(self):
-        """The idle timeout does not abort while a request is being served; it counts again from then on."""
+    def test_stalled_operation_aborted(self):
+        """Issue 9: an operation in progress on which nothing is received or sent for idle_timeout is aborted
+        (a C-STORE-RQ whose data set never comes held its association forever); the outcome says which."""
         service = HoldingService()
         self.factory = make_factory(self.clock, services=[service])
         protocol, transport = self.establish()
         protocol.dataReceived(message_pdus(1, echo_rq(1)))
-        self.clock.advance(IDLE)
-        self.assertEqual(transport.value(), b"")
-        self.clock.advance(IDLE / 2)
-        service.held[0].respond(S.SUCCESS)
-        ((_, response, _),) = decode_messages(transport.value())
-        transport.clear()
-        self.assertEqual((response.MessageIDBeingRespondedTo, response.Status), (1, 0))
-        self.clock.advance(IDLE / 2 - 1)
+        self.clock.advance(IDLE - 1)
         self.assertEqual(transport.value(), b"")
         self.clock.advance(1)
         self.assertEqual(transport.value(), abort_bytes(0, 0))
+        self.assertIn("idle for 60 s: nothing received or sent while C-ECHO-RQ message 1 was in progress",
+                      protocol.record.outcome)
         self.clock.advance(ARTIM)
         closed(protocol)
         self.assertEqual((self.factory.connections, self.factory.associations), (0, 0))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stalled_data_set_aborted(self):
+        """A C-STORE-RQ announcing a data set, then nothing: aborted after idle_timeout, the data set's consumer
+        abandoned; a data set trickling in keeps it alive."""
+        abandoned = []
+
+        class Consumer(BufferedDataSet):
+            def abandon(self, reason):
+                abandoned.append(reason)
+
+        ct = "1.2.840.10008.5.1.4.1.1.2"
+
+        class Holding(HoldingService):
+            def __init__(self):
+                super().__init__()
+                self.abstract_syntaxes = {ct: (IMPLICIT_VR_LITTLE_ENDIAN,)}
+
+            def open_data_set(self, request):
+                return Consumer(limit=1 << 20)
+
+        self.factory = make_factory(self.clock, services=[Holding()])
+        request = propose("MODALITY", "DISK_SERVER", [(ct, [IMPLICIT_VR_LITTLE_ENDIAN])], MAX_PDU, PEER_IMPL_UID, "P")
+        protocol, transport = self.establish(request=request)
+        command = D.Command(CommandField=D.CommandField.C_STORE_RQ, MessageID=1, Priority=0, AffectedSOPClassUID=ct,
+                            AffectedSOPInstanceUID="1.2.3.4", CommandDataSetType=0)
+        protocol.dataReceived(b"".join(D.fragment(1, True, command.encode(), MAX_PDU)))
+        for _ in range(3):
+            self.clock.advance(IDLE - 1)
+            protocol.dataReceived(b"".join(D.fragment(1, False, b"\x00\x00", MAX_PDU, last=False)))
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(IDLE)
+        self.assertEqual(transport.value(), abort_bytes(0, 0))
+        self.assertIn("while C-STORE-RQ message 1 was in progress", protocol.record.outcome)
+        self.clock.advance(ARTIM)
+        closed(protocol)
+        self.assertEqual(len(abandoned), 1)
+        self.assertEqual((self.factory.connections, self.factory.associations), (0, 0))
 
     def test_peer_closes_after_abort(self):
         """When the peer closes after our A-ABORT, ARTIM is stopped and nothing stays scheduled."""

@@ -98,4 +98,5 @@ def acceptor_factory(
     binding = None
     if listener.tls is not None and listener.tls.bind_aet_to_certificate:
         binding = CertificateBinding(config.devices.values())
-    return AcceptorFactory(policy, by_syntax, clock, timeouts, listener.max_associations, binding)
+    return AcceptorFactory(policy, by_syntax, clock, timeouts, listener.max_associations, binding,
+                           max_associations_per_host=listener.max_associations_per_host)

@@ -68,7 +68,9 @@ class Timeouts:
     ``artim``: waiting for the A-ASSOCIATE-RQ, and for the peer to close after
     a release or abort.  ``association``: a requestor waiting for connection
     and A-ASSOCIATE-AC.  ``dimse``: a requestor waiting for a response.
-    ``idle``: an established association on which nothing arrives.
+    ``idle``: an established association on which nothing is received or
+    sent, whatever operation is in progress (a C-STORE-RQ whose data set
+    never comes holds nothing for longer).
     """
 
     artim: float = 30.0
@@ -220,6 +222,7 @@ class DicomProtocol(Protocol):
                 if not self._closed:
                     self.record.bytes_out += len(output.data)
                     self.transport.write(output.data)
+                    self._touch_idle()
             elif kind is ul.CloseTransport:
                 if not self._closed:
                     self.transport.loseConnection()
@@ -260,11 +263,11 @@ class DicomProtocol(Protocol):
         self._idle = None
 
     def _idle_fired(self) -> None:
+        """Nothing received or sent for ``idle`` seconds: A-ABORT, whatever is in progress."""
         self._idle = None
-        if self.operation_in_progress():
-            self._touch_idle()
-            return
-        self.abort(f"idle for {self.timeouts.idle:g} s")
+        doing = self.operation_in_progress()
+        self.abort(f"idle for {self.timeouts.idle:g} s: nothing received or sent"
+                   + (f" while {doing} was in progress" if doing else ""))
 
     # --- primitives for the user ---------------------------------------------
 
@@ -385,8 +388,9 @@ class DicomProtocol(Protocol):
     def data_received(self, context_id: int, data: bytes, is_last: bool) -> None:
         raise NotImplementedError
 
-    def operation_in_progress(self) -> bool:
-        return False
+    def operation_in_progress(self) -> Optional[str]:
+        """What operation is in progress, in words (None: none)."""
+        return None
 
     def association_ended(self) -> None:
         """The transport is gone; release whatever the association held."""
@@ -539,17 +543,24 @@ class AcceptorProtocol(DicomProtocol):
     def connectionMade(self) -> None:
         self.factory.connections += 1
         super().connectionMade()
+        self.host = getattr(self.transport.getPeer(), "host", "?")
 
     def association_ended(self) -> None:
         self.factory.connections -= 1
         if self.negotiated is not None:
             self.factory.associations -= 1
+            self.factory.host_associations[self.host] -= 1
+            if not self.factory.host_associations[self.host]:
+                del self.factory.host_associations[self.host]
         request, self.current = self.current, None
         if request is not None and request.consumer is not None and not request.finished:
             request.consumer.abandon(f"association ended: {self.record.outcome}")
 
-    def operation_in_progress(self) -> bool:
-        return self.current is not None
+    def operation_in_progress(self) -> Optional[str]:
+        request = self.current
+        if request is None:
+            return None
+        return f"{_command_name(request.command.CommandField)} message {request.message_id}"
 
     def role_indication(self, output: Any) -> None:
         kind = type(output)
@@ -577,6 +588,15 @@ class AcceptorProtocol(DicomProtocol):
             )
             self._process(self.ul.reject(rejection))
             return
+        from_host = self.factory.host_associations.get(self.host, 0)
+        if from_host >= self.factory.max_associations_per_host:
+            rejection = P.AssociateRJ(2, 3, 2)
+            self.record.outcome = (
+                f"rejected: {describe_rejection(rejection)}; {from_host} associations from {self.host} of "
+                f"max_associations_per_host={self.factory.max_associations_per_host} in use"
+            )
+            self._process(self.ul.reject(rejection))
+            return
         decision = negotiate_as_acceptor(request, self.factory.policy)
         if not isinstance(decision, Acceptance):
             self.record.outcome = f"rejected: {describe_rejection(decision.rejection)}; {decision.reason}"
@@ -592,6 +612,7 @@ class AcceptorProtocol(DicomProtocol):
                 return
         self.negotiated = decision.negotiated
         self.factory.associations += 1
+        self.factory.host_associations[self.host] = self.factory.host_associations.get(self.host, 0) + 1
         self.record.note_contexts(decision.negotiated.contexts)
         self.record.notes.extend(decision.negotiated.notes)
         self.record.outcome = "aborted before release"
@@ -733,6 +754,7 @@ class AcceptorFactory(Factory):
         timeouts: Timeouts,
         max_associations: int,
         certificate_binding: Optional["tls.CertificateBinding"] = None,
+        max_associations_per_host: Optional[int] = None,
     ) -> None:
         for service in set(services.values()):
             IServiceClass(service)  # adapt or fail loudly
@@ -741,11 +763,15 @@ class AcceptorFactory(Factory):
         self.clock = clock
         self.timeouts = timeouts
         self.max_associations = max_associations
+        #: established associations from one peer address at most (one host cannot take every slot)
+        self.max_associations_per_host = max_associations_per_host or max_associations
         #: over TLS with bind_aet_to_certificate: who may call with which certificate
         self.certificate_binding = certificate_binding
         #: open transport connections, and established associations among them
         self.connections = 0
         self.associations = 0
+        #: established associations by peer address
+        self.host_associations: Dict[str, int] = {}
 
     def buildProtocol(self, addr) -> AcceptorProtocol:
         protocol = self.protocol(self)

@@ -353,8 +353,8 @@ class RequestorProtocol(DicomProtocol):
         self._dimse_timer = None
         self.abort(f"no response within {self.timeouts.dimse:g} s (DIMSE timeout)")
 
-    def operation_in_progress(self) -> bool:
-        return self.outstanding is not None
+    def operation_in_progress(self) -> Optional[str]:
+        return "a request" if self.outstanding is not None else None
 
     def abort(self, why: str) -> None:
         """A-ABORT; an outstanding request fails at once rather than when the connection closes."""
