@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.ae.storage import examine
-from appliance.archive.archive import Archive, Duplicate, OutOfResources, StoreOutcome, _reconcile
+from appliance.archive.archive import Archive, Duplicate, Misfiled, OutOfResources, StoreOutcome, _reconcile
 from appliance.archive.eviction import StorageLimits, plan, shortfall
 from appliance.archive.index import ArchiveIndex
 from appliance.archive.store import part10_header, uid_hash
@@ -220,7 +220,7 @@ class ArchiveTests(SynchronousTestCase):
         """A stored file whose index row was lost (a power cut after the fsync) is indexed again."""
         self.store(self.archive, make_dataset(study="8.1", series="8.1.1", sop="8.1.1.1", patient="Lost^Row"))
         row = self.archive.index.lookup("8.1.1.1")
-        self.archive.index.delete_instances(["8.1.1.1"])  # as if the commit never reached the disk
+        self.archive.index.delete_instance("8.1.1.1")  # as if the commit never reached the disk
         result = _reconcile(self.archive.store, self.archive.index_path, started_before=float("inf"))
         self.assertEqual(result.reindexed, [row.path])
         again = self.archive.index.lookup("8.1.1.1")
@@ -247,7 +247,7 @@ class ArchiveTests(SynchronousTestCase):
         self.assertEqual(self.archive.index.lookup("9.1.1.1").path, second)
         # now the other way round: the second version's row is lost, the first one's row is back
         os.utime(self.archive.store.absolute(second), None)
-        self.archive.index.delete_instances(["9.1.1.1"])
+        self.archive.index.delete_instance("9.1.1.1")
         with open(self.archive.store.absolute(first), "wb") as handle:
             handle.write(first_bytes)
         os.utime(self.archive.store.absolute(first), (1, 1))
@@ -263,6 +263,85 @@ class ArchiveTests(SynchronousTestCase):
         result = _reconcile(self.archive.store, self.archive.index_path, started_before=0)
         self.assertEqual((result.temps, result.reindexed, result.missing), ([], [], []))
         self.assertEqual(os.listdir(self.archive.store.tmp), ["live.part"])
+
+    # --- issue 9: one object must not poison the index; one failure does not stop the rest -----------------
+
+    def test_series_of_another_study_refused(self):
+        """An object naming a series that belongs to another study is refused (Misfiled): nothing of it is
+        kept, the first study is untouched and can still be deleted and evicted."""
+        self.store(self.archive, make_dataset(study="10.1", series="10.1.1", sop="10.1.1.1"))
+        stored, _ = self.receive(self.archive, make_dataset(study="10.2", series="10.1.1", sop="10.2.1.1"))
+        failure = self.failureResultOf(defer.ensureDeferred(self.archive.commit(stored)), Misfiled)
+        self.assertEqual(str(failure.value), "series 10.1.1 belongs to study 10.1")
+        self.assertEqual(self.archive.index.counts(), (1, 1, 1, 1))
+        self.assertEqual(os.listdir(self.archive.store.tmp), [])
+        self.assertEqual(sum(len(files) for _, _, files in os.walk(self.archive.store.objects)), 1)
+        self.assertGreater(self.successResultOf(defer.ensureDeferred(self.archive.delete_study("10.1"))), 0)
+        self.assertEqual(self.archive.index.counts(), (0, 0, 0, 0))
+
+    def test_one_instance_that_cannot_be_deleted_does_not_keep_the_others(self):
+        """A file that cannot be removed keeps its row (naming it); the study's other instances go."""
+        for n in (1, 2, 3):
+            self.store(self.archive, make_dataset(study="11.1", series="11.1.1", sop=f"11.1.1.{n}"))
+        stuck = self.archive.index.lookup("11.1.1.2").path
+        remove = self.archive.store.remove
+
+        def refusing(relative):
+            if relative == stuck:
+                raise PermissionError(13, "Permission denied")
+            remove(relative)
+
+        self.patch(self.archive.store, "remove", refusing)
+        self.successResultOf(defer.ensureDeferred(self.archive.delete_study("11.1")))
+        self.assertEqual([row.sop_uid for row in self.archive.index.all_instances()], ["11.1.1.2"])
+        self.assertTrue(os.path.exists(self.archive.store.absolute(stuck)))
+
+    def test_eviction_goes_on_past_a_study_that_fails(self):
+        """A study whose deletion raises is logged and skipped; eviction frees the room from the next ones."""
+        for n, study in enumerate(("12.1", "12.2", "12.3")):
+            self.clock.advance(10)
+            self.store(self.archive, make_dataset(study=study, series=f"{study}.1", sop=f"{study}.1.1"))
+        delete = self.archive.delete_study
+
+        async def failing(study_uid, why="deleted"):
+            if study_uid == "12.1":
+                raise RuntimeError("simulated failure")
+            return await delete(study_uid, why)
+
+        self.patch(self.archive, "delete_study", failing)
+        freed = self.successResultOf(defer.ensureDeferred(self.archive.evict(1)))
+        self.assertGreater(freed, 0)
+        self.assertEqual(sorted(s.study_uid for s in self.archive.index.studies()), ["12.1", "12.3"])
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_row_of_an_instance_stored_again_is_kept(self):
+        """Deleting an instance by the file it named spares the row of a version stored since (a race between
+        eviction or the start-up check and a replace)."""
+        ds = make_dataset(study="13.1", series="13.1.1", sop="13.1.1.1")
+        self.store(self.archive, ds)
+        old = self.archive.index.lookup("13.1.1.1")
+        self.store(self.archive, ds)  # replaced: a new file
+        self.assertFalse(self.archive.index.delete_instance("13.1.1.1", old.path))
+        self.assertEqual(self.archive.index.counts()[3], 1)
+        self.assertEqual(self.archive.index.delete_instances([old]), 0)
+        self.assertEqual(self.archive.index.counts()[3], 1)
+
+    def test_reconcile_goes_on_past_a_misfiled_object(self):
+        """At start-up a file whose series belongs to another study is quarantined and named in the log; the
+        other files are indexed again."""
+        self.store(self.archive, make_dataset(study="14.1", series="14.1.1", sop="14.1.1.1"))
+        self.store(self.archive, make_dataset(study="14.2", series="14.2.1", sop="14.2.1.1"))
+        # a file of study 14.3 naming 14.1's series, and a good file, both without rows
+        odd, _ = self.receive(self.archive, make_dataset(study="14.3", series="14.1.1", sop="14.3.1.1"))
+        relative = self.archive.store.relative_path_for("14.3", "14.1.1", "14.3.1.1")
+        self.archive.store.install(odd.temp, relative)
+        lost = self.archive.index.lookup("14.2.1.1")
+        self.archive.index.delete_instance("14.2.1.1")
+        result = _reconcile(self.archive.store, self.archive.index_path, started_before=float("inf"))
+        self.assertEqual(result.reindexed, [lost.path])
+        self.assertEqual(len(result.quarantined), 1)
+        self.assertIn("belongs to study 14.1", result.failed[0])
+        self.assertEqual(self.archive.index.counts()[3], 2)
 
     def test_path_outside_archive_refused(self):
         """An index path that escapes the archive is refused, never opened or removed."""

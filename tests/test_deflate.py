@@ -218,7 +218,7 @@ class StoredDeflatedTests(SynchronousTestCase):
         return _reconcile(self.archive.store, self.archive.index_path, time.time() + 60, self.archive.inflate_limits)
 
     def test_lost_row_indexed_again(self):
-        self.archive.index.delete_instances(["1.2.826.0.1.9.10"])
+        self.archive.index.delete_instance("1.2.826.0.1.9.10")
         result = self.reconcile()
         self.assertEqual((len(result.reindexed), result.quarantined), (1, []))
         self.assertEqual(self.archive.index.lookup("1.2.826.0.1.9.10").transfer_syntax, DEFLATED)

@@ -230,7 +230,7 @@ class IndexPatientTests(SynchronousTestCase):
         self.add("1.2", "1.2.1.1", "Smith^Mary")
         self.add("1.3", "1.3.1.1", "Smith^Mary")
         self.assertEqual(len(self.index.conflicts()), 2)  # 1.2 and 1.3 each differ from 1.1
-        self.index.delete_instances(["1.1.1.1"])
+        self.index.delete_instance("1.1.1.1")
         self.assertEqual(self.index.conflicts(), [])
 
     def test_clear_conflicts(self):

@@ -160,6 +160,20 @@ class StoreStatusTests(SynchronousTestCase):
         self.assertIn("SOP Instance UID differs", response.ErrorComment)
         self.assertEqual(self.stored_files(), [])
 
+    def test_series_of_another_study(self):
+        """Issue 9: an object whose series belongs to another study is refused with A900 naming both; the
+        association goes on and the other study is intact."""
+        first = make_dataset(study="1.2.9.1", series="1.2.9.1.1", sop="1.2.9.1.1.1")
+        self.assertEqual(self.harness.store(encode_dataset(first, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE,
+                                            "1.2.9.1.1.1").Status, 0)
+        odd = make_dataset(study="1.2.9.2", series="1.2.9.1.1", sop="1.2.9.2.1.1")
+        response = self.harness.store(encode_dataset(odd, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE,
+                                      "1.2.9.2.1.1", protocol=True)
+        self.assertEqual((response.Status, response.ErrorComment),
+                         (0xA900, "series 1.2.9.1.1 belongs to study 1.2.9.1"))
+        self.assertEqual(self.harness.archive.index.counts(), (1, 1, 1, 1))
+        self.assertEqual(len(self.stored_files()), 1)
+
     def test_class_uid_mismatch(self):
         """A data set of another SOP class than the command says is refused with A900."""
         ds = make_dataset(sop="1.2.5.3", sop_class="1.2.840.10008.5.1.4.1.1.4")

@@ -24,7 +24,7 @@ from pydicom.filereader import read_dataset
 from twisted.internet import defer
 from zope.interface import implementer
 
-from ..archive.archive import Archive, Duplicate, OutOfResources, StoredObject, StoreOutcome
+from ..archive.archive import Archive, Duplicate, Misfiled, OutOfResources, StoredObject, StoreOutcome
 from ..archive.deflate import DEFLATED, InflateLimits, NotInflatable, TooLarge, read_deflated
 from ..archive.fastscan import scan
 from ..archive.metadata import ObjectMetadata, extract
@@ -418,6 +418,8 @@ class IncomingObject:
             return StoreResult(S.OUT_OF_RESOURCES, str(error))
         except Duplicate as error:
             return StoreResult(DUPLICATE_REJECTED, str(error))
+        except Misfiled as error:  # PS3.3: a series belongs to one study
+            return StoreResult(0xA900, str(error))
         except OSError as error:
             return StoreResult(S.OUT_OF_RESOURCES, f"cannot write to the archive: {error.strerror}")
         except sqlite3.OperationalError as error:

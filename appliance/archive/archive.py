@@ -21,12 +21,12 @@ from twisted.internet import defer
 from ..logs import logger
 from .deflate import DEFLATED, InflateLimits, read_deflated
 from .eviction import StorageLimits, plan, shortfall
-from .index import ArchiveIndex, InstanceRow, Upgrade
+from .index import ArchiveIndex, InstanceRow, Misfiled, Upgrade
 from .metadata import ObjectMetadata, extract
 from .patients import Conflict
 from .store import ObjectStore, TempObject, data_set_offset
 
-__all__ = ["Archive", "OutOfResources", "Duplicate", "StoredObject", "StoreOutcome", "Runner"]
+__all__ = ["Archive", "OutOfResources", "Duplicate", "Misfiled", "StoredObject", "StoreOutcome", "Runner"]
 
 #: ``runner(f, *args, **kwargs) -> Deferred``: where blocking work runs.
 Runner = Callable[..., defer.Deferred]
@@ -211,35 +211,37 @@ class Archive:
         candidates = await self.db(lambda: list(islice(self.index.eviction_order(), limit)))
         return plan(candidates, set(self.pins.counts), target)
 
-    async def evict(self, target: int) -> int:
-        """Evict least recently accessed studies until ``target`` bytes are freed; return bytes freed."""
-        uids, _ = await self.eviction_plan(target)
+    async def evict(self, target: int, limit: int = 100000) -> int:
+        """Evict least recently accessed studies until ``target`` bytes are freed; return bytes freed.
+
+        In :meth:`eviction_plan`'s order, skipping pinned studies; a study that
+        cannot be deleted is logged and skipped, and the next ones make up for it.
+        """
+        candidates = await self.db(lambda: list(islice(self.index.eviction_order(), limit)))
         freed = 0
-        for study_uid in uids:
-            if study_uid in self.pins:  # pinned while we were deciding
-                continue
-            freed += await self.delete_study(study_uid, why="evicted (least recently accessed)")
+        for study_uid, _, _ in candidates:
             if freed >= target:
                 break
+            if study_uid in self.pins:  # being written or retrieved
+                continue
+            try:
+                freed += await self.delete_study(study_uid, why="evicted (least recently accessed)")
+            except Exception:
+                _log.failure("evicting study {study} failed; eviction goes on with the next", study=study_uid)
         return freed
 
     async def delete_study(self, study_uid: str, why: str = "deleted") -> int:
-        """Remove a study: files first, then rows.
-
-        The start-up reconciliation indexes files the index does not name, so
-        the files must go first: a crash in between leaves rows without
-        files, which it removes.
-        """
+        """Remove a study, instance by instance: its file, then its row (:func:`_delete_files_then_rows`)."""
         rows: List[InstanceRow] = await self.db(self.index.study_instances, study_uid)
         if not rows:
             return 0
-        for row in rows:
-            await self.io(self.store.remove, row.path)
-        await self.db(self.index.delete_instances, [row.sop_uid for row in rows])
-        freed = sum(row.size for row in rows)
+        freed, failed = await self.db(_delete_files_then_rows, self.store, self.index, rows)
         self.size -= freed
         _log.info("study {study} {why}: {count} instances, {size} bytes", study=study_uid, why=why,
-                  count=len(rows), size=freed)
+                  count=len(rows) - len(failed), size=freed)
+        for row, error in failed:
+            _log.error("deleting SOP instance {sop} of study {study} failed: {error}", sop=row.sop_uid,
+                       study=study_uid, error=error)
         return freed
 
     def touch(self, study_uids: List[str]) -> defer.Deferred:
@@ -253,6 +255,40 @@ class Archive:
         return self.io(_reconcile, self.store, self.index_path, self.started_at, self.inflate_limits)
 
 
+def _delete_files_then_rows(store: ObjectStore, index: ArchiveIndex,
+                            rows: List[InstanceRow]) -> Tuple[int, List[Tuple[InstanceRow, str]]]:
+    """Database thread: the instances' files, then their rows.
+
+    The start-up check indexes files the index does not name, so files go
+    before their rows: a crash in between leaves rows without files, which
+    it removes.  A row is deleted only if it still names the file removed (an
+    instance stored again meanwhile keeps its new row).  The rows go in one
+    transaction; if that fails, one by one, so that one instance that cannot
+    be deleted does not keep the others.  Returns (bytes freed, [(row, why)]
+    for each instance that failed).
+    """
+    failed: List[Tuple[InstanceRow, str]] = []
+    removed: List[InstanceRow] = []
+    for row in rows:
+        try:
+            store.remove(row.path)
+            removed.append(row)
+        except Exception as error:  # logged by the caller; its row stays, naming its file
+            failed.append((row, f"{type(error).__name__}: {error}"))
+    try:
+        return index.delete_instances(removed), failed
+    except Exception:
+        pass  # one at a time, below
+    freed = 0
+    for row in removed:
+        try:
+            if index.delete_instance(row.sop_uid, row.path):
+                freed += row.size
+        except Exception as error:  # a row without its file: the start-up check removes it
+            failed.append((row, f"{type(error).__name__}: {error}"))
+    return freed, failed
+
+
 @dataclass
 class Reconciliation:
     """What the start-up check found and did."""
@@ -263,6 +299,7 @@ class Reconciliation:
     quarantined: List[str] = field(default_factory=list)  # unreadable files, moved aside
     missing: List[InstanceRow] = field(default_factory=list)  # rows whose file was gone, removed
     conflicts: List[Conflict] = field(default_factory=list)  # patient attributes the re-indexed objects disagree on
+    failed: List[str] = field(default_factory=list)  # steps that failed (logged), the check went on
 
 
 def _reconcile(store: ObjectStore, index_path: str, started_before: float,
@@ -284,9 +321,17 @@ def _reconcile(store: ObjectStore, index_path: str, started_before: float,
         for relative, mtime in store.stored_files():
             if mtime >= started_before or index.has_path(relative):
                 continue
-            _adopt(store, index, relative, mtime, result, limits)
-        result.missing = [row for row in index.all_instances() if not os.path.exists(store.absolute(row.path))]
-        index.delete_instances([row.sop_uid for row in result.missing])
+            try:
+                _adopt(store, index, relative, mtime, result, limits)
+            except Exception as error:  # one file does not stop the check of the others
+                result.failed.append(f"indexing {relative} again: {type(error).__name__}: {error}")
+        missing = [row for row in index.all_instances() if not os.path.exists(store.absolute(row.path))]
+        for row in missing:
+            try:
+                if index.delete_instance(row.sop_uid, row.path):
+                    result.missing.append(row)
+            except Exception as error:
+                result.failed.append(f"removing the row of {row.sop_uid}: {type(error).__name__}: {error}")
     finally:
         index.close()
     for name in result.temps:
@@ -300,6 +345,8 @@ def _reconcile(store: ObjectStore, index_path: str, started_before: float,
     for row in result.missing:
         _log.error("index row for SOP instance {sop} pointed to missing file {path}; row removed",
                    sop=row.sop_uid, path=row.path)
+    for failure in result.failed:
+        _log.error("start-up check: {problem}; the check went on", problem=failure)
     log_conflicts(result.conflicts)
     return result
 
@@ -323,7 +370,12 @@ def _adopt(store: ObjectStore, index: ArchiveIndex, relative: str, mtime: float,
             store.remove(relative)
             result.stale.append(relative)
             return
-    added = index.add(meta, relative, os.path.getsize(path), transfer_syntax, source_ae, mtime)
+    try:
+        added = index.add(meta, relative, os.path.getsize(path), transfer_syntax, source_ae, mtime)
+    except Misfiled as error:  # it contradicts the index: a person should look at it
+        result.quarantined.append(store.quarantine(relative))
+        result.failed.append(f"{relative} not indexed again: {error}")
+        return
     if added.previous is not None and added.previous.path != relative:
         store.remove(added.previous.path)
     result.reindexed.append(relative)

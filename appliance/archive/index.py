@@ -20,14 +20,14 @@ from __future__ import annotations
 import os
 import sqlite3
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .matching import fold, name_groups
 from .metadata import ObjectMetadata
 from .patients import Conflict, differences, identity, value_text
 
 __all__ = ["ArchiveIndex", "InstanceRow", "StudyRow", "ConflictRow", "Added", "Upgrade", "ObjectReader",
-           "SCHEMA_VERSION"]
+           "Misfiled", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 2
 
@@ -193,6 +193,10 @@ class Upgrade:
     #: studies whose object could not be read: their patient's indexed values were kept
     from_index: int
     conflicts: Tuple[Conflict, ...] = ()
+
+
+class Misfiled(ValueError):
+    """An object names a series that belongs to another study (PS3.3: a series belongs to one study)."""
 
 
 #: ``read_object(relative path) -> ObjectMetadata or None``: an indexed object's attributes read from its file.
@@ -447,6 +451,9 @@ class ArchiveIndex:
 
     def _upsert_series(self, db: sqlite3.Connection, meta: ObjectMetadata, study_pk: int) -> int:
         row = db.execute("SELECT pk, study_pk FROM series WHERE series_uid = ?", (meta.series_instance_uid,)).fetchone()
+        if row is not None and row[1] != study_pk:
+            (other,) = db.execute("SELECT study_uid FROM studies WHERE pk = ?", (row[1],)).fetchone()
+            raise Misfiled(f"series {meta.series_instance_uid} belongs to study {other}")
         if row is not None:
             db.execute(
                 "UPDATE series SET modality = ?, series_number = ?, attributes = ? WHERE pk = ?",
@@ -462,15 +469,17 @@ class ArchiveIndex:
 
     # --- removing ----------------------------------------------------------------
 
-    def _remove_instance(self, sop_uid: str) -> Optional[Tuple[int, int, int]]:
-        """Delete one instance row and maintain counters; returns its (series, study, patient) pks, or None."""
+    def _remove_instance(self, sop_uid: str, path: Optional[str] = None) -> Optional[Tuple[int, int, int]]:
+        """Delete one instance row (only if it names ``path``, when given) and maintain counters; returns its
+        (series, study, patient) pks, or None when there is no such row."""
         db = self.db
-        row = db.execute(
-            """SELECT i.pk, i.size, se.pk, st.pk, st.patient_pk FROM instances i
+        query = """SELECT i.pk, i.size, se.pk, st.pk, st.patient_pk FROM instances i
                JOIN series se ON i.series_pk = se.pk JOIN studies st ON se.study_pk = st.pk
-               WHERE i.sop_uid = ?""",
-            (sop_uid,),
-        ).fetchone()
+               WHERE i.sop_uid = ?"""
+        params: Tuple = (sop_uid,)
+        if path is not None:
+            query, params = query + " AND i.path = ?", (sop_uid, path)
+        row = db.execute(query, params).fetchone()
         if row is None:
             return None
         instance_pk, size, series_pk, study_pk, patient_pk = row
@@ -495,13 +504,27 @@ class ArchiveIndex:
         if self.db.execute("SELECT 1 FROM studies WHERE patient_pk = ? LIMIT 1", (patient_pk,)).fetchone() is None:
             self.db.execute("DELETE FROM patients WHERE pk = ?", (patient_pk,))
 
-    def delete_instances(self, sop_uids: Iterable[str]) -> None:
-        """Delete instance rows (after their files were removed), in one transaction."""
+    def delete_instances(self, rows: Sequence[InstanceRow]) -> int:
+        """:meth:`delete_instance` for each row (only while it names the same file), in one transaction;
+        returns the bytes of the rows deleted."""
+        freed = 0
         with self.transaction():
-            for sop_uid in sop_uids:
-                parents = self._remove_instance(sop_uid)
+            for row in rows:
+                parents = self._remove_instance(row.sop_uid, row.path)
                 if parents is not None:
                     self._prune(*parents)
+                    freed += row.size
+        return freed
+
+    def delete_instance(self, sop_uid: str, path: Optional[str] = None) -> bool:
+        """Delete an instance's row (after its file was removed), with its series, study and patient when they
+        are left empty; with ``path``, only if the row still names that file (an instance stored again since
+        keeps its new row).  One transaction; False when there was no such row."""
+        with self.transaction():
+            parents = self._remove_instance(sop_uid, path)
+            if parents is not None:
+                self._prune(*parents)
+        return parents is not None
 
     def study_instances(self, study_uid: str) -> List[InstanceRow]:
         rows = self.db.execute(
