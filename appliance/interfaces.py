@@ -31,6 +31,10 @@ class IServiceClass(Interface):
     abstract_syntaxes = Attribute(
         "Mapping of abstract syntax UID to the tuple of transfer syntax UIDs acceptable for it"
     )
+    operations = Attribute(
+        "The request command fields it performs (e.g. {0x0001} for C-STORE-RQ); any other request on its "
+        "contexts is answered 0211 (unrecognized operation) without reaching it"
+    )
 
     def open_data_set(request):
         """Return the :class:`IDataSetConsumer` for the data set announced by

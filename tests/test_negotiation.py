@@ -103,6 +103,30 @@ class AcceptorRejectionTests(unittest.TestCase):
         self.assertRejected(decision, (1, 1, 7))
         self.assertIn("MEMORY_SERVER", decision.reason)
 
+    def test_calling_ae_title_that_is_no_ae_title(self):
+        """Issue 9: control characters, a backslash or nothing but spaces in the calling AE title (PS3.5 6.2):
+        rejected (1, 1, 3)."""
+        for calling in ("EVIL\r\x1b[31m", "A\\B", "    ", "TAB\tAE"):
+            with self.subTest(calling=calling):
+                self.assertRejected(negotiate_as_acceptor(make_request(ECHO_ONLY, calling=calling), make_policy()),
+                                    (1, 1, 3))
+
+    def test_more_than_128_presentation_contexts(self):
+        """Issue 9: at most 128 contexts can exist (odd IDs 1-255); more are rejected (1, 2, 1) at once."""
+        contexts = [((2 * n + 1) % 256, VERIFICATION, [IMPLICIT_VR_LITTLE_ENDIAN]) for n in range(50001)]
+        decision = negotiate_as_acceptor(make_request(contexts), make_policy())
+        self.assertRejected(decision, (1, 2, 1))
+        self.assertIn("50001 presentation contexts", decision.reason)
+        self.assertIsInstance(negotiate_as_acceptor(make_request(contexts[:128]), make_policy()), Acceptance)
+
+    def test_tiny_maximum_pdu_length(self):
+        """A requestor announcing a maximum PDU length below 1024 is rejected (1, 1, 1); 0 means no limit."""
+        self.assertRejected(negotiate_as_acceptor(make_request(ECHO_ONLY, maximum_length=1), make_policy()),
+                            (1, 1, 1))
+        for fine in (0, 1024):
+            self.assertIsInstance(negotiate_as_acceptor(make_request(ECHO_ONLY, maximum_length=fine), make_policy()),
+                                  Acceptance)
+
     def test_called_ae_survives_encode_decode_padding(self):
         """The called AE title, space padded to 16 bytes on the wire, still matches after decoding."""
         request = P.AssociateRQ.decode(make_request(ECHO_ONLY).encode())

@@ -19,7 +19,6 @@ from typing import Dict, List, Optional
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from twisted.internet.task import Clock
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 

@@ -12,6 +12,7 @@ import struct
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -129,6 +130,7 @@ class HoldingService:
 
     def __init__(self) -> None:
         self.abstract_syntaxes = {VERIFICATION: (IMPLICIT_VR_LITTLE_ENDIAN,)}
+        self.operations = {D.CommandField.C_ECHO_RQ, D.CommandField.C_STORE_RQ}
         self.hold = True
         self.held = []
 
@@ -832,3 +834,153 @@ class LoopbackTests(unittest.TestCase):
         self.assertEqual(server.record.messages, 3)
         self.assertEqual((factory.connections, factory.associations), (0, 0))
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class HostileInputTests(AcceptorTestMixin, unittest.TestCase):
+    """Issue 9's findings over the adapter: each answered as PS3.7/PS3.8 say, no traceback, the factory unharmed."""
+
+    def logged(self, level: str = "info"):
+        from .support import capture_log
+
+        return capture_log(self, level)
+
+    def assertNoTraceback(self, events):
+        self.assertEqual([e for e in events if e.get("log_failure") is not None or e.get("isError")], [])
+
+    def test_cancel_carrying_a_data_set_aborts_and_never_reruns(self):
+        """Item 5: a C-CANCEL-RQ announcing a data set after a request is answered: A-ABORT (2, 6), the service
+        handled the request once."""
+        ct = "1.2.840.10008.5.1.4.1.1.2"
+        handled = []
+
+        @implementer(IServiceClass)
+        class Finder:
+            abstract_syntaxes = {ct: (IMPLICIT_VR_LITTLE_ENDIAN,)}
+            operations = {D.CommandField.C_FIND_RQ}
+
+            def open_data_set(self, request):
+                return BufferedDataSet(limit=1024)
+
+            def handle(self, request):
+                handled.append(request.data)
+                request.respond(S.SUCCESS)
+
+            def cancel(self, request):
+                pass
+
+        self.factory = make_factory(self.clock, services=[Finder()])
+        request = propose("FINDSCU", "DISK_SERVER", [(ct, [IMPLICIT_VR_LITTLE_ENDIAN])], MAX_PDU, PEER_IMPL_UID, "P")
+        protocol, transport = self.establish(request=request)
+        find = D.Command(CommandField=D.CommandField.C_FIND_RQ, MessageID=1, Priority=0, AffectedSOPClassUID=ct)
+        protocol.dataReceived(message_pdus(1, find, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "))
+        ((_, response, _),) = decode_messages(transport.value())
+        transport.clear()
+        self.assertEqual(response.Status, S.SUCCESS)
+        cancel = D.Command(CommandField=D.CommandField.C_CANCEL_RQ, MessageIDBeingRespondedTo=1)
+        protocol.dataReceived(message_pdus(1, cancel, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "))
+        self.assertEqual(transport.value(), abort_bytes(2, 6))
+        self.assertEqual(len(handled), 1)
+        self.assertIn("C-CANCEL-RQ announcing a data set", protocol.record.outcome)
+        self.clock.advance(ARTIM)
+        self.assertTrue(transport.disconnecting)
+        closed(protocol)
+        self.assertEqual(len(handled), 1)
+        self.assertEqual((self.factory.connections, self.factory.associations), (0, 0))
+
+    def test_pdus_coalesced_with_the_associate_rq(self):
+        """Item 6: a P-DATA, A-RELEASE-RQ or second RQ in the same segment as the A-ASSOCIATE-RQ: A-ABORT (AA-8,
+        PS3.8 Table 9-10, Sta3) and no exception; an A-ABORT behind it just closes (AA-3)."""
+        events = self.logged()
+        for behind, expected in ((message_pdus(1, echo_rq(1)), abort_bytes(2, 2)), (RELEASE_RQ, abort_bytes(2, 2)),
+                                 (echo_request().encode(), abort_bytes(2, 2))):
+            with self.subTest(behind=behind[:1]):
+                protocol, transport = self.connect()
+                protocol.dataReceived(echo_request().encode() + behind)
+                self.assertEqual(transport.value(), expected)
+                self.assertIn("the peer sent more PDUs before our answer", "; ".join(protocol.record.notes))
+                self.assertAbortedThenRecovers(protocol, transport, expected)
+        protocol, transport = self.connect()
+        protocol.dataReceived(echo_request().encode() + abort_bytes(0, 0))
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+        closed(protocol)
+        self.assertEqual((self.factory.connections, self.factory.associations), (0, 0))
+        self.assertNoTraceback(events)
+
+    def test_non_ascii_uid_in_a_command(self):
+        """Item 7: a C-ECHO whose Affected SOP Class UID holds a byte over 0x7F: C000 without echoing it, and the
+        association goes on."""
+        events = self.logged()
+        protocol, transport = self.establish()
+        command = echo_rq(1)
+        command.CommandDataSetType = D.NO_DATA_SET
+        raw = bytearray(command.encode())
+        at = raw.index(VERIFICATION.encode())
+        raw[at + 4] = 0xFF
+        command_set = bytes(raw)
+        protocol.dataReceived(b"".join(D.fragment(1, True, command_set, MAX_PDU)))
+        ((_, response, _),) = decode_messages(transport.value())
+        transport.clear()
+        self.assertEqual((response.Status, response.AffectedSOPClassUID), (S.CANNOT_UNDERSTAND, None))
+        self.assertEqual(response.ErrorComment, "AffectedSOPClassUID is not a valid UID")
+        self.assertEqual(self.echo(protocol, transport, 2).Status, S.SUCCESS)
+        closed(protocol)
+        self.assertNoTraceback(events)
+
+    def test_store_on_the_verification_context(self):
+        """Item 11: a C-STORE-RQ on the Verification context: its data set drained, then 0211 with one warning
+        line and no traceback."""
+        events = self.logged()
+        protocol, transport = self.establish()
+        store = D.Command(CommandField=D.CommandField.C_STORE_RQ, MessageID=1, Priority=0,
+                          AffectedSOPClassUID=VERIFICATION, AffectedSOPInstanceUID="1.2.3")
+        protocol.dataReceived(message_pdus(1, store, b"x" * 40000))
+        ((_, response, _),) = decode_messages(transport.value())
+        transport.clear()
+        self.assertEqual(response.Status, S.UNRECOGNIZED_OPERATION)
+        self.assertEqual(self.echo(protocol, transport, 2).Status, S.SUCCESS)
+        closed(protocol)
+        self.assertNoTraceback(events)
+        warnings = [e for e in events if e["log_level"].name == "warn"]
+        self.assertEqual(len(warnings), 1)
+
+    def test_tiny_maximum_pdu_refused(self):
+        """Item 11: a requestor announcing a maximum PDU length of 1 is rejected (1, 1, 1), saying why."""
+        request = propose("ECHOSCU", "DISK_SERVER", [(VERIFICATION, [IMPLICIT_VR_LITTLE_ENDIAN])], 1, PEER_IMPL_UID,
+                          "PEER_1")
+        protocol, transport = self.connect()
+        protocol.dataReceived(request.encode())
+        self.assertEqual(transport.value(), rj_bytes(1, 1, 1))
+        self.assertIn("maximum PDU length 1 is below 1024", protocol.record.outcome)
+        closed(protocol)
+
+    def test_too_many_presentation_contexts(self):
+        """Item 9: an RQ with 300 presentation contexts is rejected before they are negotiated, and the log line
+        stays short."""
+        events = self.logged()
+        import dataclasses
+
+        request = dataclasses.replace(echo_request(), presentation_contexts=tuple(
+            P.PresentationContextRQ((2 * n + 1) % 256, VERIFICATION, (IMPLICIT_VR_LITTLE_ENDIAN,)) for n in range(300)))
+        protocol, transport = self.connect()
+        protocol.dataReceived(request.encode())
+        self.assertEqual(transport.value(), rj_bytes(1, 2, 1))
+        closed(protocol)
+        (line,) = [formatEvent(e) for e in events if e.get("log_namespace") == "appliance.association"]
+        self.assertIn("300 presentation contexts proposed; at most 128", line)
+        self.assertLess(len(line), 2000)
+
+    def test_control_characters_in_the_calling_ae_title(self):
+        """Item 12: a calling AE title with a carriage return and an ANSI escape is rejected (1, 1, 3); the log
+        line shows it escaped."""
+        events = self.logged()
+        request = propose("EVIL\r\x1b[31m", "DISK_SERVER", [(VERIFICATION, [IMPLICIT_VR_LITTLE_ENDIAN])], MAX_PDU,
+                          PEER_IMPL_UID, "PEER_1")
+        protocol, transport = self.connect()
+        protocol.dataReceived(request.encode())
+        self.assertEqual(transport.value(), rj_bytes(1, 1, 3))
+        closed(protocol)
+        (line,) = [formatEvent(e) for e in events if e.get("log_namespace") == "appliance.association"]
+        self.assertIn("EVIL\\r\\x1b[31m->DISK_SERVER", line)
+        self.assertNotIn("\r", line)
+        self.assertNotIn("\x1b", line)

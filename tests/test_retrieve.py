@@ -104,6 +104,8 @@ def encapsulated(ds: Dataset, fragment: bytes = b"\xff\xd8\xff\xd9") -> bytes:
 class Destination:
     """A storage SCP for the sub-association: keeps each data set and answers scripted statuses."""
 
+    operations = {D.CommandField.C_STORE_RQ}
+
     def __init__(self, syntaxes, statuses=None, on_store=None):
         self.abstract_syntaxes = syntaxes
         self.statuses = statuses or {}

@@ -54,6 +54,7 @@ class RecordingStorage:
     """A storage-like service that answers Success once the data set is consumed."""
 
     abstract_syntaxes = {CT: (EXPLICIT_VR_LITTLE_ENDIAN,)}
+    operations = {D.CommandField.C_STORE_RQ}
 
     def __init__(self):
         self.consumers = []

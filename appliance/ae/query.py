@@ -119,6 +119,8 @@ def response_encoder(level: str, requested: Optional[List[str]],
 class FindService:
     """C-FIND SCP for the Study Root information model."""
 
+    operations = frozenset({D.CommandField.C_FIND_RQ})
+
     def __init__(
         self,
         archive: Archive,
@@ -144,9 +146,6 @@ class FindService:
             self._cancelled[id(request)] = True
 
     def handle(self, request):
-        if request.command.CommandField != D.CommandField.C_FIND_RQ:
-            request.respond(S.UNRECOGNIZED_OPERATION, ErrorComment="only C-FIND on Study Root FIND")
-            return None
         return defer.ensureDeferred(self._find(request))
 
     async def _find(self, request) -> None:

@@ -343,6 +343,8 @@ Connect = Callable[..., defer.Deferred]
 class RetrieveService:
     """The Disk-Server's Study Root C-MOVE SCP."""
 
+    operations = frozenset({D.CommandField.C_MOVE_RQ})
+
     def __init__(
         self,
         config: ApplianceConfig,
@@ -379,9 +381,6 @@ class RetrieveService:
         return BufferedDataSet(limit=IDENTIFIER_LIMIT)
 
     def handle(self, request):
-        if request.command.CommandField != D.CommandField.C_MOVE_RQ:
-            request.respond(S.UNRECOGNIZED_OPERATION, ErrorComment="only C-MOVE on Study Root MOVE")
-            return None
         destination = (request.command.MoveDestination or "").strip()
         move = _Move(request, destination, self.clock.seconds())
         move.last_pending = move.started

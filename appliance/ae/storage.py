@@ -504,6 +504,8 @@ class IncomingObject:
 class StorageService:
     """C-STORE SCP storing into an :class:`Archive`."""
 
+    operations = frozenset({D.CommandField.C_STORE_RQ})
+
     def __init__(
         self,
         archive: Archive,
@@ -523,9 +525,6 @@ class StorageService:
         return IncomingObject(self, request)
 
     def handle(self, request) -> None:
-        if request.command.CommandField != D.CommandField.C_STORE_RQ:
-            request.respond(S.UNRECOGNIZED_OPERATION, ErrorComment="only C-STORE on storage SOP classes")
-            return
         result: StoreResult = request.data
         elements = {}
         if result.comment:

@@ -11,7 +11,6 @@ from ..dicom import status as S
 from ..dicom.uids import UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATION
 from ..interfaces import IServiceClass
 from ..logs import logger
-from ..net.protocol import BufferedDataSet
 
 __all__ = ["VerificationService"]
 
@@ -20,23 +19,18 @@ __all__ = ["VerificationService"]
 class VerificationService:
     """C-ECHO SCP."""
 
+    operations = frozenset({D.CommandField.C_ECHO_RQ})
+
     _log = logger("appliance.verification")
 
     def __init__(self, transfer_syntaxes: Tuple[str, ...] = UNCOMPRESSED_TRANSFER_SYNTAXES) -> None:
         self.abstract_syntaxes: Mapping[str, Tuple[str, ...]] = {VERIFICATION: transfer_syntaxes}
 
     def open_data_set(self, request):
-        # a C-ECHO-RQ carries no data set; whatever is sent is drained and refused
-        return BufferedDataSet(limit=0)
+        # never called: a C-ECHO-RQ announcing a data set is refused by the DIMSE provider (its data set drained)
+        raise AssertionError("a C-ECHO-RQ carries no data set")
 
     def handle(self, request) -> None:
-        command = request.command
-        if command.CommandField != D.CommandField.C_ECHO_RQ:
-            request.respond(S.UNRECOGNIZED_OPERATION, ErrorComment="only C-ECHO on Verification")
-            return
-        if request.data is not None:
-            request.respond(S.CANNOT_UNDERSTAND, ErrorComment="C-ECHO-RQ must not carry a data set")
-            return
         self._log.debug("C-ECHO from {calling}", calling=request.association.record.calling)
         request.respond(S.SUCCESS)
 

@@ -175,6 +175,17 @@ def _choose_transfer_syntax(proposed: Sequence[str], acceptable: Iterable[str], 
     return min(candidates, key=lambda ts: (rank.get(ts, len(rank)), candidates.index(ts)))
 
 
+#: PS3.8 9.3.2.2: presentation context IDs are odd integers from 1 to 255.
+MAX_PRESENTATION_CONTEXTS = 128
+#: A requestor announcing a smaller maximum PDU length could not take our responses in sensible pieces.
+MIN_PEER_PDU = 1024
+
+
+def _is_ae_title(title: str) -> bool:
+    """PS3.5 6.2 (AE): up to 16 characters of ISO 646 without control characters or backslash, not all spaces."""
+    return bool(title.strip()) and all(" " <= char <= "~" and char != "\\" for char in title)
+
+
 def negotiate_as_acceptor(
     request: P.AssociateRQ,
     policy: AcceptorPolicy,
@@ -189,6 +200,23 @@ def negotiate_as_acceptor(
         return Rejection(
             P.AssociateRJ(1, 1, 7),
             f"called AE title {request.called_ae_title!r} is not this AE's ({policy.ae_title!r})",
+        )
+    if not _is_ae_title(request.calling_ae_title):
+        return Rejection(
+            P.AssociateRJ(1, 1, 3),
+            "calling AE title holds control characters or a backslash, or is blank (PS3.5 6.2)",
+        )
+    if len(request.presentation_contexts) > MAX_PRESENTATION_CONTEXTS:
+        return Rejection(
+            P.AssociateRJ(1, 2, 1),
+            f"{len(request.presentation_contexts)} presentation contexts proposed; at most "
+            f"{MAX_PRESENTATION_CONTEXTS} can exist (odd IDs 1 to 255, PS3.8 9.3.2.2)",
+        )
+    peer_max = request.user_information.maximum_length
+    if peer_max and peer_max < MIN_PEER_PDU:
+        return Rejection(
+            P.AssociateRJ(1, 1, 1),
+            f"the requestor's maximum PDU length {peer_max} is below {MIN_PEER_PDU}: too small for DIMSE messages",
         )
     if policy.allowed_calling_aets and request.calling_ae_title not in policy.allowed_calling_aets:
         return Rejection(

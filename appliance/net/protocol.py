@@ -30,8 +30,8 @@ from zope.interface import implementer
 
 from ..dicom import dimse as D
 from ..dicom import pdu as P
+from ..dicom import provider, ul
 from ..dicom import status as S
-from ..dicom import ul
 from ..dicom.errors import DimseDecodeError
 from ..dicom.negotiation import (
     Acceptance,
@@ -128,15 +128,19 @@ class AssociationRecord:
     #: over TLS, once the handshake completed: "TLSv1.3 TLS_AES_256_GCM_SHA384, peer CN=..."
     tls: Optional[str] = None
 
-    #: accepted contexts listed one by one up to this many; rejected ones always are
+    #: contexts listed one by one up to this many (accepted, and rejected), then counted
     ACCEPTED_SHOWN = 8
+    REJECTED_SHOWN = 32
 
     def note_contexts(self, contexts) -> None:
         accepted = [c for c in contexts if c.accepted]
         self.accepted = [c.describe() for c in accepted[: self.ACCEPTED_SHOWN]]
         if len(accepted) > self.ACCEPTED_SHOWN:
             self.accepted.append(f"and {len(accepted) - self.ACCEPTED_SHOWN} more")
-        self.rejected = [c.describe() for c in contexts if not c.accepted]
+        rejected = [c for c in contexts if not c.accepted]
+        self.rejected = [c.describe() for c in rejected[: self.REJECTED_SHOWN]]
+        if len(rejected) > self.REJECTED_SHOWN:
+            self.rejected.append(f"and {len(rejected) - self.REJECTED_SHOWN} more")
 
 
 @implementer(IHandshakeListener)
@@ -346,21 +350,7 @@ class DicomProtocol(Protocol):
     def _indication(self, output: Any) -> None:
         kind = type(output)
         if kind is ul.PDataIndication:
-            try:
-                events = self.assembler.receive(output.pdvs)
-                for pdv in output.pdvs:
-                    if self.negotiated is None or pdv.context_id not in self.negotiated.accepted:
-                        raise DimseDecodeError(f"PDV on presentation context {pdv.context_id}, which was not accepted")
-            except DimseDecodeError as error:
-                self._protocol_violation(str(error))
-                return
-            for event in events:
-                if self.ul.state not in (ul.State.STA6, ul.State.STA7):
-                    break
-                if type(event) is D.CommandReceived:
-                    self.command_received(event.context_id, event.command)
-                else:
-                    self.data_received(event.context_id, event.data, event.is_last)
+            self.pdata_indication(output.pdvs)
         elif kind is ul.AbortIndication:
             self.record.outcome = f"aborted by the peer (A-ABORT source {output.source}, reason {output.reason})"
         elif kind is ul.ProviderAbortIndication:
@@ -378,6 +368,25 @@ class DicomProtocol(Protocol):
         self._process(self.ul.abort(P.AbortSource.SERVICE_PROVIDER, P.AbortReason.INVALID_PDU_PARAMETER_VALUE))
 
     # --- for subclasses ---------------------------------------------------------
+
+    def pdata_indication(self, pdvs) -> None:
+        """The PDVs of a P-DATA-TF PDU: reassembled into messages for :meth:`command_received` and
+        :meth:`data_received` (the acceptor has a DIMSE provider of its own instead)."""
+        try:
+            events = self.assembler.receive(pdvs)
+            for pdv in pdvs:
+                if self.negotiated is None or pdv.context_id not in self.negotiated.accepted:
+                    raise DimseDecodeError(f"PDV on presentation context {pdv.context_id}, which was not accepted")
+        except DimseDecodeError as error:
+            self._protocol_violation(str(error))
+            return
+        for event in events:
+            if self.ul.state not in (ul.State.STA6, ul.State.STA7):
+                break
+            if type(event) is D.CommandReceived:
+                self.command_received(event.context_id, event.command)
+            else:
+                self.data_received(event.context_id, event.data, event.is_last)
 
     def role_indication(self, output: Any) -> None:
         raise NotImplementedError
@@ -401,23 +410,38 @@ class DicomProtocol(Protocol):
         self._finished_log = True
         record = self.record
         duration = self.clock.seconds() - record.started if record.started else 0.0
+        # peer text (AE titles, UIDs, reasons quoting them) escaped: nothing the peer sends reaches the log raw
         _log.info(
             "{role} {peer} {calling}->{called}: {outcome}; accepted [{accepted}]; rejected [{rejected}]; "
             "{messages} messages, {bytes_in} bytes in, {bytes_out} bytes out, {duration:.3f} s{tls}{notes}",
             role=self.role.value,
-            peer=record.peer,
-            calling=record.calling,
-            called=record.called,
-            outcome=record.outcome,
-            accepted="; ".join(record.accepted),
-            rejected="; ".join(record.rejected),
+            peer=printable(record.peer),
+            calling=printable(record.calling),
+            called=printable(record.called),
+            outcome=printable(record.outcome),
+            accepted=printable("; ".join(record.accepted)),
+            rejected=printable("; ".join(record.rejected)),
             messages=record.messages,
             bytes_in=record.bytes_in,
             bytes_out=record.bytes_out,
             duration=duration,
-            tls=f"; TLS: {record.tls}" if record.tls else "",
-            notes="".join(f"; {note}" for note in record.notes),
+            tls=printable(f"; TLS: {record.tls}") if record.tls else "",
+            notes=printable("".join(f"; {note}" for note in record.notes)),
         )
+
+
+#: Longest text from one field of an association's log line (a hostile RQ could make megabytes of it).
+MAX_LOGGED_FIELD = 4096
+
+
+def printable(text: str) -> str:
+    """``text`` for a log line: characters outside printable ISO 646 as ``\\xNN`` escapes, at most
+    :data:`MAX_LOGGED_FIELD` characters."""
+    if len(text) > MAX_LOGGED_FIELD:
+        text = text[:MAX_LOGGED_FIELD] + f"... ({len(text) - MAX_LOGGED_FIELD} more characters)"
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(char if " " <= char <= "~" else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
 class _WriteMonitor:
@@ -508,21 +532,27 @@ class _DataSetSender:
 
 @dataclass
 class DimseRequest:
-    """One DIMSE request received by an acceptor, with what it needs to answer."""
+    """One DIMSE request received by an acceptor, with what its service needs to answer it."""
 
     association: "AcceptorProtocol"
-    context: ContextOutcome
-    command: D.Command
+    #: the provider's request (appliance.dicom.provider.Request): context, command, problem, progress
+    dimse: provider.Request
     service: Any
     data: Any = None
     consumer: Any = None
     finished: bool = False
-    #: why the request cannot be served, when it cannot
-    problem: Optional[str] = None
+
+    @property
+    def context(self) -> ContextOutcome:
+        return self.dimse.context
+
+    @property
+    def command(self) -> D.Command:
+        return self.dimse.command
 
     @property
     def message_id(self) -> int:
-        return self.command.MessageID
+        return self.dimse.message_id
 
     def respond(self, status: int, data: Optional[bytes] = None, **elements: Any) -> None:
         """Send a response; a non-pending status ends the operation."""
@@ -537,6 +567,8 @@ class AcceptorProtocol(DicomProtocol):
     def __init__(self, factory: "AcceptorFactory") -> None:
         super().__init__(factory.clock, factory.timeouts, factory.policy.max_pdu)
         self.factory = factory
+        #: the DIMSE provider, once the association is accepted
+        self.dimse: Optional[provider.DimseProvider] = None
         self.current: Optional[DimseRequest] = None
         self.record.called = factory.policy.ae_title
 
@@ -552,6 +584,8 @@ class AcceptorProtocol(DicomProtocol):
             self.factory.host_associations[self.host] -= 1
             if not self.factory.host_associations[self.host]:
                 del self.factory.host_associations[self.host]
+        if self.dimse is not None:
+            self.dimse.end()
         request, self.current = self.current, None
         if request is not None and request.consumer is not None and not request.finished:
             request.consumer.abandon(f"association ended: {self.record.outcome}")
@@ -560,7 +594,7 @@ class AcceptorProtocol(DicomProtocol):
         request = self.current
         if request is None:
             return None
-        return f"{_command_name(request.command.CommandField)} message {request.message_id}"
+        return f"{provider.command_name(request.command.CommandField)} message {request.message_id}"
 
     def role_indication(self, output: Any) -> None:
         kind = type(output)
@@ -580,6 +614,10 @@ class AcceptorProtocol(DicomProtocol):
     def _associate_indication(self, request: P.AssociateRQ) -> None:
         self.record.calling = request.calling_ae_title
         self.record.called = request.called_ae_title
+        if self.ul.state is not ul.State.STA3:
+            # PDUs that came right behind the RQ, before our answer, already ended it (PS3.8 Table 9-10, Sta3)
+            self.record.notes.append("the peer sent more PDUs before our answer to its A-ASSOCIATE-RQ")
+            return
         if self.factory.associations >= self.factory.max_associations:
             rejection = P.AssociateRJ(2, 3, 2)
             self.record.outcome = (
@@ -611,6 +649,7 @@ class AcceptorProtocol(DicomProtocol):
                 self._process(self.ul.reject(rejection))
                 return
         self.negotiated = decision.negotiated
+        self.dimse = provider.DimseProvider(decision.negotiated.accepted, self.factory.operations)
         self.factory.associations += 1
         self.factory.host_associations[self.host] = self.factory.host_associations.get(self.host, 0) + 1
         self.record.note_contexts(decision.negotiated.contexts)
@@ -621,50 +660,39 @@ class AcceptorProtocol(DicomProtocol):
 
     # --- DIMSE dispatch ----------------------------------------------------------
 
-    def command_received(self, context_id: int, command: D.Command) -> None:
-        field_value = command.CommandField
-        if field_value == D.CommandField.C_CANCEL_RQ:
-            current = self.current
-            if current is not None and command.MessageIDBeingRespondedTo == current.message_id:
-                current.service.cancel(current)
-            # a C-CANCEL for an operation already finished is ignored (PS3.7 9.3.2.3)
-            return
-        if field_value & 0x8000:
-            self._protocol_violation(f"received a response ({_command_name(field_value)}) as acceptor")
-            return
-        if self.current is not None:
-            self._protocol_violation(
-                f"{_command_name(field_value)} arrived while message {self.current.message_id} was outstanding "
-                "(asynchronous operations are not negotiated)"
-            )
-            return
-        context = self.negotiated.accepted[context_id]
-        service = self.factory.services.get(context.abstract_syntax)
-        request = DimseRequest(self, context, command, service)
-        self.current = request
-        request.problem = D.request_problem(command)
-        if request.problem is None and command.AffectedSOPClassUID not in (None, context.abstract_syntax):
-            request.problem = (
-                f"SOP class {command.AffectedSOPClassUID} is not context {context_id}'s {context.abstract_syntax}"
-            )
-        if command.has_data_set:
-            if service is not None and request.problem is None:
-                try:
-                    request.consumer = IDataSetConsumer(service.open_data_set(request))
-                except Exception:
-                    _log.failure("{command}: the service could not take its data set", command=_command_name(field_value))
-                    request.problem = "internal error: the service could not take the data set"
-                    request.consumer = BufferedDataSet(0)
+    def pdata_indication(self, pdvs) -> None:
+        for event in self.dimse.receive(pdvs):
+            if self.ul.state not in (ul.State.STA6, ul.State.STA7):
+                break
+            kind = type(event)
+            if kind is provider.RequestReceived:
+                self._request_received(event.request)
+            elif kind is provider.DataSetFragment:
+                self._fragment(event.data, event.is_last)
+            elif kind is provider.CancelRequested:
+                if self.current is not None and self.current.dimse is event.request:
+                    self.current.service.cancel(self.current)
             else:
-                request.consumer = BufferedDataSet(0)  # drained, then answered with the problem
-            return
-        self._dispatch(request)
+                self._protocol_violation(event.reason)
 
-    def data_received(self, context_id: int, data: bytes, is_last: bool) -> None:
-        request = self.current
-        if request is None or request.consumer is None:
-            self._protocol_violation("data set fragment with no request to take it")
+    def _request_received(self, dimse: provider.Request) -> None:
+        service = self.factory.services.get(dimse.context.abstract_syntax)
+        request = DimseRequest(self, dimse, service)
+        self.current = request
+        if not dimse.data_expected:
+            self._dispatch(request)
             return
+        if dimse.problem is None:
+            try:
+                request.consumer = IDataSetConsumer(service.open_data_set(request))
+            except Exception:
+                _log.failure("{command}: the service could not take its data set", command=dimse.name)
+                dimse.problem = (0xC001, "internal error: the service could not take the data set")
+        if request.consumer is None:
+            request.consumer = _Drain()  # read and dropped, then answered with the problem
+
+    def _fragment(self, data: bytes, is_last: bool) -> None:
+        request = self.current
         request.consumer.write(data)
         if is_last:
             request.finished = True
@@ -676,68 +704,64 @@ class AcceptorProtocol(DicomProtocol):
         self._dispatch(request)
 
     def _data_failed(self, failure: Failure, request: DimseRequest) -> None:
-        if request.service is None or request.problem is not None:
+        if request.dimse.problem is not None:
             self._dispatch(request)
             return
-        _log.failure("data set of {command} could not be taken", failure, command=_command_name(request.command.CommandField))
-        request.respond(S.CANNOT_UNDERSTAND, ErrorComment=_error_comment(failure.getErrorMessage()))
+        if failure.check(DataSetTooLarge):  # an expected refusal: one line, no traceback
+            request.dimse.problem = (S.CANNOT_UNDERSTAND, failure.getErrorMessage())
+            self._dispatch(request)
+            return
+        _log.failure("data set of {command} could not be taken", failure, command=request.dimse.name)
+        request.respond(S.CANNOT_UNDERSTAND, ErrorComment=failure.getErrorMessage())
 
     def _dispatch(self, request: DimseRequest) -> None:
-        service = request.service
-        if request.problem is not None:
-            # PS3.7 9.3: a request without its mandatory elements cannot be understood
-            request.respond(S.CANNOT_UNDERSTAND, ErrorComment=_error_comment(request.problem))
+        problem = request.dimse.problem
+        if problem is not None:
+            status, why = problem
+            _log.warn("{command} message {message_id} from {calling} answered {status}: {why}",
+                      command=request.dimse.name, message_id=request.message_id,
+                      calling=self.record.calling, status=S.describe(status), why=why)
+            request.respond(status, ErrorComment=why)
             return
-        if service is None:
-            why = f"no service for {request.context.abstract_syntax} on this AE"
-            request.respond(S.UNRECOGNIZED_OPERATION, ErrorComment=_error_comment(why))
-            return
-        d = defer.maybeDeferred(service.handle, request)
+        d = defer.maybeDeferred(request.service.handle, request)
         d.addErrback(self._service_failed, request)
 
     def _service_failed(self, failure: Failure, request: DimseRequest) -> None:
         _log.failure(
             "{command} (message {message_id}) failed in its service",
             failure,
-            command=_command_name(request.command.CommandField),
+            command=request.dimse.name,
             message_id=request.message_id,
         )
         if self.current is request and self.ul.state is ul.State.STA6:
-            request.respond(0xC001, ErrorComment=_error_comment(f"internal error: {failure.getErrorMessage()}"))
+            request.respond(0xC001, ErrorComment=f"internal error: {failure.getErrorMessage()}")
 
     def respond(self, request: DimseRequest, status: int, data: Optional[bytes] = None, **elements: Any) -> None:
         """Send a response to ``request``; a final status ends the operation."""
-        if self.current is not request:
+        if self.current is not request or self.dimse is None:
             return  # the association ended, or this request was already answered
-        rq = request.command
-        response = D.Command(
-            CommandField=(rq.CommandField or 0) | 0x8000,
-            MessageIDBeingRespondedTo=rq.MessageID or 0,
-            Status=status,
-        )
-        sop_class = rq.AffectedSOPClassUID or rq.RequestedSOPClassUID
-        if sop_class is not None:
-            response.AffectedSOPClassUID = sop_class
-        if rq.AffectedSOPInstanceUID is not None:
-            response.AffectedSOPInstanceUID = rq.AffectedSOPInstanceUID
-        for keyword, value in elements.items():
-            setattr(response, keyword, value)
+        answer = self.dimse.respond(request.dimse, status, **elements)
+        if answer is None:
+            return
         if S.category(status) != "pending":
             self.current = None
         if self.ul.state in (ul.State.STA6, ul.State.STA8):
-            self.send_message(request.context.id, response, data)
+            context_id, response = answer
+            self.send_message(context_id, response, data)
 
 
-def _error_comment(text: str) -> str:
-    """An Error Comment (LO): at most 64 characters of ISO 646."""
-    return text.encode("ascii", "replace").decode("ascii")[:64]
+@implementer(IDataSetConsumer)
+class _Drain:
+    """Takes the data set of a request that cannot be served, and drops it."""
 
+    def write(self, data: bytes) -> None:
+        pass
 
-def _command_name(value: Optional[int]) -> str:
-    try:
-        return D.CommandField(value).label
-    except (ValueError, TypeError):
-        return f"command 0x{value or 0:04X}"
+    def finish(self) -> None:
+        return None
+
+    def abandon(self, reason: str) -> None:
+        pass
 
 
 class AcceptorFactory(Factory):
@@ -760,6 +784,8 @@ class AcceptorFactory(Factory):
             IServiceClass(service)  # adapt or fail loudly
         self.policy = policy
         self.services = services
+        #: the requests each abstract syntax's service performs (anything else is answered 0211)
+        self.operations = {abstract: frozenset(service.operations) for abstract, service in services.items()}
         self.clock = clock
         self.timeouts = timeouts
         self.max_associations = max_associations
