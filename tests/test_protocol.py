@@ -759,7 +759,6 @@ class RequestorTests(unittest.TestCase):
         self.assertEqual(
             self.successResultOf(d), [(S.PENDING, b"match-1"), (S.PENDING, b"match-2"), (S.SUCCESS, None)]
         )
-        self.assertEqual([r.status for r in stream.responses], [S.PENDING, S.PENDING, S.SUCCESS])
         self.assertEqual(split_pdus(transport.value())[-1][:1], b"\x04")  # no A-ABORT was sent
         self.assertIsNone(protocol.outstanding)
         closed(protocol)
@@ -767,15 +766,40 @@ class RequestorTests(unittest.TestCase):
 
     def test_responses_queued_before_consuming(self):
         """Responses that arrive before anyone iterates are queued and read back in order."""
-        protocol, transport, association = self.establish()
-        stream = association.request(VERIFICATION, D.Command(CommandField=D.CommandField.C_ECHO_RQ, AffectedSOPClassUID=VERIFICATION))
-        protocol.dataReceived(response_pdus(1, D.CommandField.C_ECHO_RSP, 1, S.PENDING))
-        protocol.dataReceived(response_pdus(1, D.CommandField.C_ECHO_RSP, 1, S.SUCCESS))
+        protocol, transport, association = self.establish(
+            ((VERIFICATION, (IMPLICIT_VR_LITTLE_ENDIAN,)), (STUDY_ROOT_FIND, (IMPLICIT_VR_LITTLE_ENDIAN,)))
+        )
+        find = D.Command(CommandField=D.CommandField.C_FIND_RQ, Priority=0, AffectedSOPClassUID=STUDY_ROOT_FIND)
+        stream = association.request(STUDY_ROOT_FIND, find, b"identifier")
+        protocol.dataReceived(response_pdus(3, D.CommandField.C_FIND_RSP, 1, S.PENDING, b"match", STUDY_ROOT_FIND))
+        protocol.dataReceived(response_pdus(3, D.CommandField.C_FIND_RSP, 1, S.SUCCESS, None, STUDY_ROOT_FIND))
 
         async def consume():
             return [response.status async for response in stream]
 
         self.assertEqual(self.successResultOf(defer.ensureDeferred(consume())), [S.PENDING, S.SUCCESS])
+        closed(protocol)
+
+    def test_pending_answer_to_a_request_without_pendings(self):
+        """Issue 9: a destination answering a C-STORE (or C-ECHO) with a pending status kept the request alive
+        and every response in memory; now it is a protocol violation: A-ABORT, the request fails."""
+        protocol, transport, association = self.establish()
+        d = association.echo()
+        transport.clear()
+        protocol.dataReceived(response_pdus(1, D.CommandField.C_ECHO_RSP, 1, S.PENDING))
+        self.assertEqual(transport.value(), abort_bytes(2, 6))
+        self.failureResultOf(d, AssociationAborted)
+        self.assertIn("pending status 0xFF00 answering a C-ECHO-RQ", protocol.record.outcome)
+        closed(protocol)
+
+    def test_response_of_another_kind(self):
+        """A C-FIND-RSP answering a C-ECHO-RQ (same Message ID) is a protocol violation too."""
+        protocol, transport, association = self.establish()
+        d = association.echo()
+        transport.clear()
+        protocol.dataReceived(response_pdus(1, D.CommandField.C_FIND_RSP, 1, S.SUCCESS, None, VERIFICATION))
+        self.assertEqual(transport.value(), abort_bytes(2, 6))
+        self.failureResultOf(d, AssociationAborted)
         closed(protocol)
 
     def test_pdata_over_own_max_pdu(self):
@@ -984,3 +1008,44 @@ class HostileInputTests(AcceptorTestMixin, unittest.TestCase):
         self.assertIn("EVIL\\r\\x1b[31m->DISK_SERVER", line)
         self.assertNotIn("\r", line)
         self.assertNotIn("\x1b", line)
+
+
+class BoundedBuffersTests(AcceptorTestMixin, unittest.TestCase):
+    """Issue 9, item 8: connections counted from their first byte; nothing read while the peer does not read."""
+
+    def test_connections_without_association_are_capped(self):
+        from appliance.net.protocol import MAX_UNASSOCIATED
+
+        events = capture_log_events(self)
+        waiting = [self.connect() for _ in range(MAX_UNASSOCIATED)]
+        self.assertIsNone(self.factory.buildProtocol(None))
+        self.assertEqual(self.factory.refused_connections, 1)
+        self.assertIsNone(self.factory.buildProtocol(None))
+        refusals = [e for e in events if "refused a connection" in e.get("log_format", "")]
+        self.assertEqual(len(refusals), 1)  # at most one line a minute, however many
+        first, first_transport = waiting[0]
+        first.dataReceived(echo_request().encode())  # now associated: room for one more
+        self.assertIsNotNone(self.factory.buildProtocol(None))
+        for protocol, _ in waiting:
+            closed(protocol)
+
+    def test_reading_paused_while_the_peer_does_not_read(self):
+        """When the transport's write buffer is full (the peer does not read our answers) we stop reading its
+        requests; a consumer's own pause and this one are independent."""
+        protocol, transport = self.establish()
+        monitor = transport.producer
+        self.assertIsNotNone(monitor)
+        monitor.pauseProducing()  # what the transport does when its buffer passes its limit
+        self.assertEqual(transport.producerState, "paused")
+        protocol.pause_reading()
+        monitor.resumeProducing()
+        self.assertEqual(transport.producerState, "paused")  # the consumer still wants it paused
+        protocol.resume_reading()
+        self.assertEqual(transport.producerState, "producing")
+        closed(protocol)
+
+
+def capture_log_events(testcase):
+    from .support import capture_log
+
+    return capture_log(testcase, "info")

@@ -20,7 +20,7 @@ that fails ends the line with the peer and OpenSSL's reason.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
@@ -167,6 +167,10 @@ class DicomProtocol(Protocol):
         self._closed = False
         self._finished_log = False
         self._write_monitor: Optional["_WriteMonitor"] = None
+        #: the write monitor is writable()'s own, registered for one producer of responses at a time
+        self._monitor_temporary = False
+        #: why reading from the peer is paused (it resumes when there is no reason left)
+        self._read_pauses: set = set()
 
     # --- Twisted's side ----------------------------------------------------
 
@@ -288,27 +292,42 @@ class DicomProtocol(Protocol):
 
         For producers of many responses (C-FIND): they wait on this between
         batches, so a slow reader does not make us buffer the result set.
-        Registers a streaming producer on the transport while in use; call
-        :meth:`done_writing` at the end.
+        Uses the connection's write monitor, or registers one while in use;
+        call :meth:`done_writing` at the end.
         """
         if self._write_monitor is None:
             self._write_monitor = _WriteMonitor()
+            self._monitor_temporary = True
             self.transport.registerProducer(self._write_monitor, True)
         return self._write_monitor.when_writable()
 
     def done_writing(self) -> None:
-        if self._write_monitor is not None:
+        if self._write_monitor is not None and self._monitor_temporary:
             monitor, self._write_monitor = self._write_monitor, None
+            self._monitor_temporary = False
             monitor.resumeProducing()
             if not self._closed:
                 self.transport.unregisterProducer()
 
-    def pause_reading(self) -> None:
-        """Stop reading from the peer (flow control for slow consumers)."""
-        self.transport.pauseProducing()
+    def watch_writes(self) -> None:
+        """For the connection's life: while the peer does not read what we send (the transport's write buffer
+        is full), do not read what it sends either, so that answers to it never pile up in memory."""
+        self._write_monitor = _WriteMonitor(lambda: self.pause_reading("the peer is not reading"),
+                                            lambda: self.resume_reading("the peer is not reading"))
+        self.transport.registerProducer(self._write_monitor, True)
 
-    def resume_reading(self) -> None:
-        self.transport.resumeProducing()
+    def pause_reading(self, why: str = "a consumer is behind") -> None:
+        """Stop reading from the peer (flow control), until :meth:`resume_reading` for every ``why`` given."""
+        if not self._read_pauses and not self._closed:
+            self.transport.pauseProducing()
+        self._read_pauses.add(why)
+
+    def resume_reading(self, why: str = "a consumer is behind") -> None:
+        if why not in self._read_pauses:
+            return
+        self._read_pauses.discard(why)
+        if not self._read_pauses and not self._closed:
+            self.transport.resumeProducing()
 
     def send_message(self, context_id: int, command: D.Command, data: Optional[bytes] = None) -> None:
         """Send a DIMSE message: the command set, then the data set if any."""
@@ -445,11 +464,13 @@ def printable(text: str) -> str:
 
 
 class _WriteMonitor:
-    """A streaming producer that only records whether the transport wants us to pause."""
+    """A streaming producer that records whether the transport wants us to pause, and says so."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_pause: Optional[Callable[[], None]] = None,
+                 on_resume: Optional[Callable[[], None]] = None) -> None:
         self.paused = False
         self._waiters: List[defer.Deferred] = []
+        self._on_pause, self._on_resume = on_pause, on_resume
 
     def when_writable(self) -> defer.Deferred:
         if not self.paused:
@@ -459,10 +480,14 @@ class _WriteMonitor:
         return waiter
 
     def pauseProducing(self) -> None:
+        if not self.paused and self._on_pause is not None:
+            self._on_pause()
         self.paused = True
 
     def resumeProducing(self) -> None:
-        self.paused = False
+        was_paused, self.paused = self.paused, False
+        if was_paused and self._on_resume is not None:
+            self._on_resume()
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(None)
@@ -576,6 +601,7 @@ class AcceptorProtocol(DicomProtocol):
         self.factory.connections += 1
         super().connectionMade()
         self.host = getattr(self.transport.getPeer(), "host", "?")
+        self.watch_writes()
 
     def association_ended(self) -> None:
         self.factory.connections -= 1
@@ -764,6 +790,10 @@ class _Drain:
         pass
 
 
+#: Connections of one listening AE that may be open without an association (negotiating, or hostile).
+MAX_UNASSOCIATED = 16
+
+
 class AcceptorFactory(Factory):
     """Builds an :class:`AcceptorProtocol` per connection for one listening AE."""
 
@@ -798,8 +828,24 @@ class AcceptorFactory(Factory):
         self.associations = 0
         #: established associations by peer address
         self.host_associations: Dict[str, int] = {}
+        #: connections closed at once because too many had no association yet
+        self.refused_connections = 0
+        self._refusal_logged = float("-inf")
 
-    def buildProtocol(self, addr) -> AcceptorProtocol:
+    def buildProtocol(self, addr) -> Optional[AcceptorProtocol]:
+        """A protocol for a new connection; None (Twisted closes it at once) when :data:`MAX_UNASSOCIATED`
+        connections are still without an association: each may hold a partial A-ASSOCIATE-RQ (up to 1 MiB)
+        until ARTIM, so they are counted and capped from the first byte."""
+        if self.connections - self.associations >= MAX_UNASSOCIATED:
+            self.refused_connections += 1
+            now = self.clock.seconds()
+            if now - self._refusal_logged >= 60:
+                self._refusal_logged = now
+                _log.warn("{ae}: refused a connection from {peer}: {pending} connections have no association yet "
+                          "(at most {limit}); {refused} refused so far", ae=self.policy.ae_title,
+                          peer=printable(str(getattr(addr, "host", addr))), pending=self.connections - self.associations,
+                          limit=MAX_UNASSOCIATED, refused=self.refused_connections)
+            return None
         protocol = self.protocol(self)
         protocol.factory = self
         return protocol

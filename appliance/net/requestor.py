@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Optional, Sequence, Tuple
 
 from twisted.internet import defer, error as net_error
 from twisted.internet.endpoints import HostnameEndpoint
@@ -23,6 +23,7 @@ from ..dicom import pdu as P
 from ..dicom import status as S
 from ..dicom import ul
 from ..dicom.negotiation import Negotiated, describe_rejection, negotiate_as_requestor, propose
+from ..dicom.provider import command_name
 from ..dicom.uids import UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATION
 from .protocol import BufferedDataSet, DicomProtocol, Timeouts
 
@@ -78,6 +79,10 @@ class Response:
         return S.category(self.status) == "pending"
 
 
+#: Requests answered with pending responses before their final one (PS3.4 C.4).
+_MAY_BE_PENDING = frozenset({D.CommandField.C_FIND_RQ, D.CommandField.C_MOVE_RQ, D.CommandField.C_GET_RQ})
+
+
 class ResponseStream:
     """The responses to one request, pending ones first, the final one last.
 
@@ -85,10 +90,11 @@ class ResponseStream:
     collects them all and fires with the final response.
     """
 
-    def __init__(self, association: "Association", message_id: int) -> None:
+    def __init__(self, association: "Association", message_id: int, command_field: int = 0) -> None:
         self.association = association
         self.message_id = message_id
-        self.responses: List[Response] = []
+        #: the request's Command Field: its responses carry it with bit 15 set
+        self.command_field = command_field
         self._queue: Deque[Any] = deque()
         self._waiters: Deque[defer.Deferred] = deque()
         self.done = False
@@ -100,8 +106,6 @@ class ResponseStream:
             return
         if isinstance(item, Exception) or not item.pending:
             self._ended = True
-        if isinstance(item, Response):
-            self.responses.append(item)
         if self._waiters:
             waiter = self._waiters.popleft()
             if isinstance(item, Exception):
@@ -202,7 +206,7 @@ class Association:
         message_id = self._next_message_id
         self._next_message_id = message_id % 0xFFFF + 1
         command.MessageID = message_id
-        stream = ResponseStream(self, message_id)
+        stream = ResponseStream(self, message_id, command.CommandField or 0)
         self._protocol.outstanding = stream
         return context, stream
 
@@ -300,8 +304,17 @@ class RequestorProtocol(DicomProtocol):
         if stream is None or command.MessageIDBeingRespondedTo != stream.message_id or not command.CommandField & 0x8000:
             self._protocol_violation(f"unexpected {command.CommandField!r} message from the peer")
             return
+        if stream.command_field and command.CommandField != stream.command_field | 0x8000:
+            self._protocol_violation(f"a {command_name(command.CommandField)} answering a "
+                                     f"{command_name(stream.command_field)}")
+            return
         if command.Status is None:
             self._protocol_violation("response without a Status (0000,0900)")
+            return
+        if stream.command_field not in _MAY_BE_PENDING and S.category(command.Status) == "pending":
+            # a C-STORE or C-ECHO has one response: a pending one would keep the request alive forever
+            self._protocol_violation(f"pending status 0x{command.Status:04X} answering a "
+                                     f"{command_name(stream.command_field)}, which has no pending responses")
             return
         if command.has_data_set:
             self._response = command
@@ -359,6 +372,13 @@ class RequestorProtocol(DicomProtocol):
     def abort(self, why: str) -> None:
         """A-ABORT; an outstanding request fails at once rather than when the connection closes."""
         super().abort(why)
+        self._fail_outstanding(why)
+
+    def _protocol_violation(self, why: str) -> None:
+        super()._protocol_violation(why)
+        self._fail_outstanding(why)
+
+    def _fail_outstanding(self, why: str) -> None:
         if self.outstanding is not None:
             stream, self.outstanding = self.outstanding, None
             self._cancel_dimse_timer()
