@@ -40,21 +40,25 @@ sub-operation, as the statement's sections 3.1.2 and 3.1.3.3 describe:
 
 from __future__ import annotations
 
+import array
+import io
+import os
+import struct
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.filewriter import correct_ambiguous_vr
 from twisted.internet import defer
 from zope.interface import implementer
 
 from ..archive.archive import Archive
 from ..archive.index import InstanceRow
-from ..archive.store import open_stored_data_set
+from ..archive.store import data_set_offset, open_stored_data_set
 from ..compat import decode_dataset, encode_dataset
 from ..config import ApplianceConfig, DeviceConfig
 from ..dicom import dimse as D
@@ -257,25 +261,101 @@ def _swap_words(ds: Dataset) -> None:
             element.value = bytes(value)
 
 
-def convert_stored_data_set(path: str, stored: str, target: str, tmp_dir: Optional[str] = None):
-    """I/O thread: the stored object re-encoded by pydicom in another uncompressed transfer syntax,
-    as (temporary file positioned at 0, length).  Only uncompressed objects are converted."""
-    if stored not in UNCOMPRESSED_TRANSFER_SYNTAXES or target not in UNCOMPRESSED_TRANSFER_SYNTAXES:
-        raise ValueError(f"cannot convert {stored} to {target}: only uncompressed syntaxes are converted")
-    ds = dcmread(path)
-    stored_little, target_little = stored != EXPLICIT_VR_BIG_ENDIAN, target != EXPLICIT_VR_BIG_ENDIAN
-    if stored_little != target_little:
+#: Attributes before (or after) the pixel data that conversion holds in memory at most.
+MAX_CONVERTED_HEAD = 64 * 1024 * 1024
+#: Pixel data is copied (and its words swapped) this much at a time.
+CONVERT_CHUNK = 1024 * 1024
+
+
+def _at_pixel_data(tag, vr, length) -> bool:
+    return tag == 0x7FE00010
+
+
+def _convert_attributes(ds: Dataset, stored_little: bool, target: str) -> bytes:
+    """Attributes (no pixel data) re-encoded by pydicom in the uncompressed syntax ``target``."""
+    if stored_little != (target != EXPLICIT_VR_BIG_ENDIAN):
         correct_ambiguous_vr(ds, stored_little)
         _swap_words(ds)
-    encoded = encode_dataset(ds, target)
+    return encode_dataset(ds, target)
+
+
+def convert_stored_data_set(path: str, stored: str, target: str, tmp_dir: Optional[str] = None):
+    """I/O thread: the stored object in another uncompressed transfer syntax, as (temporary file positioned
+    at 0, length).  Only uncompressed objects are converted.
+
+    As a stream, in bounded memory: the attributes before the pixel data (at
+    most :data:`MAX_CONVERTED_HEAD`) are re-encoded by pydicom; the Pixel
+    Data element gets a header in the target syntax and its value is copied
+    :data:`CONVERT_CHUNK` at a time (its 16-bit words swapped when the byte
+    order changes and it is OW); what follows it is re-encoded by pydicom.
+    """
+    if stored not in UNCOMPRESSED_TRANSFER_SYNTAXES or target not in UNCOMPRESSED_TRANSFER_SYNTAXES:
+        raise ValueError(f"cannot convert {stored} to {target}: only uncompressed syntaxes are converted")
+    implicit, little = stored == IMPLICIT_VR_LITTLE_ENDIAN, stored != EXPLICIT_VR_BIG_ENDIAN
+    target_implicit, target_little = target == IMPLICIT_VR_LITTLE_ENDIAN, target != EXPLICIT_VR_BIG_ENDIAN
     spool = tempfile.TemporaryFile(dir=tmp_dir)
     try:
-        spool.write(encoded)
+        with open(path, "rb") as source:
+            start = data_set_offset(source)
+            end = os.fstat(source.fileno()).st_size
+            source.seek(start)
+            head = read_dataset(source, implicit, little, stop_when=_at_pixel_data)
+            pixel_at = source.tell()
+            if pixel_at - start > MAX_CONVERTED_HEAD:
+                raise ValueError(f"over {MAX_CONVERTED_HEAD} bytes of attributes before the pixel data")
+            spool.write(_convert_attributes(head, little, target))
+            if pixel_at < end:
+                _copy_pixel_data(source, spool, head, implicit, little, target_implicit, target_little)
+                rest = end - source.tell()
+                if rest > MAX_CONVERTED_HEAD:
+                    raise ValueError(f"over {MAX_CONVERTED_HEAD} bytes of attributes after the pixel data")
+                if rest:
+                    tail = read_dataset(io.BytesIO(source.read(rest)), implicit, little)
+                    spool.write(_convert_attributes(tail, little, target))
+        length = spool.tell()
         spool.seek(0)
     except BaseException:
         spool.close()
         raise
-    return spool, len(encoded)
+    return spool, length
+
+
+def _copy_pixel_data(source, sink, head: Dataset, implicit: bool, little: bool, target_implicit: bool,
+                     target_little: bool) -> None:
+    """The top-level Pixel Data element at ``source``'s position, written to ``sink`` in the target syntax."""
+    order = "<" if little else ">"
+    header = source.read(8)
+    if len(header) < 8:
+        raise ValueError("the data set ends inside the Pixel Data element's header")
+    if implicit:
+        (length,) = struct.unpack(order + "L", header[4:8])
+        vr = "OW" if int(head.get("BitsAllocated", 16) or 16) > 8 else "OB"
+    else:
+        vr = header[4:6].decode("ascii", "replace")
+        extra = source.read(4)
+        if len(extra) < 4:
+            raise ValueError("the data set ends inside the Pixel Data element's header")
+        (length,) = struct.unpack(order + "L", extra)
+    if length == 0xFFFFFFFF:
+        raise ValueError("encapsulated pixel data in an uncompressed transfer syntax")
+    target_order = "<" if target_little else ">"
+    tag = struct.pack(target_order + "HH", 0x7FE0, 0x0010)
+    if target_implicit:
+        sink.write(tag + struct.pack(target_order + "L", length))
+    else:
+        sink.write(tag + vr.encode("ascii") + b"\x00\x00" + struct.pack(target_order + "L", length))
+    swap = vr == "OW" and little != target_little
+    left = length
+    while left:
+        chunk = source.read(min(CONVERT_CHUNK, left))
+        if not chunk:
+            raise ValueError(f"the Pixel Data element ends {left} bytes short of its length")
+        left -= len(chunk)
+        if swap:
+            words = array.array("H", chunk[: len(chunk) // 2 * 2])
+            words.byteswap()
+            chunk = words.tobytes() + chunk[len(chunk) // 2 * 2:]
+        sink.write(chunk)
 
 
 def failed_uid_list(uids: Sequence[str], transfer_syntax: str) -> Tuple[bytes, int]:
