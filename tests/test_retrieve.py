@@ -485,6 +485,37 @@ class SuccessfulMoveTests(SynchronousTestCase):
         self.assertNotIn("Secret", " ".join(text for _, text in harness.log))
 
 
+class DeletionRaceTests(SynchronousTestCase):
+    """Issue 9: a C-MOVE of a study whose eviction began before the move pinned it."""
+
+    def test_study_being_deleted_is_skipped(self):
+        """The audit's move matched 400 instances and 396 sub-operations failed on vanished files; now a study
+        being deleted no longer matches: nothing is attempted, Success with zero sub-operations."""
+        harness = MoveHarness(self)
+        harness.fill()
+        harness.archive.deleting.add(STUDY)  # its deletion is under way (between its files and its rows)
+        responses = harness.move(identifier("STUDY", STUDY))
+        self.assertEqual([command.Status for command, _ in responses], [S.SUCCESS])
+        self.assertEqual(harness.destination.received, [])
+        self.assertEqual(harness.connects, [])
+        harness.archive.deleting.remove(STUDY)
+        harness.release()
+
+    def test_delete_study_marks_it_while_under_way(self):
+        harness = MoveHarness(self)
+        harness.fill()
+        seen = []
+        original = harness.archive.index.study_instances
+
+        def looking(study_uid):
+            seen.append(harness.archive.being_deleted(study_uid))
+            return original(study_uid)
+
+        self.patch(harness.archive.index, "study_instances", looking)
+        self.successResultOf(defer.ensureDeferred(harness.archive.delete_study(STUDY)))
+        self.assertEqual((seen, harness.archive.being_deleted(STUDY)), ([True], False))
+
+
 class FailedSubOperationTests(SynchronousTestCase):
     """The statement's policy: a failed C-STORE ends the sub-association and the C-MOVE answers A702."""
 

@@ -17,9 +17,10 @@ sub-operation, as the statement's sections 3.1.2 and 3.1.3.3 describe:
   verbatim through the association's pull producer: read one PDU at a time as
   the destination takes it, so a slow destination never makes us hold the
   study.  When the destination accepted only another *uncompressed* syntax, the
-  object is re-encoded with pydicom on the archive's I/O threads into a
-  temporary file (byte order of OW/OF/OL/OD/OV values swapped when the
-  endianness changes), and that is sent.  A compressed object is never decoded:
+  object is re-encoded on the archive's I/O threads into a temporary file as a
+  stream (attributes by pydicom, pixel data copied a piece at a time, byte
+  order of OW/OF/OL/OD/OV values swapped when the endianness changes), and
+  that is sent.  A compressed object is never decoded:
   without a context in its own syntax its sub-operation fails.
 * **Statuses** (PS3.4 C.4.2.1.5).  Pending (FF00) after each sub-operation with the
   four counts (in moves of more than ``pending_every`` instances at most one per
@@ -500,8 +501,10 @@ class RetrieveService:
         for study_uid in pinned:
             self.archive.pin(study_uid)
         try:
-            move.rows = await self.archive.db(
+            rows = await self.archive.db(
                 self.archive.index.retrieve_instances, keys.study_uids, keys.series_uids, keys.sop_uids)
+            # a study whose deletion began before our pin is going away: its instances no longer match
+            move.rows = [row for row in rows if not self.archive.being_deleted(row.study_uid)]
             if not move.rows:
                 self._finish(move, S.SUCCESS, f"{keys.level}: nothing matched")
                 return

@@ -108,6 +108,8 @@ class Archive:
             _log_upgrade(self.index_path, self.index.upgrade)
         self.size = self.index.total_size()
         self.pins = _Pins()
+        #: studies being deleted or evicted right now: a retrieve that pins one too late skips it
+        self.deleting = _Pins()
         self.started_at = clock.seconds()
 
     def close(self) -> None:
@@ -127,6 +129,10 @@ class Archive:
 
     def unpin(self, study_uid: str) -> None:
         self.pins.remove(study_uid)
+
+    def being_deleted(self, study_uid: str) -> bool:
+        """Whether the study is being deleted (a pin taken now does not stop that)."""
+        return study_uid in self.deleting
 
     # --- receiving ----------------------------------------------------------------
 
@@ -232,10 +238,14 @@ class Archive:
 
     async def delete_study(self, study_uid: str, why: str = "deleted") -> int:
         """Remove a study, instance by instance: its file, then its row (:func:`_delete_files_then_rows`)."""
-        rows: List[InstanceRow] = await self.db(self.index.study_instances, study_uid)
-        if not rows:
-            return 0
-        freed, failed = await self.db(_delete_files_then_rows, self.store, self.index, rows)
+        self.deleting.add(study_uid)
+        try:
+            rows: List[InstanceRow] = await self.db(self.index.study_instances, study_uid)
+            if not rows:
+                return 0
+            freed, failed = await self.db(_delete_files_then_rows, self.store, self.index, rows)
+        finally:
+            self.deleting.remove(study_uid)
         self.size -= freed
         _log.info("study {study} {why}: {count} instances, {size} bytes", study=study_uid, why=why,
                   count=len(rows) - len(failed), size=freed)
