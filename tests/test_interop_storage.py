@@ -44,7 +44,9 @@ from appliance import config as configuration
 from appliance.ae import storage as storage_module
 from appliance.ae.listeners import acceptor_factory, disk_server_services, storage_syntaxes
 from appliance.archive.archive import Archive
-from appliance.dicom.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN
+from appliance.archive import structure
+from appliance.archive.deflate import DEFLATED
+from appliance.dicom.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 from appliance.net.threads import ThreadPoolService
 
 from .support import WAIT_LIMIT, Listening, deferred_test
@@ -59,6 +61,10 @@ STORESCU = "/usr/bin/storescu"
 _log = Logger(namespace="tests.interop_storage")
 
 SUCCESS, COERCED, OUT_OF_RESOURCES, DUPLICATE, DOES_NOT_MATCH = 0x0000, 0xB000, 0xA700, 0x0111, 0xA900
+CANNOT_UNDERSTAND = 0xC000
+#: pydicom's test files whose data sets are cut short (a value declared longer than what follows it): sent as
+#: the file's own bytes, they are answered C000 (issue 9); a peer that re-encodes them sends whole data sets
+TRUNCATED_FILES = {"MR_truncated.dcm", "rtplan_truncated.dcm"}
 
 #: The corpus tests fail when fewer pydicom files than this were stored.
 MIN_STORED = 30
@@ -401,10 +407,18 @@ class CorpusCheck:
         test = self.testcase
         test.assertEqual(sop_uid, item.sop_uid, f"{item.name}: the C-STORE carried another SOP instance")
         expected, coerced = stored_form(data, item.transfer_syntax)
-        wanted = DOES_NOT_MATCH if item.refusal else COERCED if coerced else SUCCESS
+        cut_short = None if item.transfer_syntax == DEFLATED else structure.problem(
+            data, 0, len(data), item.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+            item.transfer_syntax != EXPLICIT_VR_BIG_ENDIAN)
+        if item.name in TRUNCATED_FILES and data == item.dataset:
+            test.assertIsNotNone(cut_short, f"{item.name} is cut short")
+        wanted = DOES_NOT_MATCH if item.refusal else CANNOT_UNDERSTAND if cut_short else COERCED if coerced else SUCCESS
         test.assertEqual(status, wanted, f"{item.name}: answered 0x{status:04X}, expected 0x{wanted:04X}")
         if item.refusal:
             self.not_stored[item.name] = f"answered A900 by the Disk-Server: {item.refusal}"
+            return
+        if cut_short:
+            self.not_stored[item.name] = f"answered C000 by the Disk-Server: not whole: {cut_short}"
             return
         versions = self.server.committed.get(item.sop_uid, [])
         test.assertTrue(any(version == expected for version in versions),

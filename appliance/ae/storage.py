@@ -13,6 +13,7 @@ is 8), fsynced, installed and indexed; only then is Success sent.
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import sqlite3
 import struct
@@ -24,6 +25,7 @@ from pydicom.filereader import read_dataset
 from twisted.internet import defer
 from zope.interface import implementer
 
+from ..archive import structure
 from ..archive.archive import Archive, Duplicate, Misfiled, OutOfResources, StoredObject, StoreOutcome
 from ..archive.deflate import DEFLATED, InflateLimits, NotInflatable, TooLarge, read_deflated
 from ..archive.fastscan import scan
@@ -169,11 +171,30 @@ def inspect_memory(data: bytes, header_length: int, sop_class_uid: str, sop_inst
     The fast path (:func:`..archive.fastscan.scan`) reads the common case straight from the bytes; what it
     cannot vouch for is parsed by pydicom.
     """
+    _refuse_unless_whole(data, 0, len(data), transfer_syntax)
     fast = scan(data, header_length, transfer_syntax)
     if fast is not None:
         return check_metadata(*fast, sop_class_uid, sop_instance_uid, transfer_syntax)
     ds, offset, pixel_header = _parse_or_refuse(_parse_memory, data, header_length, transfer_syntax)
     return inspect(ds, offset, pixel_header, sop_class_uid, sop_instance_uid, transfer_syntax)
+
+
+def _refuse_unless_whole(data, start: int, end: int, transfer_syntax: str) -> None:
+    """C000 for a data set whose declared lengths do not fit (:mod:`..archive.structure`)."""
+    problem = structure.problem(data, start, end, transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+                                transfer_syntax != EXPLICIT_VR_BIG_ENDIAN)
+    if problem is not None:
+        raise _Refused(S.CANNOT_UNDERSTAND, f"data set not whole: {problem}")
+
+
+def _refuse_unless_whole_file(path: str, header_length: int, transfer_syntax: str) -> None:
+    """:func:`_refuse_unless_whole` for a data set in a file, mapped rather than read (only headers are touched)."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size <= header_length:
+            return
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            _refuse_unless_whole(mapped, header_length, size, transfer_syntax)
 
 
 def inspect_prefix(prefix: bytes, header_length: int, sop_class_uid: str, sop_instance_uid: str,
@@ -189,10 +210,13 @@ def inspect_prefix(prefix: bytes, header_length: int, sop_class_uid: str, sop_in
     return check_metadata(metadata, offset, pixel_header, sop_class_uid, sop_instance_uid, transfer_syntax)
 
 
-def finish_sealed(store: ObjectStore, temp: TempObject, chunks: List[bytes]) -> Tuple[TempObject, int]:
-    """I/O thread: write the rest of a streamed object and fsync it; the free space after it."""
+def finish_sealed(store: ObjectStore, temp: TempObject, chunks: List[bytes], header_length: int,
+                  transfer_syntax: str) -> Tuple[TempObject, int]:
+    """I/O thread: write the rest of a streamed object, check that it is whole, fsync it; the free space after."""
     try:
         store.write(temp, chunks)
+        temp.handle.flush()
+        _refuse_unless_whole_file(temp.path, header_length, transfer_syntax)
         ObjectStore.seal(temp)
     except BaseException:
         store.discard(temp)
@@ -226,6 +250,7 @@ def examine(
     """I/O thread, for an object written to its temporary file: read it back up to the pixel data,
     check it, coerce, fsync."""
     temp.handle.flush()
+    _refuse_unless_whole_file(temp.path, header_length, transfer_syntax)
     ds, offset, pixel_header = _parse_or_refuse(_parse_file, temp.path)
     metadata, coercion = inspect(ds, offset, pixel_header, sop_class_uid, sop_instance_uid, transfer_syntax)
     if coercion is not None:
@@ -447,7 +472,8 @@ class IncomingObject:
                 finish_streamed, self.archive.store, temp, chunks, len(self._header), self.sop_class_uid,
                 self.sop_instance_uid, self.transfer_syntax, self.source_ae, self.service.limits,
             )
-        writing = self.archive.io(finish_sealed, self.archive.store, temp, chunks)
+        writing = self.archive.io(finish_sealed, self.archive.store, temp, chunks, len(self._header),
+                                  self.transfer_syntax)
         checking = self.archive.io(inspect_prefix, prefix, len(self._header), self.sop_class_uid,
                                    self.sop_instance_uid, self.transfer_syntax)
         return await self._write_while_checking(writing, checking)

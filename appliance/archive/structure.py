@@ -1,0 +1,138 @@
+"""Whether a received data set is whole: every declared length fits (PS3.5 7.1, 7.5, A.4), pure.
+
+pydicom reads a value declared longer than what is left as whatever is
+left, and parsing stops at the pixel data anyway, so a PN declaring 200
+bytes with 2 present, a sequence longer than the data set or a Pixel Data
+element declaring 2 GB with 10 bytes sent would be stored as if whole.
+:func:`problem` walks the element headers of the whole data set (the
+values are skipped, never decoded), into sequences and items of defined and
+undefined length and encapsulated pixel data, and says what is wrong, or
+None.  It works on anything sliceable (bytes, or an ``mmap`` of the
+temporary file for a large object), iteratively, with nesting bounded.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import List, Optional, Tuple
+
+from pydicom.datadict import dictionary_VR
+
+__all__ = ["problem", "MAX_DEPTH"]
+
+#: Sequences nested deeper than this are refused (pydicom would recurse until Python gives up).
+MAX_DEPTH = 64
+
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_PIXEL_DATA = 0x7FE00010
+
+
+class _Broken(Exception):
+    pass
+
+
+def _is_sequence(tag: int) -> bool:
+    try:
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return False
+
+
+def problem(data, start: int, end: int, implicit: bool, little: bool) -> Optional[str]:
+    """What makes the data set in ``data[start:end]`` not whole, or None."""
+    try:
+        _walk(data, start, end, implicit, little)
+    except _Broken as error:
+        return str(error)
+    return None
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _walk(data, start: int, end: int, implicit: bool, little: bool) -> None:
+    order = "<" if little else ">"
+    u16, u32 = struct.Struct(order + "H"), struct.Struct(order + "L")
+    tag_struct = struct.Struct(order + "HH")
+
+    def tag_at(position: int) -> int:
+        group, element = tag_struct.unpack_from(data, position)
+        return (group << 16) | element
+
+    # frames: (kind, limit, bound, implicit) where kind is "set" (elements up to limit, or to an item
+    # delimiter when limit is None), "items" (items up to limit, or to a sequence delimiter when None) or
+    # "fragments"; bound is the limit of the nearest enclosing frame of defined length
+    frames: List[Tuple[str, Optional[int], int, bool]] = [("set", end, end, implicit)]
+    position = start
+    while frames:
+        kind, limit, bound, frame_implicit = frames[-1]
+        if limit is not None and position == limit:
+            frames.pop()
+            continue
+        if bound - position < 8:
+            if limit is None:
+                raise _Broken("a sequence or item of undefined length has no delimiter")
+            raise _Broken(f"{bound - position} stray bytes where an element should start")
+        tag = tag_at(position)
+        if kind != "set" or tag >> 16 == 0xFFFE:
+            (length,) = u32.unpack_from(data, position + 4)
+            position += 8
+            if tag == _ITEM_END and kind == "set" and limit is None:
+                frames.pop()
+                continue
+            if tag == _SEQUENCE_END and kind in ("items", "fragments") and limit is None:
+                frames.pop()
+                continue
+            if tag != _ITEM or kind == "set":
+                raise _Broken(f"unexpected {_tag_text(tag)} at offset {position - 8 - start}")
+            if kind == "fragments":
+                if length == _UNDEFINED or position + length > bound:
+                    raise _Broken("a pixel data fragment runs past the data set")
+                position += length
+                continue
+            if length == _UNDEFINED:
+                frames.append(("set", None, bound, frame_implicit))
+            else:
+                if position + length > bound:
+                    raise _Broken(f"an item declares {length} bytes, {bound - position} remain")
+                frames.append(("set", position + length, position + length, frame_implicit))
+            if len(frames) > 2 * MAX_DEPTH:
+                raise _Broken(f"sequences nested more than {MAX_DEPTH} deep")
+            continue
+        if frame_implicit:
+            vr = None
+            (length,) = u32.unpack_from(data, position + 4)
+            position += 8
+        else:
+            vr = bytes(data[position + 4:position + 6])
+            if vr in _LONG_VRS:
+                if bound - position < 12:
+                    raise _Broken(f"element {_tag_text(tag)}'s header is cut short")
+                (length,) = u32.unpack_from(data, position + 8)
+                position += 12
+            else:
+                (length,) = u16.unpack_from(data, position + 6)
+                position += 8
+        if length == _UNDEFINED:
+            if tag == _PIXEL_DATA:
+                frames.append(("fragments", None, bound, frame_implicit))
+            elif vr in (None, b"SQ"):
+                frames.append(("items", None, bound, frame_implicit))
+            elif vr == b"UN":  # PS3.5 6.2.2: its items are in Implicit VR Little Endian
+                frames.append(("items", None, bound, True))
+            else:
+                raise _Broken(f"element {_tag_text(tag)} ({vr.decode('ascii', 'replace')}) has an undefined length")
+            if len(frames) > 2 * MAX_DEPTH:
+                raise _Broken(f"sequences nested more than {MAX_DEPTH} deep")
+            continue
+        if position + length > bound:
+            raise _Broken(f"element {_tag_text(tag)} declares {length} bytes, {bound - position} remain")
+        if vr == b"SQ" or (vr is None and length and _is_sequence(tag)):
+            frames.append(("items", position + length, position + length, frame_implicit))
+            if len(frames) > 2 * MAX_DEPTH:
+                raise _Broken(f"sequences nested more than {MAX_DEPTH} deep")
+            continue
+        position += length
