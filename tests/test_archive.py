@@ -403,3 +403,33 @@ class PatientIdentityTests(SynchronousTestCase):
         self.assertEqual(self.index.counts()[:2], (2, 2))
         names = sorted(study.patient_name for study in self.index.studies())
         self.assertEqual(names, ["First^Anonymous", "Second^Anonymous"])
+
+
+class InstallRaceTests(SynchronousTestCase):
+    """Issue 9: a removal pruning the target directory between makedirs and the rename (another thread) no longer
+    makes the store fail (a spurious A700)."""
+
+    def test_directory_pruned_between_makedirs_and_rename(self):
+        from appliance.archive import store as store_module
+        from appliance.archive.store import ObjectStore
+
+        store = ObjectStore(self.mktemp())
+        temp = store.open_temp([b"x" * 10])
+        store.seal(temp)
+        relative = store.relative_path_for("1.2", "1.2.3", "1.2.3.4")
+        directory = os.path.dirname(store.absolute(relative))
+        real_makedirs = os.makedirs
+        calls = []
+
+        def racing_makedirs(path, *args, **kwargs):
+            real_makedirs(path, *args, **kwargs)
+            if path == directory:
+                calls.append(path)
+                if len(calls) == 1:
+                    os.rmdir(directory)  # what remove() of its last other file does, from another thread
+
+        self.patch(store_module.os, "makedirs", racing_makedirs)
+        store.install(temp, relative)
+        with open(store.absolute(relative), "rb") as handle:
+            self.assertEqual(handle.read(), b"x" * 10)
+        self.assertEqual(calls, [directory, directory])

@@ -22,6 +22,8 @@ from typing import Iterator, List, Optional, Tuple
 __all__ = ["ObjectStore", "part10_header", "uid_hash", "pixel_data_coercion", "data_set_offset", "open_stored_data_set"]
 
 _TMP = "tmp"
+#: Times installing retries when a concurrent removal pruned the target directory between makedirs and rename.
+_INSTALL_ATTEMPTS = 5
 _OBJECTS = "objects"
 
 
@@ -222,8 +224,15 @@ class ObjectStore:
         while not os.path.isdir(probe):
             created.append(probe)
             probe = os.path.dirname(probe)
-        os.makedirs(directory, exist_ok=True)
-        os.replace(temp.path, target)
+        for attempt in range(_INSTALL_ATTEMPTS):
+            os.makedirs(directory, exist_ok=True)
+            try:
+                os.replace(temp.path, target)
+                break
+            except FileNotFoundError:
+                # another thread removing the last file of this directory pruned it between the two calls
+                if attempt == _INSTALL_ATTEMPTS - 1 or not os.path.exists(temp.path):
+                    raise
         _fsync_directory(directory)
         for path in created:  # new directories must themselves be durable entries of their parents
             _fsync_directory(os.path.dirname(path))
