@@ -1,0 +1,98 @@
+"""Property-based tests of the codecs hostile bytes reach first (issue 9), with hypothesis.
+
+Whatever bytes arrive, the PDU decoder raises only PDUDecodeError, the
+command-set decoder only DimseDecodeError, and the data-set scanners
+(``fastscan.scan``, ``structure.problem``) never raise; commands round-trip.
+Every case has a time bound (hypothesis's deadline).
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from appliance.archive import fastscan, structure
+from appliance.dicom import dimse as D
+from appliance.dicom import pdu as P
+from appliance.dicom.errors import DimseDecodeError, PDUDecodeError
+from appliance.dicom.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
+
+from .support_data import encode_dataset, make_dataset
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+SYNTAXES = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN)
+
+
+def _sample(syntax: str) -> bytes:
+    ds = make_dataset(sop="1.2.826.0.1.12.1", pixels=bytes(range(64)))
+    ds.ImageComments = "properties"
+    return encode_dataset(ds, syntax)
+
+
+SAMPLES = {syntax: _sample(syntax) for syntax in SYNTAXES}
+
+
+class CodecPropertyTests(SynchronousTestCase):
+
+    skip = None if given is not None else "hypothesis is not installed"
+
+    if given is not None:
+
+        @settings(max_examples=2000, deadline=1000)
+        @given(st.binary(max_size=400))
+        def test_pdu_decoder_raises_only_its_error(self, data):
+            try:
+                P.decode_pdu(data)
+            except PDUDecodeError:
+                pass
+
+        @settings(max_examples=1000, deadline=1000)
+        @given(st.sampled_from([0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07]), st.binary(max_size=300))
+        def test_pdu_decoder_on_each_type(self, pdu_type, body):
+            data = bytes((pdu_type, 0)) + len(body).to_bytes(4, "big") + body
+            try:
+                P.decode_pdu(data)
+            except PDUDecodeError:
+                pass
+
+        @settings(max_examples=2000, deadline=1000)
+        @given(st.binary(max_size=300))
+        def test_command_decoder_raises_only_its_error(self, data):
+            try:
+                D.Command.decode(data)
+            except DimseDecodeError:
+                pass
+
+        @settings(max_examples=500, deadline=1000)
+        @given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.sampled_from([0x0101, 0x0000]),
+               st.text("0123456789.", min_size=1, max_size=64), st.text("ABCDEFGHIJ_ ", max_size=16))
+        def test_command_round_trip(self, field, message_id, data_set_type, uid, ae_title):
+            command = D.Command(CommandField=field, MessageID=message_id, CommandDataSetType=data_set_type,
+                                AffectedSOPClassUID=uid, MoveDestination=ae_title.strip() or None)
+            decoded = D.Command.decode(command.encode())
+            self.assertEqual(decoded.CommandField, field)
+            self.assertEqual((decoded.MessageID, decoded.AffectedSOPClassUID), (message_id, uid))
+
+        @settings(max_examples=1500, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+        @given(st.sampled_from(SYNTAXES), st.data())
+        def test_scanners_never_raise_on_mutated_data_sets(self, syntax, data):
+            """A valid data set with bytes overwritten, inserted or cut: the scanners answer, never raise."""
+            sample = bytearray(SAMPLES[syntax])
+            for _ in range(data.draw(st.integers(1, 4))):
+                at = data.draw(st.integers(0, len(sample) - 1))
+                kind = data.draw(st.sampled_from(["overwrite", "insert", "cut"]))
+                chunk = data.draw(st.binary(min_size=1, max_size=8))
+                if kind == "overwrite":
+                    sample[at:at + len(chunk)] = chunk
+                elif kind == "insert":
+                    sample[at:at] = chunk
+                else:
+                    del sample[at:at + len(chunk)]
+            mutated = bytes(sample)
+            fastscan.scan(mutated, 0, syntax)
+            structure.problem(mutated, 0, len(mutated), syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+                              syntax != EXPLICIT_VR_BIG_ENDIAN)
