@@ -61,6 +61,20 @@ clean:
 torture: system-packages $(VENV)/.installed
 	$(VENV)/bin/python tools/torture.py --rounds 50 $(TORTURE_ARGS)
 
+# Coverage-guided fuzzing (atheris) of the PDU decoder, the command-set decoder and the data-set
+# scanners, FUZZ_SECONDS each (default 120), from the corpus in tools/fuzz_corpus (tools/fuzz.py).
+# A finding stops its target and leaves crash-* here; the run fails.
+FUZZ_SECONDS ?= 120
+.PHONY: fuzz
+fuzz: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet atheris
+	@status=0; for target in pdu command dataset; do \
+		echo "fuzzing $$target for $(FUZZ_SECONDS) s"; \
+		$(VENV)/bin/python tools/fuzz.py $$target --seconds $(FUZZ_SECONDS) -print_final_stats=1 2>&1 | tail -12 || status=1; \
+	done; \
+	if ls crash-* >/dev/null 2>&1; then echo "findings: $$(ls crash-*)"; status=1; fi; \
+	exit $$status
+
 # The benchmarks, the Disk-Server against DCMTK and Debian's Orthanc; results go to bench/results/.
 # bench/store_bench.py: C-STORE throughput beside storescp and Orthanc.
 # bench/query_bench.py: C-FIND and C-MOVE beside Orthanc, and C-FIND at 20k and 1M instances.
