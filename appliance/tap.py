@@ -9,9 +9,11 @@ is bound) and reloaded on SIGHUP by :class:`appliance.net.tls.TLSService`.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sqlite3
 import sys
+import tempfile
 from typing import List, Tuple
 
 from twisted.application.internet import StreamServerEndpointService
@@ -50,13 +52,30 @@ class Options(usage.Options):
             check_ports(config)
             contexts = tls.TLSContexts(config)
         except configuration.ConfigError as error:
-            if getattr(self, "parent", None) is not None:
-                sys.stderr.write(f"appliance: {error}\n")
-                sys.stderr.flush()
-                raise SystemExit(1)
-            raise usage.UsageError(str(error))
+            startup_failed(self, str(error))
         self["appliance"] = config
         self["tls"] = contexts
+
+
+def startup_failed(options, message: str):
+    """Stop startup: under twistd or twist one line on standard error and status 1; called directly
+    (tests, tools), a UsageError."""
+    if getattr(options, "parent", None) is not None:
+        sys.stderr.write(f"appliance: {message}\n")
+        sys.stderr.flush()
+        raise SystemExit(1)
+    raise usage.UsageError(message)
+
+
+def _not_writable(folder: str) -> str:
+    """Why nothing can be written under ``folder`` (the nearest existing one), or ""."""
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        with tempfile.TemporaryFile(dir=folder or "."):
+            return ""
+    except OSError as error:
+        return f"; {folder} is not writable: {error.strerror}"
 
 
 def _listener_configs(config: configuration.ApplianceConfig) -> List[Tuple[str, configuration.ListenerConfig]]:
@@ -143,7 +162,7 @@ def makeService(options, reactor=None) -> MultiService:
         check_ports(config)
         contexts = options.get("tls") or tls.TLSContexts(config)
     except configuration.ConfigError as error:
-        raise usage.UsageError(str(error))
+        startup_failed(options, str(error))
     root = MultiService()
     # children start in this order and stop in reverse: worker threads first up and last down
     io = ThreadPoolService(reactor, "archive-io", max_threads=4)
@@ -156,7 +175,8 @@ def makeService(options, reactor=None) -> MultiService:
                           io.runner, db.runner, InflateLimits(config.archive.max_object_size,
                                                               config.archive.max_inflation_ratio))
     except (OSError, RuntimeError, sqlite3.Error) as error:
-        raise usage.UsageError(f"{config.path}: [appliance] data_dir: cannot open the archive: {error}")
+        startup_failed(options, f"{config.path}: [appliance] data_dir: cannot open the archive: {error}"
+                                f"{_not_writable(config.archive.path)}")
     ArchiveService(archive).setServiceParent(root)
     if contexts.active:
         # before the listeners: its start-up lines (and warnings) come first

@@ -23,7 +23,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from .support import ROOT, deferred_test, free_port, run_python, subprocess_env
+from .support import run_program, ROOT, deferred_test, free_port, run_python, subprocess_env
 
 
 def _load_torture():
@@ -297,6 +297,42 @@ class DiskFullTests(unittest.TestCase):
         self.assertEqual(rows.keys(), set(remaining) | {refused.sop_uid})
         self.assertNotIn(first_study, {study for _, _, _, study in rows.values()})
         self.assertArchiveConsistent(archive, sent, remaining + [refused.sop_uid])
+
+    @deferred_test
+    async def test_read_only_file_system(self):
+        """Issue 9: the archive's file system (its files and index) read-only at start-up, as after a kernel
+        remounted it on errors: startup stops with one line naming the data folder and why, status 1; once
+        writable again the appliance starts and every acknowledged object is intact."""
+        data_dir = await self.mount_tmpfs("32m")
+        folder = os.path.abspath(self.mktemp())
+        objects = torture.generate_objects(os.path.join(folder, "objects"), count=16, studies=2, seed=17,
+                                           matrices=(64,))
+        sent = self.sent(objects)
+        appliance, config, port = await self.start_appliance(data_dir, min_free_space=0)
+        archive = os.path.join(data_dir, "archive")
+        stored = await self.storescu(port, [obj.path for obj in objects])
+        self.assertEqual({status for _, status in stored}, {"Success"})
+        await self.stop_appliance(appliance)
+
+        out, err, code = _decode(await getProcessOutputAndValue(
+            MOUNT, ["-o", "remount,ro", data_dir], env=dict(os.environ)))
+        self.assertEqual(code, 0, out + err)
+        try:
+            out, err, code = await run_python(torture.TWISTD + ["-n", "--pidfile=", "appliance", "--config", config])
+        finally:
+            remount = _decode(await getProcessOutputAndValue(MOUNT, ["-o", "remount,rw", data_dir],
+                                                             env=dict(os.environ)))
+        self.assertEqual(remount[2], 0, remount[0] + remount[1])
+        self.assertEqual(code, 1, out + err)
+        lines = [line for line in (out + err).splitlines() if line.strip()]
+        self.assertEqual(len(lines), 1, out + err)
+        self.assertIn("[appliance] data_dir: cannot open the archive", lines[0])
+        self.assertRegex(lines[0], "read-only|readonly|Read-only")
+        self.assertNotIn("Traceback", out + err)
+
+        appliance, config, port = await self.start_appliance(data_dir, min_free_space=0)
+        findings = self.assertArchiveConsistent(archive, sent, [obj.sop_uid for obj in objects])
+        self.assertEqual(findings.rows, len(objects))
 
     @deferred_test
     async def test_auto_delete_evicts_least_recently_accessed_studies(self):
