@@ -56,10 +56,16 @@ clean:
 
 # The crash-durability test at length (tools/torture.py; the suite runs 3 rounds):
 # storescu streams, kill -9, restart, check every acknowledged object, 50 times.
-# Options through TORTURE_ARGS, e.g. make torture TORTURE_ARGS="--rounds 200 --seed 7".
+# Then the robustness run (tools/soak.py; the suite runs a short one): hostile PDUs, 10,000
+# associate/release and associate/abort cycles, floods, a trickled RQ, 50 senders at once,
+# kill -9 during C-MOVE and during eviction; it ends with a report.
+# Options through TORTURE_ARGS and SOAK_ARGS, e.g. make torture TORTURE_ARGS="--rounds 200 --seed 7".
 .PHONY: torture
 torture: system-packages $(VENV)/.installed
-	$(VENV)/bin/python tools/torture.py --rounds 50 $(TORTURE_ARGS)
+	@status=0; \
+	$(VENV)/bin/python tools/torture.py --rounds 50 $(TORTURE_ARGS) || status=1; \
+	$(VENV)/bin/python tools/soak.py $(SOAK_ARGS) || status=1; \
+	exit $$status
 
 # Coverage-guided fuzzing (atheris) of the PDU decoder, the command-set decoder and the data-set
 # scanners, FUZZ_SECONDS each (default 120), from the corpus in tools/fuzz_corpus (tools/fuzz.py).

@@ -366,3 +366,19 @@ class DiskFullTests(unittest.TestCase):
         kept_objects = [obj.sop_uid for obj in objects if obj.study_index >= oldest_kept]
         self.assertEqual(rows.keys(), set(kept_objects))
         self.assertArchiveConsistent(archive, sent, kept_objects)
+
+
+class SoakTests(unittest.TestCase):
+    """A short run of tools/soak.py (``make torture`` runs the long one): hostile PDUs, churn, floods, a trickled
+    RQ, concurrent senders, kill -9 during C-MOVE and during eviction; it must report nothing lost, no failure."""
+
+    timeout = 600
+    skip = NO_STORESCU
+
+    @deferred_test
+    async def test_short_soak(self):
+        out, err, code = await run_python([os.path.join(ROOT, "tools", "soak.py"), "--cycles", "300", "--senders",
+                                           "20", "--kill-rounds", "1", "--quick", "--seed", "1"])
+        self.assertEqual(code, 0, out[-4000:] + err[-4000:])
+        self.assertRegex(out, r"report: \d+ hostile cases, .* 0 instances lost, .*; 0 failures")
+
