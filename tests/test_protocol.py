@@ -1029,6 +1029,27 @@ class BoundedBuffersTests(AcceptorTestMixin, unittest.TestCase):
         for protocol, _ in waiting:
             closed(protocol)
 
+    def test_bytes_of_partial_requests_are_capped(self):
+        """Partial A-ASSOCIATE-RQs of 900 KB each: once all connections without an association hold more than
+        MAX_PENDING_BYTES, the one that brought more is closed; the count goes back to 0 as they end."""
+        from appliance.net.protocol import MAX_PENDING_BYTES
+
+        partial = b"\x01\x00" + struct.pack(">L", 1024 * 1024) + bytes(900 * 1024)
+        held, dropped = [], 0
+        for _ in range(MAX_PENDING_BYTES // len(partial) + 3):
+            protocol, transport = self.connect()
+            protocol.dataReceived(partial)
+            if transport.disconnecting:
+                dropped += 1
+            held.append(protocol)
+        self.assertEqual(dropped, 3)
+        self.assertLessEqual(self.factory.pending_bytes, MAX_PENDING_BYTES)
+        fresh, fresh_transport = self.establish()  # a whole RQ is still served meanwhile
+        closed(fresh)
+        for protocol in held:
+            closed(protocol)
+        self.assertEqual((self.factory.pending_bytes, self.factory.connections), (0, 0))
+
     def test_reading_paused_while_the_peer_does_not_read(self):
         """When the transport's write buffer is full (the peer does not read our answers) we stop reading its
         requests; a consumer's own pause and this one are independent."""

@@ -190,6 +190,11 @@ class UpperLayer:
     def max_pdata_length(self, value: int) -> None:
         self._framer.max_pdata_length = value
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and held until their PDU is whole."""
+        return self._framer.buffered
+
     # --- the one place transitions happen ---------------------------------
 
     def _handle(self, event: Event) -> List[Output]:

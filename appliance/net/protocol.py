@@ -599,12 +599,29 @@ class AcceptorProtocol(DicomProtocol):
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
+        #: bytes of a partial A-ASSOCIATE-RQ this connection holds, counted in factory.pending_bytes
+        self._pending = 0
         super().connectionMade()
         self.host = getattr(self.transport.getPeer(), "host", "?")
         self.watch_writes()
 
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self.negotiated is None and not self._closed:
+            self._count_pending(self.ul.buffered)
+            if self.factory.pending_bytes > MAX_PENDING_BYTES and self._pending:
+                self.record.outcome = (f"closed: {self.factory.pending_bytes} bytes of partial A-ASSOCIATE-RQs "
+                                       f"waiting in connections without an association (at most {MAX_PENDING_BYTES})")
+                self._count_pending(0)
+                self.transport.abortConnection()
+
+    def _count_pending(self, buffered: int) -> None:
+        self.factory.pending_bytes += buffered - self._pending
+        self._pending = buffered
+
     def association_ended(self) -> None:
         self.factory.connections -= 1
+        self._count_pending(0)
         if self.negotiated is not None:
             self.factory.associations -= 1
             self.factory.host_associations[self.host] -= 1
@@ -675,6 +692,7 @@ class AcceptorProtocol(DicomProtocol):
                 self._process(self.ul.reject(rejection))
                 return
         self.negotiated = decision.negotiated
+        self._count_pending(0)
         self.dimse = provider.DimseProvider(decision.negotiated.accepted, self.factory.operations)
         self.factory.associations += 1
         self.factory.host_associations[self.host] = self.factory.host_associations.get(self.host, 0) + 1
@@ -791,7 +809,10 @@ class _Drain:
 
 
 #: Connections of one listening AE that may be open without an association (negotiating, or hostile).
-MAX_UNASSOCIATED = 16
+MAX_UNASSOCIATED = 128
+#: Bytes of partial A-ASSOCIATE-RQs (up to 1 MiB each) all of one AE's connections without an association may
+#: hold; past it, the connection that brought more is closed.
+MAX_PENDING_BYTES = 16 * 1024 * 1024
 
 
 class AcceptorFactory(Factory):
@@ -830,6 +851,8 @@ class AcceptorFactory(Factory):
         self.host_associations: Dict[str, int] = {}
         #: connections closed at once because too many had no association yet
         self.refused_connections = 0
+        #: bytes of partial A-ASSOCIATE-RQs held by connections without an association
+        self.pending_bytes = 0
         self._refusal_logged = float("-inf")
 
     def buildProtocol(self, addr) -> Optional[AcceptorProtocol]:
