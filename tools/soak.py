@@ -11,7 +11,7 @@ resident memory (VmRSS of the process) read before and after:
 2. **churn**: ``--cycles`` associate/release and as many associate/abort
    cycles over raw sockets;
 3. **floods**: 60 connections each holding a partial 1 MiB A-ASSOCIATE-RQ
-   (at most 16 MiB of them are kept), and 24 MB of C-ECHO-RQs sent by a peer that never
+   (at most 8 MiB of them are kept), and 24 MB of C-ECHO-RQs sent by a peer that never
    reads the answers (reading stops while our answers wait);
 4. **trickle**: an A-ASSOCIATE-RQ sent one byte per second (``--quick``: a
    tenth of a second), closed by ARTIM (5 s here) if it is not whole by then;
@@ -171,7 +171,7 @@ def phase_floods(appliance: torture.Appliance, report: Report) -> None:
         sock.close()
     report.associations += 60
     report.note(f"flood of 60 connections with partial 1 MiB RQs: RSS {_mib(before)} -> {_mib(during)} "
-                f"(the audit: +74 MB); {refused} closed as they sent (16 MiB of partial RQs at most)")
+                f"(the audit: +74 MB); {refused} closed as they sent (8 MiB of partial RQs at most)")
     if before and during and during - before > 40 * 1024:
         report.fail(f"flood: resident memory grew by {_mib(during - before)}")
     time.sleep(6.0)  # ARTIM (5 s) closes what is left

@@ -812,7 +812,7 @@ class _Drain:
 MAX_UNASSOCIATED = 128
 #: Bytes of partial A-ASSOCIATE-RQs (up to 1 MiB each) all of one AE's connections without an association may
 #: hold; past it, the connection that brought more is closed.
-MAX_PENDING_BYTES = 16 * 1024 * 1024
+MAX_PENDING_BYTES = 8 * 1024 * 1024
 
 
 class AcceptorFactory(Factory):
