@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from .matching import normalize_name
 
 __all__ = ["PATIENT_KEYWORDS", "STUDY_KEYWORDS", "SERIES_KEYWORDS", "INSTANCE_KEYWORDS", "ObjectMetadata", "extract",
-           "dump_level", "level_tags"]
+           "dump_level", "level_tags", "json_text"]
 
 PATIENT_KEYWORDS = (
     "PatientName",
@@ -196,6 +196,26 @@ def _level_json(ds: Dataset, keywords) -> str:
             if entry is not None:  # an attribute whose value does not parse is left out of the index
                 level[f"{tag:08X}"] = entry
     return dump_level(level)
+
+
+def json_text(entry: Optional[dict]) -> Any:
+    """A DICOM JSON attribute's value as text (a list of strings, one a value; a person name as ``A=I=P``), None
+    when it has none: what C-FIND matches, and what the index compares."""
+    if not entry:
+        return None
+    values = entry.get("Value")
+    if not values:
+        return None
+    if entry.get("vr") == "PN":
+        names = []
+        for value in values:
+            if isinstance(value, dict):
+                groups = [value.get("Alphabetic", ""), value.get("Ideographic", ""), value.get("Phonetic", "")]
+                names.append("=".join(groups).rstrip("="))
+            else:
+                names.append(str(value))
+        return names
+    return [str(v) for v in values]
 
 
 def _text(ds: Dataset, keyword: str) -> str:

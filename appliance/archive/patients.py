@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from .matching import normalize_name
-from .metadata import PATIENT_KEYWORDS, level_tags
+from .metadata import PATIENT_KEYWORDS, json_text, level_tags
 
 __all__ = ["identity", "differences", "value_text", "Conflict"]
 
@@ -46,16 +46,12 @@ def _canonical(entry: Optional[dict]):
     No value and an empty value are the same; person names compare without
     their trailing empty components (``Doe^John^^`` is ``Doe^John``).
     """
-    if not entry:
-        return None
-    values = entry.get("Value")
-    if not values:
+    text = json_text(entry)
+    if text is None:
         return None
     if entry.get("vr") == "PN":
-        return tuple(normalize_name("=".join((value.get("Alphabetic", ""), value.get("Ideographic", ""),
-                                              value.get("Phonetic", ""))))
-                     if isinstance(value, dict) else normalize_name(str(value)) for value in values)
-    return json.dumps(values, sort_keys=True, ensure_ascii=False)
+        return tuple(normalize_name(name) for name in text)
+    return json.dumps(entry["Value"], sort_keys=True, ensure_ascii=False)
 
 
 def _parse(attributes: str) -> Dict[str, dict]:

@@ -24,6 +24,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 
 from . import matching as M
+from .metadata import json_text
 
 __all__ = ["QueryError", "Key", "KEYS", "FindQuery", "build_query", "QueryRun", "LEVELS"]
 
@@ -365,25 +366,6 @@ _PATIENT_COUNTS = {"NumberOfPatientRelatedStudies": 0, "NumberOfPatientRelatedSe
                    "NumberOfPatientRelatedInstances": 2}
 
 
-def _json_text(entry: Optional[dict]) -> Any:
-    """A DICOM JSON attribute's value as matching text (list of strings for multiple values)."""
-    if not entry:
-        return None
-    values = entry.get("Value")
-    if not values:
-        return None
-    if entry.get("vr") == "PN":
-        names = []
-        for value in values:
-            if isinstance(value, dict):
-                groups = [value.get("Alphabetic", ""), value.get("Ideographic", ""), value.get("Phonetic", "")]
-                names.append("=".join(groups).rstrip("="))
-            else:
-                names.append(str(value))
-        return names
-    return [str(v) for v in values]
-
-
 class QueryRun:
     """One C-FIND's execution on a database connection of its own (one worker thread at a time).
 
@@ -459,12 +441,12 @@ class QueryRun:
                 entry = self._match_sequence(term, entry)
                 if entry is False:
                     return None
-            elif term.matcher is not None and not term.matcher(_json_text(entry)):
+            elif term.matcher is not None and not term.matcher(json_text(entry)):
                 return None
             response[key.tag_hex] = entry if entry else {"vr": key.vr}
         for date_key, time_key, matcher in self.query.combined:
-            date = _json_text(self._entry(KEYS[date_key], values, attributes))
-            time = _json_text(self._entry(KEYS[time_key], values, attributes))
+            date = json_text(self._entry(KEYS[date_key], values, attributes))
+            time = json_text(self._entry(KEYS[time_key], values, attributes))
             if not matcher(date[0] if date else "", time[0] if time else ""):
                 return None
         return response
@@ -519,7 +501,7 @@ class QueryRun:
         matchers = [(tag, matcher) for tag, matcher in (term.sequence or []) if matcher is not None]
         kept = []
         for item in items:
-            if all(matcher(_json_text(item.get(tag))) for tag, matcher in matchers):
+            if all(matcher(json_text(item.get(tag))) for tag, matcher in matchers):
                 if wanted:
                     kept.append({tag: item.get(tag) or {"vr": dictionary_VR(int(tag, 16))} for tag in wanted})
                 else:
