@@ -185,14 +185,22 @@ class ApplianceConfig:
     ae_title: str
     implementation_class_uid: str
     implementation_version_name: str
-    disk_server: ListenerConfig
-    memory_server: ListenerConfig
+    #: every listening AE's configuration, by section name, in the order of :data:`LISTENERS`
+    listeners: Mapping[str, ListenerConfig]
     archive: ArchiveConfig
     devices: Mapping[str, DeviceConfig] = field(default_factory=dict)
     #: the [tls] section as written (listeners and devices hold their merged settings)
     tls: TLSConfig = field(default_factory=TLSConfig)
     #: the least severe log events written (appliance.logs.LEVELS)
     log_level: str = "info"
+
+    @property
+    def disk_server(self) -> ListenerConfig:
+        return self.listeners["disk_server"]
+
+    @property
+    def memory_server(self) -> ListenerConfig:
+        return self.listeners["memory_server"]
 
     def device(self, name: str) -> DeviceConfig:
         try:
@@ -374,14 +382,6 @@ class _Section:
             )
 
 
-_LISTENER_DEFAULTS = {
-    "disk_server": ("DISK_SERVER", 11112),
-    "memory_server": ("MEMORY_SERVER", 11113),
-}
-#: 2762 is IANA's "dicom-tls"; used once a certificate is configured
-_LISTENER_TLS_PORTS = {"disk_server": 2762, "memory_server": 2763}
-
-
 def _archive(section: "_Section", data_dir: str) -> ArchiveConfig:
     """The storage keys of [disk_server]."""
     return ArchiveConfig(
@@ -401,10 +401,33 @@ def _archive(section: "_Section", data_dir: str) -> ArchiveConfig:
     )
 
 
+@dataclass(frozen=True)
+class ListenerSpec:
+    """A listening AE of the appliance: its section, its name in words, its defaults."""
+
+    section: str
+    name: str
+    ae_title: str
+    port: int
+    #: 2762 is IANA's "dicom-tls"; used once a certificate is configured
+    tls_port: int
+    #: reads the section's own keys beyond a listener's (the Disk-Server's storage keys): (section, data_dir)
+    extra: Optional[Callable[["_Section", str], Any]] = None
+
+
+#: The appliance's listening AEs, in the order they start: the one table configuration, TLS and the
+#: composition root (appliance/tap.py) read.  A new listener is an entry here and a builder there.
+LISTENERS: Tuple[ListenerSpec, ...] = (
+    ListenerSpec("disk_server", "Disk-Server", "DISK_SERVER", 11112, 2762, extra=_archive),
+    ListenerSpec("memory_server", "Memory-Server", "MEMORY_SERVER", 11113, 2763),
+)
+_SPECS = {spec.section: spec for spec in LISTENERS}
+
+
 def _listener(path: str, name: str, table: Any, extra: Optional[Callable[["_Section"], Any]] = None,
               tls: Optional[TLSConfig] = None, base: str = "."):
-    default_title, default_port = _LISTENER_DEFAULTS[name]
-    default_tls_port = _LISTENER_TLS_PORTS[name]
+    spec = _SPECS[name]
+    default_title, default_port, default_tls_port = spec.ae_title, spec.port, spec.tls_port
     section = _Section(path, name, table)
     extra_result = extra(section) if extra is not None else None
     timeout = section.get("timeout", _seconds, 30.0)
@@ -584,8 +607,8 @@ def _check_port_conflicts(path: str, listeners: List[Tuple[str, ListenerConfig]]
                 continue
             for other_name, other_key, interface, other_port in taken:
                 if port == other_port and _interfaces_overlap(interface, listener.interface):
-                    if (other_name, other_key, key) == ("disk_server", "port", "port"):
-                        problem = f"{port} is the Disk-Server's port too"
+                    if (other_key, key) == ("port", "port") and other_name in _SPECS:
+                        problem = f"{port} is the {_SPECS[other_name].name}'s port too"
                     else:
                         problem = f"{port} is [{other_name}] {other_key} too"
                     raise ConfigError(path, f"[{name}] {key}", problem)
@@ -594,7 +617,7 @@ def _check_port_conflicts(path: str, listeners: List[Tuple[str, ListenerConfig]]
 
 def parse(data: Mapping[str, Any], path: str) -> ApplianceConfig:
     """Validate a parsed TOML document; ``path`` names it in errors and anchors relative paths."""
-    known_sections = {"appliance", "disk_server", "memory_server", "devices", "tls"}
+    known_sections = {"appliance", "devices", "tls"} | set(_SPECS)
     for key in data:
         if key not in known_sections:
             raise ConfigError(path, f"[{key}]", f"unknown section (known sections: {', '.join(sorted(known_sections))})")
@@ -613,17 +636,22 @@ def parse(data: Mapping[str, Any], path: str) -> ApplianceConfig:
     )
     appliance.done()
     tls = _tls(path, data.get("tls", {}), base)
-    disk, archive = _listener(
-        path, "disk_server", data.get("disk_server", {}), lambda section: _archive(section, config_values["data_dir"]),
-        tls=tls, base=base,
-    )
-    memory = _listener(path, "memory_server", data.get("memory_server", {}), tls=tls, base=base)
+    listeners: Dict[str, ListenerConfig] = {}
+    extras: Dict[str, Any] = {}
+    for spec in LISTENERS:
+        extra = None
+        if spec.extra is not None:
+            extra = (lambda read: lambda section: read(section, config_values["data_dir"]))(spec.extra)
+        parsed = _listener(path, spec.section, data.get(spec.section, {}), extra, tls=tls, base=base)
+        if spec.extra is not None:
+            parsed, extras[spec.section] = parsed
+        listeners[spec.section] = parsed
     devices_table = data.get("devices", {})
     if not isinstance(devices_table, dict):
         raise ConfigError(path, "[devices]", "must be a table of [devices.NAME] tables")
     devices = {name: _device(path, name, table, tls=tls, base=base) for name, table in devices_table.items()}
-    _check_port_conflicts(path, [("disk_server", disk), ("memory_server", memory)])
-    return ApplianceConfig(disk_server=disk, memory_server=memory, archive=archive, devices=devices, tls=tls,
+    _check_port_conflicts(path, list(listeners.items()))
+    return ApplianceConfig(listeners=listeners, archive=extras["disk_server"], devices=devices, tls=tls,
                            **config_values)
 
 

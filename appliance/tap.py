@@ -78,10 +78,6 @@ def _not_writable(folder: str) -> str:
         return f"; {folder} is not writable: {error.strerror}"
 
 
-def _listener_configs(config: configuration.ApplianceConfig) -> List[Tuple[str, configuration.ListenerConfig]]:
-    return [("disk_server", config.disk_server), ("memory_server", config.memory_server)]
-
-
 class ArchiveService(Service):
     """Reconciles the archive at start-up and closes its index at shutdown."""
 
@@ -120,7 +116,7 @@ class ArchiveService(Service):
 def _bound_ports(config: configuration.ApplianceConfig) -> List[Tuple[str, str, str, int]]:
     """(section, key, interface, port) of every listening port to bind: plain and TLS."""
     ports = []
-    for section, listener in _listener_configs(config):
+    for section, listener in config.listeners.items():
         for key, port in (("port", listener.port), ("tls_port", listener.tls_port)):
             if port:
                 ports.append((section, key, listener.interface, port))
@@ -181,15 +177,16 @@ def makeService(options, reactor=None) -> MultiService:
     if contexts.active:
         # before the listeners: its start-up lines (and warnings) come first
         tls.TLSService(contexts, reactor).setServiceParent(root)
-    services = {
-        "disk_server": disk_server_services(config, archive, read.runner, tls=contexts),
-        "memory_server": memory_server_services(),
+    # one builder per listening AE of configuration.LISTENERS: its services
+    builders = {
+        "disk_server": lambda: disk_server_services(config, archive, read.runner, tls=contexts),
+        "memory_server": memory_server_services,
     }
-    for section, listener in _listener_configs(config):
+    for section, listener in config.listeners.items():
         if not listener.port and not listener.tls_port:
             continue
         # one factory per AE: its plain and TLS ports share the association limit
-        factory = acceptor_factory(listener, config, services[section], reactor)
+        factory = acceptor_factory(listener, config, builders[section](), reactor)
         endpoint_class = TCP6ServerEndpoint if ":" in listener.interface else TCP4ServerEndpoint
         if listener.port:
             endpoint = endpoint_class(reactor, listener.port, backlog=128, interface=listener.interface)

@@ -388,7 +388,7 @@ class TLSContexts:
         self._now = now or (lambda: datetime.now(timezone.utc))
         self.listener_configs: Dict[str, TLSConfig] = {}
         if listeners:
-            for name, listener in (("disk_server", config.disk_server), ("memory_server", config.memory_server)):
+            for name, listener in config.listeners.items():
                 if listener.tls is not None and listener.tls_port:
                     self.listener_configs[name] = listener.tls
         wanted = set(config.devices) if devices is None else set(devices)
