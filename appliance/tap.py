@@ -25,7 +25,7 @@ from . import config as configuration
 from . import logs
 from .ae.listeners import acceptor_factory, disk_server_services, memory_server_services
 from .archive.archive import Archive
-from .archive.deflate import InflateLimits
+from .dataset.deflate import InflateLimits
 from .net import tls
 from .net.threads import ThreadPoolService
 

@@ -494,7 +494,7 @@ def check_synthesis(workdir: str) -> None:
     """The synthesized rows of a few studies equal what the appliance's own indexing writes for their files."""
     from pydicom import dcmread
     from appliance.archive.index import ArchiveIndex
-    from appliance.archive.metadata import extract
+    from appliance.dataset.metadata import extract
 
     sample = [s for s in corpus_studies() if s["index"] < 6 or len(s["series"]) > 1][:8]
     real_path = os.path.join(workdir, "real.sqlite")
@@ -531,7 +531,8 @@ def check_synthesis(workdir: str) -> None:
 
 
 def _scale_key() -> dict:
-    from appliance.archive import index, metadata
+    from appliance.archive import index
+    from appliance.dataset import metadata
 
     schema = hashlib.sha256(repr(index._SCHEMA).encode()).hexdigest()[:16]
     keywords = hashlib.sha256(repr((metadata.PATIENT_KEYWORDS, metadata.STUDY_KEYWORDS, metadata.SERIES_KEYWORDS,

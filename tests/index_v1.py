@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 
 from appliance.archive.matching import fold, name_groups
-from appliance.archive.metadata import ObjectMetadata
+from appliance.dataset.metadata import ObjectMetadata
 
 SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

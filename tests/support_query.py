@@ -300,7 +300,7 @@ def fill_many(archive: Archive, count: int = 150) -> None:
     Indexed directly (no files): C-FIND reads the index only, and an fsync per object would
     cost seconds.
     """
-    from appliance.archive.metadata import extract
+    from appliance.dataset.metadata import extract
 
     for number in range(count):
         ds = make_dataset(patient="Many^Images", patient_id="PIDMANY", study=f"{ROOT}.99", series=f"{ROOT}.99.1",
@@ -312,7 +312,7 @@ def fill_many(archive: Archive, count: int = 150) -> None:
 def fill_long_names(archive: Archive, count: int = 400) -> None:
     """``count`` studies whose patient names are runs of 60 letters: what a backtracking wildcard matcher
     chokes on (issue 9).  Indexed directly (no files)."""
-    from appliance.archive.metadata import extract
+    from appliance.dataset.metadata import extract
 
     for number in range(count):
         ds = make_dataset(patient="a" * 60 + "=" + "a" * (number % 7), patient_id=f"PIDLONG{number}",

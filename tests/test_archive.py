@@ -358,7 +358,7 @@ class IndexReopenTests(SynchronousTestCase):
         """Rows committed are there after the database is closed and opened again."""
         path = os.path.join(self.mktemp(), "index.sqlite")
         index = ArchiveIndex(path)
-        from appliance.archive.metadata import extract
+        from appliance.dataset.metadata import extract
 
         index.add(extract(make_dataset(sop="7.1")), "objects/x.dcm", 10, EXPLICIT_LE, "SCU", 1.0)
         index.close()
@@ -385,7 +385,7 @@ class PatientIdentityTests(SynchronousTestCase):
         self.addCleanup(self.index.close)
 
     def add(self, **values):
-        from appliance.archive.metadata import extract
+        from appliance.dataset.metadata import extract
 
         ds = make_dataset(**values)
         self.index.add(extract(ds), f"objects/{values['sop']}.dcm", 10, EXPLICIT_LE, "SCU", 1.0)

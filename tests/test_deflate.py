@@ -2,7 +2,7 @@
 
 The audit stored 407 KB of Deflated Explicit VR Little Endian that inflated
 to 419 MB with Success, and memory went from 72 MB to 873 MB.  Tested here:
-the streaming inflater and its limits (archive/deflate.py), its attributes
+the streaming inflater and its limits (dataset/deflate.py), its attributes
 against pydicom's, the C-STORE SCP's answers (A700 past a limit, C000 for a
 broken stream, Success for a good one, stored as received), and the
 start-up check and ``verify`` reading stored deflated files.
@@ -19,7 +19,7 @@ from pydicom import dcmread
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.archive.archive import read_object
-from appliance.archive.deflate import (
+from appliance.dataset.deflate import (
     DEFLATED,
     PREFIX,
     InflateLimits,
@@ -28,7 +28,7 @@ from appliance.archive.deflate import (
     inflate,
     read_deflated,
 )
-from appliance.archive.metadata import extract
+from appliance.dataset.metadata import extract
 from appliance.dicom import status as S
 from appliance.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN
 

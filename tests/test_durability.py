@@ -23,7 +23,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from .support import run_program, ROOT, deferred_test, free_port, run_python, subprocess_env
+from .support import ROOT, deferred_test, free_port, run_python, subprocess_env
 
 
 def _load_torture():

@@ -1,4 +1,4 @@
-"""The ingest's fast path (appliance.archive.fastscan) against storage's pydicom path.
+"""The ingest's fast path (appliance.dataset.fastscan) against storage's pydicom path.
 
 Every comparison is differential: the pydicom path is what storage did before
 the fast path existed (``read_dataset`` up to Pixel Data, ``metadata.extract``,
@@ -21,8 +21,8 @@ from pydicom import config, dcmread
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.ae import storage
-from appliance.archive import fastscan
-from appliance.archive.metadata import extract
+from appliance.dataset import fastscan
+from appliance.dataset.metadata import extract
 from appliance.compat import encode_dataset
 from appliance.dicom.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 

@@ -44,8 +44,8 @@ from appliance import config as configuration
 from appliance.ae import storage as storage_module
 from appliance.ae.listeners import acceptor_factory, disk_server_services, storage_syntaxes
 from appliance.archive.archive import Archive
-from appliance.archive import structure
-from appliance.archive.deflate import DEFLATED
+from appliance.dataset import structure
+from appliance.dataset.deflate import DEFLATED
 from appliance.dicom.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 from appliance.net.threads import ThreadPoolService
 

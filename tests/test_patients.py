@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from appliance import config as configuration
 from appliance.archive.index import SCHEMA_VERSION, ArchiveIndex
-from appliance.archive.metadata import dump_level, extract
+from appliance.dataset.metadata import dump_level, extract
 from appliance.archive.patients import Conflict, differences, identity, value_text
 from appliance.cli import archive as cli
 from appliance.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from appliance.archive import fastscan, structure
+from appliance.dataset import fastscan, structure
 from appliance.dicom import dimse as D
 from appliance.dicom import pdu as P
 from appliance.dicom.errors import DimseDecodeError, PDUDecodeError

@@ -18,7 +18,7 @@ from appliance import config as configuration
 from appliance.ae import storage as storage_module
 from appliance.ae.listeners import acceptor_factory, disk_server_services, storage_syntaxes
 from appliance.archive.archive import Archive
-from appliance.archive.deflate import InflateLimits
+from appliance.dataset.deflate import InflateLimits
 from appliance.archive.eviction import StorageLimits
 from appliance.dicom import dimse as D
 from appliance.dicom import pdu as P

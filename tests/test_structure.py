@@ -1,4 +1,4 @@
-"""Whether a data set is whole (appliance/archive/structure.py), and what the C-STORE SCP answers when not.
+"""Whether a data set is whole (appliance/dataset/structure.py), and what the C-STORE SCP answers when not.
 
 Issue 9: a PN declaring 200 bytes with 2 present, a sequence longer than
 the data, a Pixel Data element declaring 2 GB with 10 bytes sent, sequences
@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from twisted.trial.unittest import SynchronousTestCase
 
-from appliance.archive.structure import MAX_DEPTH, problem
+from appliance.dataset.structure import MAX_DEPTH, problem
 from appliance.dicom import status as S
 from appliance.dicom.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 

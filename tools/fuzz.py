@@ -11,8 +11,8 @@ Targets:
 * ``command``: the command-set decoder and the DIMSE provider's checks on
   whatever decodes (:class:`appliance.dicom.provider.DimseProvider`);
 * ``dataset``: the ingest scanner and the wholeness check
-  (:func:`appliance.archive.fastscan.scan`,
-  :func:`appliance.archive.structure.problem`) in the three uncompressed
+  (:func:`appliance.dataset.fastscan.scan`,
+  :func:`appliance.dataset.structure.problem`) in the three uncompressed
   syntaxes, the first input byte choosing the syntax.
 
 A finding is any exception but the decoder's own error (PDUDecodeError,
@@ -95,7 +95,7 @@ def _command_target():
 
 
 def _dataset_target():
-    from appliance.archive import fastscan, structure
+    from appliance.dataset import fastscan, structure
 
     syntaxes = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
 

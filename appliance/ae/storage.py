@@ -25,12 +25,12 @@ from pydicom.filereader import read_dataset
 from twisted.internet import defer
 from zope.interface import implementer
 
-from ..archive import structure
 from ..archive.archive import Archive, Duplicate, Misfiled, OutOfResources, StoredObject, StoreOutcome
-from ..archive.deflate import DEFLATED, InflateLimits, NotInflatable, TooLarge, read_deflated
-from ..archive.fastscan import scan
-from ..archive.metadata import ObjectMetadata, extract
 from ..archive.store import ObjectStore, TempObject, part10_header, pixel_data_coercion
+from ..dataset import structure
+from ..dataset.deflate import DEFLATED, InflateLimits, NotInflatable, TooLarge, read_deflated
+from ..dataset.fastscan import scan
+from ..dataset.metadata import ObjectMetadata, extract
 from ..dicom import dimse as D
 from ..dicom import status as S
 from ..dicom.uids import (
@@ -55,7 +55,7 @@ MAX_IN_FLIGHT = 1024 * 1024
 DUPLICATE_REJECTED = 0x0111
 
 #: Transfer syntaxes whose data set bytes pydicom can read straight from memory
-#: (deflated ones are inflated as a stream: archive/deflate.py).
+#: (deflated ones are inflated as a stream: dataset/deflate.py).
 _PLAIN_SYNTAXES = frozenset(UNCOMPRESSED_TRANSFER_SYNTAXES) | {
     "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
     "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
@@ -124,7 +124,7 @@ def check_metadata(
     sop_instance_uid: str,
     transfer_syntax: str,
 ):
-    """:func:`inspect` once the metadata is known (from pydicom or :mod:`..archive.fastscan`): the UIDs
+    """:func:`inspect` once the metadata is known (from pydicom or :mod:`..dataset.fastscan`): the UIDs
     against the command, and the coercion the pixel data header calls for."""
     if metadata.sop_instance_uid != sop_instance_uid:
         raise _Refused(0xA900, "SOP Instance UID differs from the command's Affected SOP Instance UID")
@@ -168,7 +168,7 @@ def _parse_file(path: str):
 def inspect_memory(data: bytes, header_length: int, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str):
     """Worker thread: parse a data set still in memory (no file read back) and inspect it.
 
-    The fast path (:func:`..archive.fastscan.scan`) reads the common case straight from the bytes; what it
+    The fast path (:func:`..dataset.fastscan.scan`) reads the common case straight from the bytes; what it
     cannot vouch for is parsed by pydicom.
     """
     _refuse_unless_whole(data, 0, len(data), transfer_syntax)
@@ -180,7 +180,7 @@ def inspect_memory(data: bytes, header_length: int, sop_class_uid: str, sop_inst
 
 
 def _refuse_unless_whole(data, start: int, end: int, transfer_syntax: str) -> None:
-    """C000 for a data set whose declared lengths do not fit (:mod:`..archive.structure`)."""
+    """C000 for a data set whose declared lengths do not fit (:mod:`..dataset.structure`)."""
     problem = structure.problem(data, start, end, transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
                                 transfer_syntax != EXPLICIT_VR_BIG_ENDIAN)
     if problem is not None:

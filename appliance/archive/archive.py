@@ -18,11 +18,11 @@ from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from twisted.internet import defer
 
+from ..dataset.deflate import DEFLATED, InflateLimits, read_deflated
+from ..dataset.metadata import ObjectMetadata, extract
 from ..logs import logger
-from .deflate import DEFLATED, InflateLimits, read_deflated
 from .eviction import StorageLimits, plan, shortfall
 from .index import ArchiveIndex, InstanceRow, Misfiled, Upgrade
-from .metadata import ObjectMetadata, extract
 from .patients import Conflict
 from .store import ObjectStore, TempObject, data_set_offset
 

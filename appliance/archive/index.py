@@ -22,8 +22,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from ..dataset.metadata import ObjectMetadata
 from .matching import fold, name_groups
-from .metadata import ObjectMetadata
 from .patients import Conflict, differences, identity, value_text
 
 __all__ = ["ArchiveIndex", "InstanceRow", "StudyRow", "ConflictRow", "Added", "Upgrade", "ObjectReader",

@@ -20,6 +20,8 @@ import unicodedata
 from functools import lru_cache
 from typing import Callable, List, Optional, Tuple
 
+from ..dataset.metadata import normalize_name
+
 __all__ = [
     "normalize_name",
     "fold",
@@ -41,14 +43,6 @@ WILDCARDS = ("*", "?")
 TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT", "UR"})
 #: VRs whose value is one string in which a backslash is an ordinary character (PS3.5 6.2)
 SINGLE_VALUED_VRS = frozenset({"LT", "ST", "UT", "UR"})
-
-
-def normalize_name(name: str) -> str:
-    """A person name without trailing empty components or groups (PS3.5 6.2: they are insignificant)."""
-    groups = [group.rstrip("^ ").strip() for group in name.split("=")]
-    while groups and not groups[-1]:
-        groups.pop()
-    return "=".join(groups)
 
 
 def fold(text: str) -> str:

@@ -20,8 +20,8 @@ import json
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+from ..dataset.metadata import PATIENT_KEYWORDS, json_text, level_tags
 from .matching import normalize_name
-from .metadata import PATIENT_KEYWORDS, json_text, level_tags
 
 __all__ = ["identity", "differences", "value_text", "Conflict"]
 

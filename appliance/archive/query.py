@@ -23,8 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 
+from ..dataset.metadata import json_text
 from . import matching as M
-from .metadata import json_text
 
 __all__ = ["QueryError", "Key", "KEYS", "FindQuery", "build_query", "QueryRun", "LEVELS"]
 
@@ -68,7 +68,7 @@ class Key:
 
 
 def _keys() -> Dict[str, Key]:
-    from .metadata import INSTANCE_KEYWORDS, PATIENT_KEYWORDS, SERIES_KEYWORDS, STUDY_KEYWORDS
+    from ..dataset.metadata import INSTANCE_KEYWORDS, PATIENT_KEYWORDS, SERIES_KEYWORDS, STUDY_KEYWORDS
 
     keys: Dict[str, Key] = {}
     for keywords, level, json_level in (

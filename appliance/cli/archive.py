@@ -21,8 +21,8 @@ from typing import List, Optional
 
 from .. import config as configuration
 from ..archive.archive import Archive, read_object
-from ..archive.deflate import InflateLimits
 from ..archive.eviction import plan, shortfall
+from ..dataset.deflate import InflateLimits
 from ..net.threads import synchronous_runner
 
 __all__ = ["main"]

@@ -16,10 +16,8 @@ from typing import Any, Dict, Optional
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
-from .matching import normalize_name
-
 __all__ = ["PATIENT_KEYWORDS", "STUDY_KEYWORDS", "SERIES_KEYWORDS", "INSTANCE_KEYWORDS", "ObjectMetadata", "extract",
-           "dump_level", "level_tags", "json_text"]
+           "dump_level", "level_tags", "json_text", "normalize_name"]
 
 PATIENT_KEYWORDS = (
     "PatientName",
@@ -115,6 +113,14 @@ class ObjectMetadata:
     study_json: str
     series_json: str
     instance_json: str
+
+
+def normalize_name(name: str) -> str:
+    """A person name without trailing empty components or groups (PS3.5 6.2: they are insignificant)."""
+    groups = [group.rstrip("^ ").strip() for group in name.split("=")]
+    while groups and not groups[-1]:
+        groups.pop()
+    return "=".join(groups)
 
 
 _NUMBER_VRS = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": int, "FL": float, "FD": float}

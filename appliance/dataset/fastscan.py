@@ -56,7 +56,7 @@ from pydicom.filereader import read_dataset
 
 from .. import compat
 from . import metadata as M
-from .matching import normalize_name
+from .metadata import normalize_name
 
 __all__ = ["scan", "Unsupported"]
 
