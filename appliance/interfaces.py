@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IServiceClass", "IDataSetConsumer"]
+__all__ = ["IServiceClass", "IDataSetConsumer", "IObjectSink", "IObjectWriter"]
 
 
 class IDataSetConsumer(Interface):
@@ -49,3 +49,30 @@ class IServiceClass(Interface):
 
     def cancel(request):
         """A C-CANCEL-RQ arrived for ``request`` while it was being served."""
+
+
+class IObjectWriter(Interface):
+    """Takes one received data set for a sink, fragment by fragment, and keeps it or refuses it."""
+
+    def write(data):
+        """The next fragment (bytes) of the data set."""
+
+    def finish():
+        """The data set is complete: a Deferred firing with ``appliance.dataset.checks.Kept`` once it is kept
+        (durably, where the sink promises that), or failing with ``appliance.dataset.checks.Refused``."""
+
+    def abandon(reason):
+        """The data set will not be completed (the association ended, or it was refused meanwhile)."""
+
+
+class IObjectSink(Interface):
+    """Where a C-STORE SCP puts the objects it receives: the archive, or the memory store."""
+
+    limits = Attribute(
+        "appliance.dataset.deflate.InflateLimits: max_object_size for any data set, and how far a deflated one "
+        "may inflate"
+    )
+
+    def open(description, pause, resume):
+        """An :class:`IObjectWriter` for the data set ``description`` (appliance.dataset.checks.ObjectDescription)
+        announces; ``pause()`` and ``resume()`` stop and restart reading from the peer (flow control)."""

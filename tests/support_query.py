@@ -21,10 +21,12 @@ from pydicom.sequence import Sequence as DicomSequence
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from appliance.ae.storage import examine
+from appliance.ae.storage import STATUSES
 from appliance.archive.archive import Archive
 from appliance.archive.eviction import StorageLimits
+from appliance.archive.sink import examine
 from appliance.archive.store import part10_header
+from appliance.dataset.checks import Refused
 from appliance.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLEMENTATION_CLASS_UID
 from appliance.net.threads import synchronous_runner
 
@@ -289,8 +291,8 @@ def fill_charsets(archive: Archive) -> Dict[str, str]:
         try:
             store_bytes(archive, dataset_bytes(item.path), sop_class, sop_instance,
                         str(ds.file_meta.TransferSyntaxUID))
-        except Exception as error:  # examine's refusal: status and comment
-            refused[item.name] = f"{getattr(error, 'status', 0):04X} {error}"
+        except Refused as error:  # examine's refusal: the status the C-STORE SCP answers it with, and why
+            refused[item.name] = f"{STATUSES[error.kind]:04X} {error}"
     return refused
 
 

@@ -9,15 +9,15 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from appliance.ae.storage import examine
 from appliance.archive.archive import Archive, Duplicate, Misfiled, OutOfResources, StoreOutcome, _reconcile
 from appliance.archive.eviction import StorageLimits, plan, shortfall
 from appliance.archive.index import ArchiveIndex
+from appliance.archive.sink import examine
 from appliance.archive.store import part10_header, uid_hash
 from appliance.dicom.uids import IMPLEMENTATION_CLASS_UID
 from appliance.net.threads import synchronous_runner
 
-from .support_data import make_dataset, encode_dataset
+from .support_data import encode_dataset, make_dataset
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -19,9 +19,9 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from appliance import config as configuration
-from appliance.ae.storage import examine
 from appliance.archive.archive import Archive
 from appliance.archive.index import ArchiveIndex
+from appliance.archive.sink import examine
 from appliance.archive.store import part10_header
 from appliance.cli import archive as cli
 from appliance.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLEMENTATION_CLASS_UID

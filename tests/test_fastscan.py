@@ -20,10 +20,10 @@ import warnings
 from pydicom import config, dcmread
 from twisted.trial.unittest import SynchronousTestCase
 
-from appliance.ae import storage
+from appliance.compat import encode_dataset
+from appliance.dataset import checks as storage
 from appliance.dataset import fastscan
 from appliance.dataset.metadata import extract
-from appliance.compat import encode_dataset
 from appliance.dicom.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 
 from .support_data import CHARSET_FILES, CT_IMAGE_STORAGE, TEST_FILES, dataset_offset, make_dataset
@@ -44,7 +44,7 @@ def pydicom_path(data: bytes, transfer_syntax: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds, offset, header = storage._parse_memory(data, 0, transfer_syntax)
+            ds, offset, header = storage.parse_memory(data, 0, transfer_syntax)
             return extract(ds), offset, header
         except Exception as error:  # the refusal storage would send
             return type(error).__name__
@@ -340,7 +340,7 @@ class StructureTests(Differential, SynchronousTestCase):
             data = encode_dataset(ds, syntax)
             self.assertIsNotNone(fastscan.scan(data, 132, syntax))
             fast = storage.inspect_memory(data, 132, CT_IMAGE_STORAGE, "1.2.4.1", syntax)
-            ds_, offset, header = storage._parse_memory(data, 132, syntax)
+            ds_, offset, header = storage.parse_memory(data, 132, syntax)
             slow = storage.inspect(ds_, offset, header, CT_IMAGE_STORAGE, "1.2.4.1", syntax)
             self.assertEqual(fast, slow)
             self.assertIsNotNone(fast[1])
@@ -419,13 +419,13 @@ class StructureTests(Differential, SynchronousTestCase):
     def test_inspect_memory_takes_the_fast_path(self):
         """inspect_memory answers a plain data set without pydicom's parser, and hands the rest to it."""
         calls = []
-        original = storage._parse_memory
+        original = storage.parse_memory
 
         def spy(*args):
             calls.append(args)
             return original(*args)
 
-        self.patch(storage, "_parse_memory", spy)
+        self.patch(storage, "parse_memory", spy)
         ds = make_dataset(sop="1.2.9.1")
         data = encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN)
         metadata, coercion = storage.inspect_memory(data, 0, CT_IMAGE_STORAGE, "1.2.9.1", EXPLICIT_VR_LITTLE_ENDIAN)
@@ -434,7 +434,7 @@ class StructureTests(Differential, SynchronousTestCase):
         data = encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN)
         metadata, _ = storage.inspect_memory(data, 0, CT_IMAGE_STORAGE, "1.2.9.1", EXPLICIT_VR_LITTLE_ENDIAN)
         self.assertEqual((metadata.sop_instance_uid, len(calls)), ("1.2.9.1", 1))
-        with self.assertRaises(storage._Refused):  # the refusal stays pydicom's
+        with self.assertRaises(storage.Refused):  # the refusal stays pydicom's
             storage.inspect_memory(data, 0, CT_IMAGE_STORAGE, "1.2.9.2", EXPLICIT_VR_LITTLE_ENDIAN)
 
 
@@ -634,7 +634,7 @@ class TimingTests(SynchronousTestCase):
             data = encode_dataset(ds, syntax)
 
             def slow():
-                extract(storage._parse_memory(data, 0, syntax)[0])
+                extract(storage.parse_memory(data, 0, syntax)[0])
 
             def fast():
                 fastscan.scan(data, 0, syntax)

@@ -22,8 +22,8 @@ from twisted.trial import unittest
 
 from appliance import config as configuration
 from appliance.ae.listeners import acceptor_factory, disk_server_services
-from appliance.ae.storage import examine
 from appliance.archive.archive import Archive
+from appliance.archive.sink import examine
 from appliance.archive.store import part10_header
 from appliance.dicom.uids import (
     EXPLICIT_VR_BIG_ENDIAN,

@@ -41,8 +41,8 @@ from twisted.logger import Logger
 from twisted.trial import unittest
 
 from appliance import config as configuration
-from appliance.ae import storage as storage_module
 from appliance.ae.listeners import acceptor_factory, disk_server_services, storage_syntaxes
+from appliance.archive import sink as storage_module
 from appliance.archive.archive import Archive
 from appliance.dataset import structure
 from appliance.dataset.deflate import DEFLATED

@@ -42,11 +42,11 @@ from appliance.ae.retrieve import (
     parse_identifier,
     propose_contexts,
 )
-from appliance.ae.storage import examine
 from appliance.ae.verification import VerificationService
 from appliance.archive.archive import Archive
 from appliance.archive.eviction import StorageLimits
 from appliance.archive.index import InstanceRow
+from appliance.archive.sink import examine
 from appliance.archive.store import data_set_offset, part10_header
 from appliance.compat import decode_dataset
 from appliance.compat import encode_dataset as encode_identifier

@@ -15,11 +15,11 @@ except ImportError:  # Twisted < 19.7
     from twisted.test.proto_helpers import StringTransport
 
 from appliance import config as configuration
-from appliance.ae import storage as storage_module
 from appliance.ae.listeners import acceptor_factory, disk_server_services, storage_syntaxes
+from appliance.archive import sink as storage_module
 from appliance.archive.archive import Archive
-from appliance.dataset.deflate import InflateLimits
 from appliance.archive.eviction import StorageLimits
+from appliance.dataset.deflate import InflateLimits
 from appliance.dicom import dimse as D
 from appliance.dicom import pdu as P
 from appliance.dicom.negotiation import propose
@@ -328,7 +328,7 @@ class StreamedObjectTests(SynchronousTestCase):
     def setUp(self):
         self.harness = StorageHarness(self)
         self.calls = []
-        for name in ("inspect_prefix", "examine_sealed"):
+        for name in ("inspect_prefix", "_examine_sealed"):
             original = getattr(storage_module, name)
 
             def recording(*args, _original=original, _name=name):
@@ -357,7 +357,7 @@ class StreamedObjectTests(SynchronousTestCase):
         ds.ImageComments = "x" * (storage_module.CHUNK + 100_000)  # (0020,4000) LT, before the pixel data
         response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.2")
         self.assertEqual(response.Status, 0)
-        self.assertEqual(self.calls, [("inspect_prefix", False), ("examine_sealed", True)])
+        self.assertEqual(self.calls, [("inspect_prefix", False), ("_examine_sealed", True)])
         self.assertEqual(self.harness.archive.index.lookup("1.6.2").sop_uid, "1.6.2")
 
     def test_streamed_coercion(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Dict, Iterable, Optional
 
 from ..archive.archive import Archive, Runner
+from ..archive.sink import ArchiveSink
 from ..config import ApplianceConfig, ListenerConfig
 from ..dicom.negotiation import AcceptorPolicy
 from ..dicom.uids import (
@@ -42,11 +43,8 @@ def disk_server_services(config: ApplianceConfig, archive: Archive, read: Option
     return [
         VerificationService(),
         StorageService(
-            archive,
+            ArchiveSink(archive, config.implementation_class_uid, config.implementation_version_name),
             storage_syntaxes(config.archive.sop_classes),
-            config.implementation_class_uid,
-            config.implementation_version_name,
-            archive.inflate_limits,
         ),
         FindService(
             archive,

@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
-__all__ = ["ObjectStore", "part10_header", "uid_hash", "pixel_data_coercion", "data_set_offset", "open_stored_data_set"]
+__all__ = ["ObjectStore", "part10_header", "uid_hash", "data_set_offset", "open_stored_data_set"]
 
 _TMP = "tmp"
 #: Times installing retries when a concurrent removal pruned the target directory between makedirs and rename.
@@ -114,35 +114,6 @@ def _fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def pixel_data_coercion(handle, pixel_offset: int, big_endian: bool, length: int) -> None:
-    """Rewrite a top-level Pixel Data element from OW to OB in place (explicit VR only).
-
-    ``pixel_offset`` is where the element's tag starts.  In big endian OW
-    holds byte-swapped 16-bit words, so the bytes of each pair are swapped
-    back into plain byte order.
-    """
-    handle.seek(pixel_offset + 4)
-    if handle.read(2) != b"OW":
-        raise ValueError("Pixel Data is not encoded as OW")
-    handle.seek(pixel_offset + 4)
-    handle.write(b"OB")
-    if not big_endian or length in (0, 0xFFFFFFFF):
-        return
-    start = pixel_offset + 12
-    chunk = 1 << 20
-    done = 0
-    while done < length:
-        size = min(chunk, length - done)
-        handle.seek(start + done)
-        data = bytearray(handle.read(size))
-        if len(data) % 2:
-            data = data[:-1]
-        data[0::2], data[1::2] = data[1::2], data[0::2]
-        handle.seek(start + done)
-        handle.write(data)
-        done += len(data) or size
 
 
 @dataclass
