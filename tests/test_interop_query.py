@@ -687,3 +687,81 @@ class DcmqrscpDifferentialTests(unittest.TestCase):
         """Issue 8: studies of one Patient ID under different names are matched and answered as dcmqrscp does,
         each with its own objects' name and birth date."""
         await self.compare(conflict_corpus(), fill_conflicts, CONFLICT_QUERIES)
+
+
+class RequestorFindMoveTests(unittest.TestCase):
+    """The requestor's find() and move() (what the Memory-Manager and the web pages use) against the Disk-Server,
+    with connect_device() and Message IDs unique across the associations of one AE."""
+
+    timeout = 60
+
+    def device(self, port: int, **extra):
+        table = {"ae_title": "DISK_SERVER", "host": "127.0.0.1", "port": port, "timeout": 10}
+        table.update(extra)
+        return configuration.parse({"devices": {"archive": table}}, "/x.toml").devices["archive"]
+
+    async def open(self, server: QueryServer, message_ids=None):
+        from appliance.dicom.uids import STUDY_ROOT_MOVE, UNCOMPRESSED_TRANSFER_SYNTAXES
+
+        return await requestor.connect_device(
+            reactor, self.device(server.port), "FINDER",
+            [(STUDY_ROOT_FIND, UNCOMPRESSED_TRANSFER_SYNTAXES), (STUDY_ROOT_MOVE, UNCOMPRESSED_TRANSFER_SYNTAXES)],
+            implementation_class_uid=IMPLEMENTATION_CLASS_UID, implementation_version_name="TESTS",
+            message_ids=message_ids)
+
+    @deferred_test
+    async def test_find_move_and_message_ids(self):
+        server = QueryServer(self, fill_corpus)
+        ids = requestor.MessageIds()
+        first, second = await self.open(server, ids), await self.open(server, ids)
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.PatientName = "Doe*"
+        query.AccessionNumber = ""
+        stream = first.find(query)
+        responses = [response async for response in stream]
+        self.assertEqual([r.status for r in responses], [0xFF00] * 4 + [0x0000])
+        self.assertEqual(responses[0].command.MessageIDBeingRespondedTo, 1)
+        move = Dataset()
+        move.QueryRetrieveLevel = "STUDY"
+        move.StudyInstanceUID = study_uid(0)
+        final = await second.move(move, "NOWHERE").final()
+        self.assertEqual((final.status, final.command.MessageIDBeingRespondedTo), (0xA801, 2))
+        self.assertEqual((await first.find(query).final()).command.MessageIDBeingRespondedTo, 3)
+        await first.release()
+        await second.release()
+
+    @deferred_test
+    async def test_find_cancelled(self):
+        server = QueryServer(self, fill_many)
+        association = await self.open(server)
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = f"{ROOT}.99"
+        query.SeriesInstanceUID = f"{ROOT}.99.1"
+        query.SOPInstanceUID = ""
+        stream = association.find(query)
+        statuses = []
+        try:
+            async for response in stream:
+                statuses.append(response.status)
+                if len(statuses) == 1:
+                    stream.cancel()
+        finally:
+            await association.release()
+        # the cancel races the last batches: either it stopped the query, or every match was sent before it came
+        if statuses[-1] == 0xFE00:
+            self.assertLess(len(statuses), 151)
+        else:
+            self.assertEqual((statuses[-1], len(statuses)), (0x0000, 151))
+        self.assertEqual(set(statuses[:-1]), {0xFF00})
+
+    @deferred_test
+    async def test_device_with_tls_but_no_context(self):
+        import dataclasses
+
+        device = dataclasses.replace(self.device(1), tls=configuration.TLSConfig())  # tls = true, no context built
+        with self.assertRaises(requestor.AssociationError) as raised:
+            await requestor.connect_device(reactor, device, "FINDER", implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                                           implementation_version_name="TESTS")
+        self.assertIn("no TLS context for device 'archive'", str(raised.exception))

@@ -1070,3 +1070,13 @@ def capture_log_events(testcase):
     from .support import capture_log
 
     return capture_log(testcase, "info")
+
+
+class MessageIdsTests(unittest.TestCase):
+    def test_unique_then_wrapping(self):
+        from appliance.net.requestor import MessageIds
+
+        ids = MessageIds()
+        self.assertEqual([ids(), ids(), ids()], [1, 2, 3])
+        ids._next = 0xFFFF
+        self.assertEqual([ids(), ids()], [0xFFFF, 1])

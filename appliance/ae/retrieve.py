@@ -76,7 +76,7 @@ from ..dicom.uids import (
 from ..interfaces import IServiceClass
 from ..logs import logger
 from ..net import requestor
-from ..net.protocol import BufferedDataSet, Timeouts
+from ..net.protocol import BufferedDataSet
 
 __all__ = [
     "RetrieveService",
@@ -455,6 +455,8 @@ class RetrieveService:
         self.pending_every = pending_every
         self.abstract_syntaxes: Mapping[str, Tuple[str, ...]] = {STUDY_ROOT_MOVE: UNCOMPRESSED_TRANSFER_SYNTAXES}
         self._moves: Dict[int, _Move] = {}
+        #: the Disk-Server's Message IDs as requestor, unique across its sub-associations
+        self.message_ids = requestor.MessageIds()
 
     # --- IServiceClass ---
 
@@ -518,24 +520,19 @@ class RetrieveService:
         if move.cancelled or not self._still_wanted(move):
             self._finish(move, S.CANCEL, None if move.cancelled else "the C-MOVE association ended")
             return
-        timeouts = Timeouts(artim=device.timeout, association=device.timeout, dimse=device.timeout, idle=None)
         where = f"{device.ae_title} at {device.host}:{device.port}"
-        options = {}
-        if device.tls is not None:
-            if self.tls is None or device.name not in self.tls.clients:
-                self._fail_all(move, move.rows)
-                _log.error("C-MOVE to {where}: [devices.{name}] has tls = true but no TLS context was built",
-                           where=where, name=device.name)
-                self._finish(move, UNABLE_TO_PROCESS, f"no TLS context for {device.ae_title}")
-                return
-            options["endpoint"] = self.tls.client_endpoint(self.reactor, device, device.timeout)
+        if device.tls is not None and (self.tls is None or device.name not in self.tls.clients):
+            self._fail_all(move, move.rows)
+            _log.error("C-MOVE to {where}: [devices.{name}] has tls = true but no TLS context was built",
+                       where=where, name=device.name)
+            self._finish(move, UNABLE_TO_PROCESS, f"no TLS context for {device.ae_title}")
+            return
         try:
-            association = await self.connect(
-                device.host, device.port, self.ae_title, device.ae_title, propose_contexts(move.rows),
-                max_pdu=device.max_pdu, timeouts=timeouts,
+            association = await requestor.connect_device(
+                self.reactor, device, self.ae_title, propose_contexts(move.rows),
                 implementation_class_uid=self.implementation_class_uid,
                 implementation_version_name=self.implementation_version_name,
-                **options,
+                tls=self.tls, message_ids=self.message_ids, opener=self.connect,
             )
         except requestor.AssociationError as error:
             self._fail_all(move, move.rows)

@@ -19,7 +19,6 @@ from typing import List, Optional
 from .. import config as configuration
 from ..dicom import status as S
 from ..net import requestor
-from ..net.protocol import Timeouts
 from ..net.tls import TLSContexts
 
 EXIT_OK, EXIT_CONFIG, EXIT_CONNECT, EXIT_REJECTED, EXIT_TIMEOUT, EXIT_ABORTED, EXIT_STATUS = 0, 2, 3, 4, 5, 6, 7
@@ -27,23 +26,13 @@ EXIT_OK, EXIT_CONFIG, EXIT_CONNECT, EXIT_REJECTED, EXIT_TIMEOUT, EXIT_ABORTED, E
 
 async def echo(reactor, config: configuration.ApplianceConfig, device: configuration.DeviceConfig,
                contexts: Optional[TLSContexts] = None) -> int:
-    timeouts = Timeouts(artim=device.timeout, association=device.timeout, dimse=device.timeout, idle=None)
-    endpoint = None
-    if device.tls is not None:
-        if contexts is None:
-            contexts = TLSContexts(config, listeners=False, devices=[device.name])
-        endpoint = contexts.client_endpoint(reactor, device, device.timeout)
-    association = await requestor.connect(
-        reactor,
-        device.host,
-        device.port,
-        config.ae_title,
-        device.ae_title,
-        max_pdu=device.max_pdu,
-        timeouts=timeouts,
+    if device.tls is not None and contexts is None:
+        contexts = TLSContexts(config, listeners=False, devices=[device.name])
+    association = await requestor.connect_device(
+        reactor, device, config.ae_title,
         implementation_class_uid=config.implementation_class_uid,
         implementation_version_name=config.implementation_version_name,
-        endpoint=endpoint,
+        tls=contexts,
     )
     if association.negotiated.context_for(requestor.VERIFICATION) is None:
         association.abort("no Verification context accepted")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Optional, Sequence, Tuple
+from functools import partial
+from typing import Any, Callable, Deque, Optional, Sequence, Tuple
 
 from twisted.internet import defer, error as net_error
 from twisted.internet.endpoints import HostnameEndpoint
@@ -24,7 +25,8 @@ from ..dicom import status as S
 from ..dicom import ul
 from ..dicom.negotiation import Negotiated, describe_rejection, negotiate_as_requestor, propose
 from ..dicom.provider import command_name
-from ..dicom.uids import UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATION
+from ..compat import encode_dataset
+from ..dicom.uids import STUDY_ROOT_FIND, STUDY_ROOT_MOVE, UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATION
 from .protocol import BufferedDataSet, DicomProtocol, Timeouts
 
 __all__ = [
@@ -37,7 +39,9 @@ __all__ = [
     "ResponseStream",
     "Association",
     "RequestorProtocol",
+    "MessageIds",
     "connect",
+    "connect_device",
 ]
 
 
@@ -149,12 +153,30 @@ class ResponseStream:
         return last
 
 
+class MessageIds:
+    """Message IDs for the requests of one AE, unique across all its associations (1 to 65535, then again).
+
+    C-STORE sub-operations name the C-MOVE that caused them by Move
+    Originator AE Title and Message ID (0000,1030)/(0000,1031): an AE with
+    several moves at once tells them apart only if no two of its requests
+    share an ID.
+    """
+
+    def __init__(self) -> None:
+        self._next = 1
+
+    def __call__(self) -> int:
+        message_id = self._next
+        self._next = message_id % 0xFFFF + 1
+        return message_id
+
+
 class Association:
     """An established association, as seen by SCU code."""
 
-    def __init__(self, protocol: "RequestorProtocol") -> None:
+    def __init__(self, protocol: "RequestorProtocol", message_ids: Optional[MessageIds] = None) -> None:
         self._protocol = protocol
-        self._next_message_id = 1
+        self._message_ids = message_ids if message_ids is not None else MessageIds()
 
     @property
     def negotiated(self) -> Negotiated:
@@ -203,8 +225,7 @@ class Association:
             raise AssociationError(f"the association is not open ({self._protocol.record.outcome})")
         if self._protocol.outstanding is not None:
             raise AssociationError("one request is outstanding already (no asynchronous operations)")
-        message_id = self._next_message_id
-        self._next_message_id = message_id % 0xFFFF + 1
+        message_id = self._message_ids()
         command.MessageID = message_id
         stream = ResponseStream(self, message_id, command.CommandField or 0)
         self._protocol.outstanding = stream
@@ -215,6 +236,32 @@ class Association:
         command = D.Command(CommandField=D.CommandField.C_ECHO_RQ, AffectedSOPClassUID=VERIFICATION)
         stream = self.request(VERIFICATION, command)
         return defer.ensureDeferred(stream.final()).addCallback(lambda response: response.status)
+
+    def _identifier(self, abstract_syntax: str, identifier) -> Tuple[bytes, str]:
+        """An identifier (a pydicom Dataset, or bytes already encoded) as bytes in the transfer syntax of the
+        first context accepted for ``abstract_syntax``."""
+        context = self.negotiated.context_for(abstract_syntax)
+        if context is None:
+            raise AssociationError(f"no accepted presentation context for {abstract_syntax}")
+        if isinstance(identifier, (bytes, bytearray)):
+            return bytes(identifier), context.transfer_syntax
+        return encode_dataset(identifier, context.transfer_syntax), context.transfer_syntax
+
+    def find(self, identifier, sop_class: str = STUDY_ROOT_FIND, priority: int = 0) -> ResponseStream:
+        """C-FIND: a stream of the pending responses (each with its identifier) and the final one;
+        ``stream.cancel()`` sends C-CANCEL.  The identifiers are in the context's transfer syntax."""
+        data, syntax = self._identifier(sop_class, identifier)
+        command = D.Command(CommandField=D.CommandField.C_FIND_RQ, AffectedSOPClassUID=sop_class, Priority=priority)
+        return self.request(sop_class, command, data, syntax)
+
+    def move(self, identifier, destination: str, sop_class: str = STUDY_ROOT_MOVE,
+             priority: int = 0) -> ResponseStream:
+        """C-MOVE to the AE titled ``destination``: a stream of the pending responses (with their counts) and the
+        final one; ``stream.cancel()`` sends C-CANCEL."""
+        data, syntax = self._identifier(sop_class, identifier)
+        command = D.Command(CommandField=D.CommandField.C_MOVE_RQ, AffectedSOPClassUID=sop_class, Priority=priority,
+                            MoveDestination=destination)
+        return self.request(sop_class, command, data, syntax)
 
     def cancel(self, message_id: int) -> None:
         stream = self._protocol.outstanding
@@ -252,9 +299,11 @@ class RequestorProtocol(DicomProtocol):
 
     role = ul.Role.REQUESTOR
 
-    def __init__(self, clock: IReactorTime, timeouts: Timeouts, request: P.AssociateRQ, max_pdu: int) -> None:
+    def __init__(self, clock: IReactorTime, timeouts: Timeouts, request: P.AssociateRQ, max_pdu: int,
+                 message_ids: Optional[MessageIds] = None) -> None:
         super().__init__(clock, timeouts, max_pdu)
         self.request = request
+        self.message_ids = message_ids
         self.established: defer.Deferred = defer.Deferred()
         self.closed: defer.Deferred = defer.Deferred()
         self.association: Optional[Association] = None
@@ -282,7 +331,7 @@ class RequestorProtocol(DicomProtocol):
             self.negotiated = negotiate_as_requestor(self.request, output.response)
             self.record.note_contexts(self.negotiated.contexts)
             self.record.outcome = "aborted before release"
-            self.association = Association(self)
+            self.association = Association(self, self.message_ids)
             self._touch_idle()
             self._fire(self.established, self.association)
         elif kind is ul.AssociateRejected:
@@ -451,14 +500,16 @@ def connect(
     implementation_class_uid: str,
     implementation_version_name: Optional[str],
     endpoint=None,
+    message_ids: Optional[MessageIds] = None,
 ) -> defer.Deferred:
     """Open an association; fires with an :class:`Association` or fails with an :class:`AssociationError`.
 
-    ``endpoint`` replaces the plain TCP endpoint (TLS, or a test's in-memory one).
+    ``endpoint`` replaces the plain TCP endpoint (TLS, or a test's in-memory one); ``message_ids`` is the
+    calling AE's source of Message IDs (a fresh one by default).
     """
     request = propose(calling_ae_title, called_ae_title, contexts, max_pdu, implementation_class_uid,
                       implementation_version_name)
-    protocol = RequestorProtocol(reactor, timeouts, request, max_pdu)
+    protocol = RequestorProtocol(reactor, timeouts, request, max_pdu, message_ids)
     if endpoint is None:
         endpoint = HostnameEndpoint(reactor, host, port, timeout=timeouts.association)
     connecting = endpoint.connect(_RequestorFactory(protocol))
@@ -486,6 +537,39 @@ def connect(
         return result
 
     return connecting.addCallback(connected).addBoth(stop_timer)
+
+
+def connect_device(
+    reactor,
+    device,
+    calling_ae_title: str,
+    contexts: Sequence[Tuple[str, Sequence[str]]] = ((VERIFICATION, UNCOMPRESSED_TRANSFER_SYNTAXES),),
+    *,
+    implementation_class_uid: str,
+    implementation_version_name: Optional[str],
+    tls=None,
+    message_ids: Optional[MessageIds] = None,
+    opener: Optional[Callable[..., defer.Deferred]] = None,
+) -> defer.Deferred:
+    """An association to a configured device (appliance.config.DeviceConfig): its address, maximum PDU and
+    timeout, over TLS when it says ``tls = true`` (``tls``: the TLSContexts holding its context; its
+    certificate verified against ca_certificates and its host), calling as ``calling_ae_title``.
+
+    ``opener`` replaces :func:`connect` without its reactor (a test's); the rest is passed on to it.
+    """
+    timeouts = Timeouts(artim=device.timeout, association=device.timeout, dimse=device.timeout, idle=None)
+    options = {}
+    if device.tls is not None:
+        if tls is None or device.name not in tls.clients:
+            return defer.fail(AssociationError(f"no TLS context for device {device.name!r} ({device.ae_title})"))
+        options["endpoint"] = tls.client_endpoint(reactor, device, device.timeout)
+    if message_ids is not None:
+        options["message_ids"] = message_ids
+    if opener is None:
+        opener = partial(connect, reactor)
+    return opener(device.host, device.port, calling_ae_title, device.ae_title, contexts, max_pdu=device.max_pdu,
+                  timeouts=timeouts, implementation_class_uid=implementation_class_uid,
+                  implementation_version_name=implementation_version_name, **options)
 
 
 def _association_timeout(protocol: RequestorProtocol, connecting: defer.Deferred, where: str, timeouts: Timeouts) -> None:
