@@ -8,9 +8,9 @@ runners (tests/support_query.py): the generated corpus (9 studies of 5 patients,
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Dict, List, NamedTuple, Optional, Sequence as Seq
+from typing import Dict, List, NamedTuple, Optional
+from typing import Sequence as Seq
 
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
@@ -21,11 +21,6 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-try:
-    from twisted.internet.testing import StringTransport
-except ImportError:  # Twisted < 19.7
-    from twisted.test.proto_helpers import StringTransport
-
 from appliance import config as configuration
 from appliance.ae.listeners import acceptor_factory, disk_server_services
 from appliance.ae.query import BATCH, find_extended_negotiation, response_character_set
@@ -33,11 +28,9 @@ from appliance.archive import query as query_module
 from appliance.archive.query import QueryError, QueryRun, build_query
 from appliance.dicom import dimse as D
 from appliance.dicom import pdu as P
-from appliance.dicom.negotiation import propose
 from appliance.dicom.uids import (
     EXPLICIT_VR_BIG_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
-    IMPLEMENTATION_CLASS_UID,
     IMPLICIT_VR_LITTLE_ENDIAN,
     STUDY_ROOT_FIND,
 )
@@ -58,6 +51,7 @@ from .support_query import (
     store_dataset,
     study_uid,
 )
+from .support_scu import MemorySCU
 
 MAX_PDU = 16384
 PENDING, PENDING_WARNING, SUCCESS, CANCEL = 0xFF00, 0xFF01, 0x0000, 0xFE00
@@ -162,68 +156,32 @@ class FindHarness:
     def associate(self, transfer_syntax: str = EXPLICIT_VR_LITTLE_ENDIAN, extended: Optional[bytes] = None):
         """Open an association proposing Study Root FIND (with SOP class extended negotiation
         ``extended`` if given); returns the A-ASSOCIATE-AC."""
-        self.protocol = self.factory.buildProtocol(None)
-        self.transport = StringTransport()
-        self.protocol.makeConnection(self.transport)
-        request = propose("FINDSCU", "DISK_SERVER", [(STUDY_ROOT_FIND, (transfer_syntax,))], MAX_PDU,
-                          IMPLEMENTATION_CLASS_UID, "TESTS")
-        if extended is not None:
-            info = dataclasses.replace(request.user_information,
-                                       sop_class_extended=(P.SOPClassExtended(STUDY_ROOT_FIND, extended),))
-            request = dataclasses.replace(request, user_information=info)
-        self.protocol.dataReceived(request.encode())
-        accept = P.decode_pdu(self.transport.value())
-        self.transport.clear()
-        self.test.assertIsInstance(accept, P.AssociateAC)
+        self.scu = MemorySCU(self.test, self.factory, calling="FINDSCU", max_pdu=MAX_PDU)
+        items = () if extended is None else (P.SOPClassExtended(STUDY_ROOT_FIND, extended),)
+        accept = self.scu.associate([(STUDY_ROOT_FIND, (transfer_syntax,))], items)
+        self.protocol, self.transport = self.scu.protocol, self.scu.transport
         self.test.assertEqual(accept.presentation_contexts[0].result, 0)
         self.transfer_syntax = transfer_syntax
-        self.framer = P.PDUFramer(1 << 24)
-        self.assembler = D.MessageAssembler()
-        self._command: Optional[D.Command] = None
-        self._data = bytearray()
         return accept
 
     def send_find(self, ds: Dataset, data: Optional[bytes] = None) -> int:
         """Send a C-FIND-RQ with ``ds`` (or raw ``data``) as identifier; returns its Message ID."""
         self.message_id += 1
         command = D.Command(CommandField=D.CommandField.C_FIND_RQ, MessageID=self.message_id, Priority=0,
-                            AffectedSOPClassUID=STUDY_ROOT_FIND, CommandDataSetType=0)
-        if data is None:
-            data = encode_dataset(ds, self.transfer_syntax)
-        for encoded in D.fragment(1, True, command.encode(), MAX_PDU):
-            self.protocol.dataReceived(encoded)
-        for encoded in D.fragment(1, False, data, MAX_PDU):
-            self.protocol.dataReceived(encoded)
+                            AffectedSOPClassUID=STUDY_ROOT_FIND)
+        self.scu.send(command, encode_dataset(ds, self.transfer_syntax) if data is None else data)
         return self.message_id
 
     def send_cancel(self, message_id: int) -> None:
-        command = D.Command(CommandField=D.CommandField.C_CANCEL_RQ, MessageIDBeingRespondedTo=message_id,
-                            CommandDataSetType=D.NO_DATA_SET)
-        for encoded in D.fragment(1, True, command.encode(), MAX_PDU):
-            self.protocol.dataReceived(encoded)
+        self.scu.send(D.Command(CommandField=D.CommandField.C_CANCEL_RQ, MessageIDBeingRespondedTo=message_id))
 
     def responses(self) -> List[Response]:
         """The responses written since the last call, decoded."""
-        self.framer.feed(self.transport.value())
-        self.transport.clear()
         found = []
-        while True:
-            raw = self.framer.next_pdu()
-            if raw is None:
-                break
-            pdu = P.decode_pdu(raw)
-            self.test.assertIsInstance(pdu, P.PDataTF, "the association sent something else than P-DATA")
-            for event in self.assembler.receive(pdu.pdvs):
-                if isinstance(event, D.CommandReceived):
-                    self._command = event.command
-                    self.test.assertEqual(event.command.CommandField, D.CommandField.C_FIND_RSP)
-                    if not event.command.has_data_set:
-                        found.append(Response(event.command, None, None))
-                else:
-                    self._data += event.data
-                    if event.is_last:
-                        data, self._data = bytes(self._data), bytearray()
-                        found.append(Response(self._command, decode_identifier(data, self.transfer_syntax), data))
+        for message in self.scu.messages():
+            self.test.assertEqual(message.command.CommandField, D.CommandField.C_FIND_RSP)
+            identifier = None if message.data is None else decode_identifier(message.data, self.transfer_syntax)
+            found.append(Response(message.command, identifier, message.data))
         return found
 
     def find(self, ds: Dataset) -> List[Response]:

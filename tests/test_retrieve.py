@@ -67,7 +67,8 @@ from appliance.net.protocol import SEND_BLOCK, AcceptorFactory, BufferedDataSet,
 from appliance.net.threads import synchronous_runner
 
 from .support_data import CT_IMAGE_STORAGE, SECONDARY_CAPTURE, dataset_bytes, encode_dataset, make_dataset
-from .test_protocol import decode_messages, message_pdus
+from .support_scu import MemorySCU
+from .test_protocol import message_pdus
 
 ILE, ELE, EBE = IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -230,17 +231,11 @@ class MoveHarness:
     # --- the C-MOVE ---
 
     def associate(self, transfer_syntax: str = ELE):
-        protocol = self.factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        request = propose("MOVESCU", "DISK_SERVER", [(STUDY_ROOT_MOVE, (transfer_syntax,))], MAX_PDU,
-                          IMPLEMENTATION_CLASS_UID, "T")
-        protocol.dataReceived(request.encode())
-        accept = P.decode_pdu(transport.value())
+        self.scu = MemorySCU(self.test, self.factory, calling="MOVESCU", max_pdu=MAX_PDU)
+        accept = self.scu.associate([(STUDY_ROOT_MOVE, (transfer_syntax,))])
         self.test.assertEqual(accept.presentation_contexts[0].result, 0)
-        transport.clear()
-        self.protocol, self.transport = protocol, transport
-        return protocol, transport
+        self.protocol, self.transport = self.scu.protocol, self.scu.transport
+        return self.protocol, self.transport
 
     def send_move(self, ident, destination: str = "DEST", transfer_syntax: str = ELE, message_id: int = 7):
         """Send a C-MOVE-RQ (``ident`` a Dataset, or raw bytes) on a new association; does not pump."""
@@ -248,7 +243,7 @@ class MoveHarness:
         data = ident if isinstance(ident, bytes) else encode_identifier(ident, transfer_syntax)
         command = D.Command(CommandField=D.CommandField.C_MOVE_RQ, MessageID=message_id, Priority=0,
                             AffectedSOPClassUID=STUDY_ROOT_MOVE, MoveDestination=destination)
-        self.protocol.dataReceived(message_pdus(1, command, data))
+        self.scu.send(command, data)
 
     def settle(self, limit: int = 100000):
         """Pump the sub-association until nothing moves (bounded)."""
@@ -262,17 +257,12 @@ class MoveHarness:
 
     def release(self):
         """Release the C-MOVE association (A-RELEASE-RQ, RP, close)."""
-        self.transport.clear()
-        self.protocol.dataReceived(bytes((0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0)))
-        self.test.assertEqual(self.transport.value(), bytes((0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0)))
-        self.protocol.connectionLost(None)
+        self.scu.release()
 
     def responses(self, transfer_syntax: str = ELE):
-        """(Command, identifier Dataset or None) of every C-MOVE response written so far."""
-        found = []
-        for context_id, command, data in decode_messages(self.transport.value()):
-            found.append((command, None if data is None else decode_dataset(data, transfer_syntax)))
-        return found
+        """(Command, identifier Dataset or None) of every C-MOVE response written since the last call."""
+        return [(m.command, None if m.data is None else decode_dataset(m.data, transfer_syntax))
+                for m in self.scu.messages()]
 
     def move(self, ident, destination: str = "DEST", transfer_syntax: str = ELE, message_id: int = 7):
         """C-MOVE and pump to the end; returns the responses (the last one final)."""

@@ -9,11 +9,6 @@ from pydicom import dcmread
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-try:
-    from twisted.internet.testing import StringTransport
-except ImportError:  # Twisted < 19.7
-    from twisted.test.proto_helpers import StringTransport
-
 from appliance import config as configuration
 from appliance.ae.listeners import acceptor_factory, disk_server_services, storage_syntaxes
 from appliance.archive import sink as storage_module
@@ -21,18 +16,16 @@ from appliance.archive.archive import Archive
 from appliance.archive.eviction import StorageLimits
 from appliance.dataset.deflate import InflateLimits
 from appliance.dicom import dimse as D
-from appliance.dicom import pdu as P
-from appliance.dicom.negotiation import propose
 from appliance.dicom.uids import (
     CONFORMANCE_STORAGE_CLASSES,
     EXPLICIT_VR_BIG_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
-    IMPLEMENTATION_CLASS_UID,
     IMPLICIT_VR_LITTLE_ENDIAN,
 )
 from appliance.net.threads import synchronous_runner
 
 from .support_data import CT_IMAGE_STORAGE, encode_dataset, make_dataset
+from .support_scu import MemorySCU
 
 MAX_PDU = 16384
 
@@ -58,32 +51,21 @@ class StorageHarness:
         self.message_id = 0
 
     def associate(self, contexts):
-        protocol = self.factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        request = propose("MODALITY", "DISK_SERVER", contexts, MAX_PDU, IMPLEMENTATION_CLASS_UID, "T")
-        protocol.dataReceived(request.encode())
-        accept = P.decode_pdu(transport.value())
-        transport.clear()
-        return protocol, transport, accept
+        """A new association proposing ``contexts``: (protocol, transport, A-ASSOCIATE-AC)."""
+        self.scu = MemorySCU(self.test, self.factory, calling="MODALITY")
+        accept = self.scu.associate(contexts)
+        return self.scu.protocol, self.scu.transport, accept
 
     def store(self, ds_bytes, sop_class, sop_uid, transfer_syntax=EXPLICIT_VR_LITTLE_ENDIAN, protocol=None):
-        """C-STORE one data set; returns the response command."""
+        """C-STORE one data set (on a new association unless ``protocol``); returns the response command."""
         if protocol is None:
-            protocol, transport, accept = self.associate([(sop_class, (transfer_syntax,))])
+            _, _, accept = self.associate([(sop_class, (transfer_syntax,))])
             self.test.assertEqual(accept.presentation_contexts[0].result, 0)
-            self._current = (protocol, transport)
-        protocol, transport = self._current
         self.message_id += 1
         command = D.Command(CommandField=D.CommandField.C_STORE_RQ, MessageID=self.message_id, Priority=0,
-                            AffectedSOPClassUID=sop_class, AffectedSOPInstanceUID=sop_uid, CommandDataSetType=0)
-        for encoded in D.fragment(1, True, command.encode(), MAX_PDU):
-            protocol.dataReceived(encoded)
-        for encoded in D.fragment(1, False, ds_bytes, MAX_PDU):
-            protocol.dataReceived(encoded)
-        response = P.decode_pdu(transport.value())
-        transport.clear()
-        return D.Command.decode(response.pdvs[0].data)
+                            AffectedSOPClassUID=sop_class, AffectedSOPInstanceUID=sop_uid)
+        (response,) = self.scu.request(command, ds_bytes)
+        return response.command
 
 
 class StoreStatusTests(SynchronousTestCase):

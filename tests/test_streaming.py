@@ -21,6 +21,8 @@ from appliance.interfaces import IDataSetConsumer, IServiceClass
 from appliance.net.protocol import AcceptorFactory, Timeouts
 from appliance.net.requestor import RequestorProtocol
 
+from .support_scu import MemorySCU
+
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MAX_PDU = 4096
 
@@ -94,13 +96,9 @@ class AcceptorStreamingTests(SynchronousTestCase):
             implementation_version_name="TEST",
         )
         self.factory = AcceptorFactory(policy, {CT: self.service}, self.clock, Timeouts(), 4)
-        self.protocol = self.factory.buildProtocol(None)
-        self.transport = StringTransport()
-        self.protocol.makeConnection(self.transport)
-        request = propose("SCU", "DISK_SERVER", [(CT, (EXPLICIT_VR_LITTLE_ENDIAN,))], MAX_PDU,
-                          IMPLEMENTATION_CLASS_UID, "TEST")
-        self.protocol.dataReceived(request.encode())
-        self.transport.clear()
+        scu = MemorySCU(self, self.factory, max_pdu=MAX_PDU)
+        scu.associate([(CT, (EXPLICIT_VR_LITTLE_ENDIAN,))])
+        self.protocol, self.transport = scu.protocol, scu.transport
 
     def test_large_data_set_reaches_consumer_in_bounded_fragments(self):
         """A 3 MB data set arrives as fragments no larger than one PDU; the framer never holds more than one PDU."""
