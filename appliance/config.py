@@ -179,6 +179,19 @@ class ArchiveConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """The Memory-Server's store ([memory_server] keys)."""
+
+    sop_classes: str = "all"
+    #: bytes of objects held at most (data sets plus a fixed allowance each)
+    memory_limit: int = 1 << 30
+    #: seconds a study may stay unused before it is dropped; None: until freed or dropped for room
+    retention: Optional[float] = None
+    #: keep objects no load asked for (a C-STORE another SCU sends)
+    accept_unsolicited: bool = True
+
+
+@dataclass(frozen=True)
 class ApplianceConfig:
     path: str
     data_dir: str
@@ -188,6 +201,7 @@ class ApplianceConfig:
     #: every listening AE's configuration, by section name, in the order of :data:`LISTENERS`
     listeners: Mapping[str, ListenerConfig]
     archive: ArchiveConfig
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     devices: Mapping[str, DeviceConfig] = field(default_factory=dict)
     #: the [tls] section as written (listeners and devices hold their merged settings)
     tls: TLSConfig = field(default_factory=TLSConfig)
@@ -317,6 +331,27 @@ def _ratio(value: Any) -> float:
     return float(value)
 
 
+_DURATION_UNITS = {"s": 1, "sec": 1, "second": 1, "seconds": 1, "min": 60, "minute": 60, "minutes": 60,
+                   "h": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400, "days": 86400}
+
+
+def _duration(value: Any) -> float:
+    """A duration: a number of seconds, or a string such as "30 min", "8 h" or "2 d"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    if isinstance(value, str):
+        number = value.strip().rstrip("abcdefghijklmnopqrstuvwxyz").strip()
+        unit = value.strip()[len(number):].strip().lower()
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = 0.0
+        if amount > 0 and unit in _DURATION_UNITS:
+            return amount * _DURATION_UNITS[unit]
+    raise ValueError(f"must be a number of seconds above 0 or a string like \"8 h\" (units s, min, h, d), "
+                     f"not {value!r}")
+
+
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"must be true or false, not {value!r}")
@@ -382,6 +417,16 @@ class _Section:
             )
 
 
+def _memory(section: "_Section", data_dir: str) -> MemoryConfig:
+    """The storage keys of [memory_server]."""
+    return MemoryConfig(
+        sop_classes=section.get("sop_classes", _choice("all", "conformance"), "all"),
+        memory_limit=section.get("memory_limit", _at_least(1 << 20, byte_size), 1 << 30),
+        retention=section.get("retention", _duration, None),
+        accept_unsolicited=section.get("accept_unsolicited", _boolean, True),
+    )
+
+
 def _archive(section: "_Section", data_dir: str) -> ArchiveConfig:
     """The storage keys of [disk_server]."""
     return ArchiveConfig(
@@ -419,7 +464,7 @@ class ListenerSpec:
 #: composition root (appliance/tap.py) read.  A new listener is an entry here and a builder there.
 LISTENERS: Tuple[ListenerSpec, ...] = (
     ListenerSpec("disk_server", "Disk-Server", "DISK_SERVER", 11112, 2762, extra=_archive),
-    ListenerSpec("memory_server", "Memory-Server", "MEMORY_SERVER", 11113, 2763),
+    ListenerSpec("memory_server", "Memory-Server", "MEMORY_SERVER", 11113, 2763, extra=_memory),
 )
 _SPECS = {spec.section: spec for spec in LISTENERS}
 
@@ -651,8 +696,8 @@ def parse(data: Mapping[str, Any], path: str) -> ApplianceConfig:
         raise ConfigError(path, "[devices]", "must be a table of [devices.NAME] tables")
     devices = {name: _device(path, name, table, tls=tls, base=base) for name, table in devices_table.items()}
     _check_port_conflicts(path, list(listeners.items()))
-    return ApplianceConfig(listeners=listeners, archive=extras["disk_server"], devices=devices, tls=tls,
-                           **config_values)
+    return ApplianceConfig(listeners=listeners, archive=extras["disk_server"], memory=extras["memory_server"],
+                           devices=devices, tls=tls, **config_values)
 
 
 def load(path: str) -> ApplianceConfig:

@@ -26,6 +26,7 @@ from . import logs
 from .ae.listeners import acceptor_factory, disk_server_services, memory_server_services
 from .archive.archive import Archive
 from .dataset.deflate import InflateLimits
+from .memory.store import MemoryStore
 from .net import tls
 from .net.threads import ThreadPoolService
 
@@ -113,6 +114,40 @@ class ArchiveService(Service):
         self.archive.close()
 
 
+class MemoryService(Service):
+    """Drops the memory store's studies past their retention while nothing arrives, and says what it holds."""
+
+    _log = logs.logger("appliance.memory")
+
+    def __init__(self, store: MemoryStore, clock, interval: float = 60.0) -> None:
+        self.store = store
+        self.clock = clock
+        self.interval = interval
+        self._call = None
+        self.setName("memory")
+
+    def startService(self) -> None:
+        super().startService()
+        retention = "none" if self.store.retention is None else f"{self.store.retention:g} s"
+        self._log.info("memory store: memory_limit {limit} bytes, retention {retention}", limit=self.store.limit,
+                       retention=retention)
+        if self.store.retention is not None:
+            self._call = self.clock.callLater(self._interval(), self._expire)
+
+    def _interval(self) -> float:
+        return min(self.interval, max(self.store.retention / 10, 1.0))
+
+    def _expire(self) -> None:
+        self.store.expire()
+        self._call = self.clock.callLater(self._interval(), self._expire)
+
+    def stopService(self):
+        super().stopService()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
 def _bound_ports(config: configuration.ApplianceConfig) -> List[Tuple[str, str, str, int]]:
     """(section, key, interface, port) of every listening port to bind: plain and TLS."""
     ports = []
@@ -164,7 +199,8 @@ def makeService(options, reactor=None) -> MultiService:
     io = ThreadPoolService(reactor, "archive-io", max_threads=4)
     db = ThreadPoolService(reactor, "archive-db", max_threads=1)
     read = ThreadPoolService(reactor, "archive-read", max_threads=2)  # C-FIND queries, read-only connections
-    for pool in (io, db, read):
+    check = ThreadPoolService(reactor, "memory-check", max_threads=2)  # parsing objects received into memory
+    for pool in (io, db, read, check):
         pool.setServiceParent(root)
     try:
         archive = Archive(config.archive.path, config.archive.limits, config.archive.on_duplicate, reactor,
@@ -177,10 +213,12 @@ def makeService(options, reactor=None) -> MultiService:
     if contexts.active:
         # before the listeners: its start-up lines (and warnings) come first
         tls.TLSService(contexts, reactor).setServiceParent(root)
+    memory = MemoryStore(config.memory.memory_limit, reactor, config.memory.retention)
+    MemoryService(memory, reactor).setServiceParent(root)
     # one builder per listening AE of configuration.LISTENERS: its services
     builders = {
         "disk_server": lambda: disk_server_services(config, archive, read.runner, tls=contexts),
-        "memory_server": memory_server_services,
+        "memory_server": lambda: memory_server_services(config, memory, check.runner),
     }
     for section, listener in config.listeners.items():
         if not listener.port and not listener.tls_port:

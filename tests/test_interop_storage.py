@@ -155,6 +155,45 @@ def stored_form(sent: bytes, transfer_syntax: str) -> Tuple[bytes, bool]:
 # --- the Disk-Server, in-process --------------------------------------------------------------------
 
 
+class WireRecorder:
+    """Keeps every byte the acceptor ``factory`` receives, connection by connection."""
+
+    def __init__(self, factory) -> None:
+        self.received: List[bytearray] = []
+        self._waiting: List[Tuple[int, defer.Deferred]] = []
+        build = factory.buildProtocol
+
+        def build_and_record(addr):
+            built = build(addr)
+            stream = bytearray()
+            self.received.append(stream)
+            data_received = built.dataReceived
+
+            def record(data):
+                stream.extend(data)
+                return data_received(data)
+
+            built.dataReceived = record
+            for waiter in [waiter for waiter in self._waiting if waiter[0] <= len(self.received)]:
+                self._waiting.remove(waiter)
+                waiter[1].callback(None)
+            return built
+
+        factory.buildProtocol = build_and_record
+
+    def connections(self, count: int) -> defer.Deferred:
+        """Fires once ``count`` connections were accepted (fails after WAIT_LIMIT seconds)."""
+        if len(self.received) >= count:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._waiting.append((count, waiter))
+        return waiter.addTimeout(WAIT_LIMIT, reactor)
+
+    def messages(self) -> List[Tuple[str, bytes]]:
+        """Every C-STORE data set received, as (SOP Instance UID, bytes), connection by connection."""
+        return [message for stream in self.received for message in wire_messages(bytes(stream))]
+
+
 class DiskServer:
     """The Disk-Server AE over a fresh archive, listening on 127.0.0.1 port 0 for one test.
 
@@ -182,46 +221,18 @@ class DiskServer:
         testcase.addCleanup(self.io.stopService)
         self.factory = acceptor_factory(self.config.disk_server, self.config,
                                         disk_server_services(self.config, self.archive), reactor)
-        self.received: List[bytearray] = []
-        self._waiting: List[Tuple[int, defer.Deferred]] = []
-        self._record_received()
+        self.wire = WireRecorder(self.factory)
+        self.received = self.wire.received
         self.listening = Listening(testcase, self.factory, reactor)
         self.port = self.listening.number
         #: SOP Instance UID -> the stored file's data set bytes after each commit of it, in order
         self.committed: Dict[str, List[bytes]] = defaultdict(list)
 
-    def _record_received(self) -> None:
-        build = self.factory.buildProtocol
-
-        def build_and_record(addr):
-            built = build(addr)
-            stream = bytearray()
-            self.received.append(stream)
-            data_received = built.dataReceived
-
-            def record(data):
-                stream.extend(data)
-                return data_received(data)
-
-            built.dataReceived = record
-            for waiter in [waiter for waiter in self._waiting if waiter[0] <= len(self.received)]:
-                self._waiting.remove(waiter)
-                waiter[1].callback(None)
-            return built
-
-        self.factory.buildProtocol = build_and_record
-
     def connections(self, count: int) -> defer.Deferred:
-        """Fires once ``count`` connections were accepted (fails after WAIT_LIMIT seconds)."""
-        if len(self.received) >= count:
-            return defer.succeed(None)
-        waiter = defer.Deferred()
-        self._waiting.append((count, waiter))
-        return waiter.addTimeout(WAIT_LIMIT, reactor)
+        return self.wire.connections(count)
 
     def messages(self) -> List[Tuple[str, bytes]]:
-        """Every C-STORE data set received, as (SOP Instance UID, bytes), connection by connection."""
-        return [message for stream in self.received for message in wire_messages(bytes(stream))]
+        return self.wire.messages()
 
     def record_commits(self) -> None:
         """After every commit, read the stored file back (before the C-STORE is answered).
@@ -327,11 +338,11 @@ class StorescuRun:
         return "\n".join(self.output.splitlines()[-lines:])
 
 
-async def storescu(server: DiskServer, files: Sequence[str], *options: str) -> StorescuRun:
+async def storescu(server: DiskServer, files: Sequence[str], *options: str, called: str = "DISK_SERVER") -> StorescuRun:
     """Send ``files`` in one storescu run (TCP_NODELAY=1), each in its own transfer syntax."""
     profile = association_profile(server.root, (file_syntaxes(path) for path in files))
     args = ["-d", "-nh", "-to", "20", "-ta", "20", "-td", "60", "-xf", profile, "Corpus", *options,
-            "-aec", "DISK_SERVER", "127.0.0.1", str(server.port), *files]
+            "-aec", called, "127.0.0.1", str(server.port), *files]
     env = dict(os.environ, TCP_NODELAY="1")
     out, err, code = await getProcessOutputAndValue(STORESCU, args, env=env, path=server.root)
     return StorescuRun(files, out.decode("utf-8", "replace") + err.decode("utf-8", "replace"), code)
@@ -415,10 +426,10 @@ class CorpusCheck:
         wanted = DOES_NOT_MATCH if item.refusal else CANNOT_UNDERSTAND if cut_short else COERCED if coerced else SUCCESS
         test.assertEqual(status, wanted, f"{item.name}: answered 0x{status:04X}, expected 0x{wanted:04X}")
         if item.refusal:
-            self.not_stored[item.name] = f"answered A900 by the Disk-Server: {item.refusal}"
+            self.not_stored[item.name] = f"answered A900: {item.refusal}"
             return
         if cut_short:
-            self.not_stored[item.name] = f"answered C000 by the Disk-Server: not whole: {cut_short}"
+            self.not_stored[item.name] = f"answered C000: not whole: {cut_short}"
             return
         versions = self.server.committed.get(item.sop_uid, [])
         test.assertTrue(any(version == expected for version in versions),
@@ -434,8 +445,13 @@ class CorpusCheck:
         self.last[item.sop_uid] = (item, expected)
 
     def finish(self) -> None:
+        """What was kept is the last version of each SOP instance sent, and enough of the corpus was stored."""
+        self.check_kept()
+        self.report()
+
+    def check_kept(self) -> None:
         """The index names the last version of each SOP instance sent (on_duplicate = replace),
-        nothing is left in tmp/, and enough of the corpus was stored."""
+        nothing is left in tmp/."""
         test, archive = self.testcase, self.server.archive
         for sop_uid, (item, expected) in self.last.items():
             row = archive.index.lookup(sop_uid)
@@ -445,6 +461,9 @@ class CorpusCheck:
         test.assertEqual(archive.index.counts()[3], len(self.last))
         test.assertEqual(len(self.server.files_under("objects")), len(self.last))
         test.assertEqual(self.server.files_under("tmp"), [])
+
+    def report(self) -> None:
+        test = self.testcase
         for name, reason in sorted(self.not_stored.items()):
             _log.info("pydicom test file {name} not stored ({peer}): {reason}", name=name, peer=self.peer,
                       reason=reason)
@@ -491,7 +510,8 @@ class StorescuCorpusTests(unittest.TestCase):
         check.finish()
 
 
-def _pynetdicom_store(port: int, files: Sequence[CorpusFile]) -> List[Tuple[str, Optional[int], Optional[str]]]:
+def _pynetdicom_store(port: int, files: Sequence[CorpusFile],
+                      called: str = "DISK_SERVER") -> List[Tuple[str, Optional[int], Optional[str]]]:
     """pynetdicom's blocking SCU (run in a thread): one association, one C-STORE per file.
 
     Returns (file name, status or None, why it was not sent or None) per file.
@@ -502,7 +522,7 @@ def _pynetdicom_store(port: int, files: Sequence[CorpusFile]) -> List[Tuple[str,
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     for sop_class, syntax in sorted({(item.sop_class, item.transfer_syntax) for item in files}):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DISK_SERVER")
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
     if not assoc.is_established:
         raise AssertionError("pynetdicom's association was not established")
     results = []

@@ -137,6 +137,12 @@ class MakeServiceTests(unittest.SynchronousTestCase):
         self.assertIsInstance(disk_factory, AcceptorFactory)
         self.assertEqual(disk_factory.policy.ae_title, "DISK_SERVER")
         self.assertEqual(memory_factory.policy.ae_title, "MEMORY_SERVER")
+        # the Memory-Server stores: C-ECHO and every storage class, into the memory store of [memory_server]
+        self.assertIn("1.2.840.10008.1.1", memory_factory.policy.abstract_syntaxes)
+        self.assertIn("1.2.840.10008.5.1.4.1.1.2", memory_factory.policy.abstract_syntaxes)
+        self.assertNotIn("1.2.840.10008.5.1.4.1.2.2.1", memory_factory.policy.abstract_syntaxes)
+        memory = root.getServiceNamed("memory").store
+        self.assertEqual((memory.limit, memory.retention), (1 << 30, None))
 
     def test_port_zero_omits_listener(self):
         """A listener with port = 0 gets no service at all."""

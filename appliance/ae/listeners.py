@@ -7,6 +7,7 @@ from typing import Dict, Iterable, Optional
 from ..archive.archive import Archive, Runner
 from ..archive.sink import ArchiveSink
 from ..config import ApplianceConfig, ListenerConfig
+from ..dataset.deflate import InflateLimits
 from ..dicom.negotiation import AcceptorPolicy
 from ..dicom.uids import (
     CONFORMANCE_STORAGE_CLASSES,
@@ -14,6 +15,8 @@ from ..dicom.uids import (
     UNCOMPRESSED_TRANSFER_SYNTAXES,
     registry_storage_classes,
 )
+from ..memory.sink import MemorySink, Runner as MemoryRunner
+from ..memory.store import MemoryStore
 from ..net.protocol import AcceptorFactory, Timeouts
 from ..net.tls import CertificateBinding, TLSContexts
 from .query import FindService
@@ -57,9 +60,19 @@ def disk_server_services(config: ApplianceConfig, archive: Archive, read: Option
     ]
 
 
-def memory_server_services() -> list:
-    """The Memory-Server's service classes."""
-    return [VerificationService()]
+def memory_server_services(config: ApplianceConfig, store: MemoryStore, runner: MemoryRunner,
+                           expected=None) -> list:
+    """The Memory-Server's service classes: C-ECHO, and C-STORE into ``store`` (checks run by ``runner``);
+    ``expected(description)`` says whether a load asked for an object (None: no loads)."""
+    memory = config.memory
+    return [
+        VerificationService(),
+        StorageService(
+            MemorySink(store, runner, InflateLimits(max_size=memory.memory_limit, name="memory_limit"),
+                       accept_unsolicited=memory.accept_unsolicited, expected=expected),
+            storage_syntaxes(memory.sop_classes),
+        ),
+    ]
 
 
 def acceptor_factory(

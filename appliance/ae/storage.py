@@ -39,6 +39,7 @@ STATUSES = {
     Refusal.NOT_MATCHING: 0xA900,
     Refusal.NOT_UNDERSTOOD: S.CANNOT_UNDERSTAND,
     Refusal.DUPLICATE: DUPLICATE_REJECTED,
+    Refusal.NOT_WANTED: 0x0124,  # PS3.7 C.5: refused, not authorized
     Refusal.FAILED: 0xC001,
 }
 
@@ -57,8 +58,11 @@ class IncomingObject:
         self.service = service
         self.request = request
         command = request.command
+        originator = command.MoveOriginatorApplicationEntityTitle
         self.description = ObjectDescription(command.AffectedSOPClassUID, command.AffectedSOPInstanceUID,
-                                             request.context.transfer_syntax, request.association.record.calling)
+                                             request.context.transfer_syntax, request.association.record.calling,
+                                             originator.strip() if originator else None,
+                                             command.MoveOriginatorMessageID)
         self.refusal: Optional[Refused] = None
         self.writer: Optional[IObjectWriter] = None
         self._received = 0
@@ -75,9 +79,10 @@ class IncomingObject:
         if self.refusal is not None:
             return  # drained: the data set is read and dropped, then refused
         self._received += len(data)
-        limit = self.service.sink.limits.max_size
-        if self._received > limit:
-            self.refusal = Refused(Refusal.OUT_OF_RESOURCES, f"data set larger than max_object_size={limit}")
+        limits = self.service.sink.limits
+        if self._received > limits.max_size:
+            self.refusal = Refused(Refusal.OUT_OF_RESOURCES,
+                                   f"data set larger than {limits.name}={limits.max_size}")
             self.writer.abandon("larger than max_object_size")
             return
         self.writer.write(data)

@@ -72,6 +72,7 @@ class Refusal(enum.Enum):
     NOT_MATCHING = "does not match"  # its UIDs are not the command's, missing, or a series of another study (A900)
     NOT_UNDERSTOOD = "cannot be understood"  # not whole, not parseable, a UID that is no UID (C000)
     DUPLICATE = "duplicate"  # stored already, and duplicates are refused (0111)
+    NOT_WANTED = "not wanted"  # nobody asked for it, and unsolicited objects are refused (0124)
     FAILED = "failed"  # an unexpected error while keeping it (C001)
 
 
@@ -92,6 +93,9 @@ class ObjectDescription:
     sop_instance_uid: str
     transfer_syntax: str
     source_ae: str
+    #: a C-MOVE's sub-operation names the move that caused it (0000,1030)/(0000,1031); None otherwise
+    move_originator: Optional[str] = None
+    move_message_id: Optional[int] = None
 
 
 @dataclass(frozen=True)

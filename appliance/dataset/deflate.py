@@ -58,11 +58,13 @@ class InflateLimits:
     max_size: int = 4 << 30
     max_ratio: float = 200.0
     ratio_floor: int = 16 << 20
+    #: the configuration key that sets ``max_size``, for error comments
+    name: str = "max_object_size"
 
     def check(self, inflated: int, compressed: int) -> None:
         # short enough for an Error Comment (64 characters), the key named first
         if inflated > self.max_size:
-            raise TooLarge(f"deflated data set inflates past max_object_size={self.max_size}")
+            raise TooLarge(f"deflated data set inflates past {self.name}={self.max_size}")
         if inflated > self.ratio_floor and inflated > self.max_ratio * max(compressed, 1):
             raise TooLarge(f"deflated data set inflates over max_inflation_ratio={self.max_ratio:g} times")
 

@@ -55,6 +55,7 @@ _MEANINGS = {
     0x0210: "Failure: duplicate invocation",
     0x0212: "Failure: mistyped argument",
     0x0213: "Failure: resource limitation",
+    0x0124: "Refused: not authorized",
 }
 
 

@@ -1,0 +1,168 @@
+"""The Memory-Server's object sink (appliance.interfaces.IObjectSink): received data sets into the memory store.
+
+A data set's bytes are reserved against ``memory_limit`` as they arrive
+(the store drops least recently used studies for them, or the object is
+refused with A700 at once and the rest drained), kept in one buffer, checked
+on a worker thread once whole (:mod:`appliance.dataset.checks`: whole,
+readable, the command's UIDs, the coercion applied in place), then put into
+the store on the reactor thread.  An object no load asked for is kept or
+refused by ``accept_unsolicited``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from ..dataset.checks import Kept, ObjectDescription, Refusal, Refused, apply_coercion, check_metadata, inspect_memory
+from ..dataset.deflate import DEFLATED, InflateLimits, NotInflatable, TooLarge, read_deflated
+from ..interfaces import IObjectSink, IObjectWriter
+from ..logs import logger
+from .store import OBJECT_OVERHEAD, MemoryStore, NoRoom
+
+__all__ = ["MemorySink", "MemoryWriter"]
+
+_log = logger("appliance.memory")
+
+#: ``runner(f, *args) -> Deferred``: where the checks run (a worker thread in the appliance).
+Runner = Callable[..., defer.Deferred]
+
+
+class _BufferFile:
+    """A bytearray seen as a file (seek, read, write in place), for the coercion: no copy of the data set."""
+
+    def __init__(self, buffer: bytearray) -> None:
+        self.buffer = buffer
+        self.position = 0
+
+    def seek(self, position: int) -> None:
+        self.position = position
+
+    def read(self, size: int) -> bytes:
+        data = bytes(self.buffer[self.position:self.position + size])
+        self.position += len(data)
+        return data
+
+    def write(self, data: bytes) -> None:
+        self.buffer[self.position:self.position + len(data)] = data
+        self.position += len(data)
+
+
+class _BufferReader:
+    """A read-only file over a buffer without copying it (for the streaming inflater)."""
+
+    def __init__(self, buffer) -> None:
+        self.view = memoryview(buffer)
+        self.position = 0
+
+    def seek(self, position: int) -> None:
+        self.position = position
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self.view) if size < 0 else min(len(self.view), self.position + size)
+        data = bytes(self.view[self.position:end])
+        self.position = end
+        return data
+
+
+def _check(buffer: bytearray, description: ObjectDescription, limits: InflateLimits):
+    """Worker thread: the object's metadata, its coercion applied in place; Refused when it is not acceptable."""
+    if description.transfer_syntax == DEFLATED:
+        try:
+            metadata, _ = read_deflated(_BufferReader(buffer), 0, limits)
+        except TooLarge as error:
+            raise Refused(Refusal.OUT_OF_RESOURCES, str(error)) from None
+        except NotInflatable as error:
+            raise Refused(Refusal.NOT_UNDERSTOOD, str(error)) from None
+        except ValueError as error:
+            raise Refused(Refusal.NOT_MATCHING, str(error)) from None
+        except Exception as error:  # pydicom raises many kinds on garbage
+            raise Refused(Refusal.NOT_UNDERSTOOD, f"cannot parse data set: {type(error).__name__}: {error}") from None
+        return check_metadata(metadata, 0, b"", description.sop_class_uid, description.sop_instance_uid,
+                              DEFLATED)[0], False
+    metadata, coercion = inspect_memory(buffer, 0, description.sop_class_uid, description.sop_instance_uid,
+                                        description.transfer_syntax)
+    if coercion is not None:
+        apply_coercion(_BufferFile(buffer), coercion)
+    return metadata, coercion is not None
+
+
+@implementer(IObjectSink)
+class MemorySink:
+    """Objects into a :class:`MemoryStore`."""
+
+    def __init__(self, store: MemoryStore, runner: Runner, limits: InflateLimits = InflateLimits(),
+                 accept_unsolicited: bool = True,
+                 expected: Optional[Callable[[ObjectDescription], bool]] = None) -> None:
+        self.store = store
+        self.runner = runner
+        self.limits = limits
+        self.accept_unsolicited = accept_unsolicited
+        #: whether a load asked for the object (the Memory-Manager's; None: no load is ever running)
+        self.expected = expected
+
+    def open(self, description: ObjectDescription, pause: Callable[[], None],
+             resume: Callable[[], None]) -> "MemoryWriter":
+        return MemoryWriter(self, description)
+
+
+@implementer(IObjectWriter)
+class MemoryWriter:
+    """One data set on its way into memory."""
+
+    def __init__(self, sink: MemorySink, description: ObjectDescription) -> None:
+        self.sink = sink
+        self.store = sink.store
+        self.description = description
+        self.buffer = bytearray()
+        self.reserved = 0
+        self.refusal: Optional[Refused] = None
+        wanted = sink.expected(description) if sink.expected is not None else False
+        if not wanted and not sink.accept_unsolicited:
+            self.refusal = Refused(Refusal.NOT_WANTED, "no load asked for this object (accept_unsolicited = false)")
+
+    def write(self, data: bytes) -> None:
+        if self.refusal is not None:
+            return  # drained
+        try:
+            self.store.reserve(len(data))
+        except NoRoom as error:
+            self.refusal = Refused(Refusal.OUT_OF_RESOURCES, f"memory full: {error}")
+            self._release()
+            return
+        self.reserved += len(data)
+        self.buffer += data
+
+    def _release(self) -> None:
+        self.store.release(self.reserved)
+        self.reserved = 0
+        self.buffer = bytearray()
+
+    def finish(self) -> defer.Deferred:
+        if self.refusal is not None:
+            self._release()
+            return defer.fail(self.refusal)
+        try:
+            self.store.reserve(OBJECT_OVERHEAD)
+        except NoRoom as error:
+            self._release()
+            return defer.fail(Refused(Refusal.OUT_OF_RESOURCES, f"memory full: {error}"))
+        self.reserved += OBJECT_OVERHEAD
+        checking = self.sink.runner(_check, self.buffer, self.description, self.sink.limits)
+        return checking.addBoth(self._checked)
+
+    def _checked(self, result):
+        buffer = self.buffer
+        self._release()
+        if isinstance(result, BaseException) or hasattr(result, "raiseException"):
+            return result  # a Refused (or an unexpected failure) goes on to the service
+        metadata, coerced = result
+        replaced = self.store.put(metadata, self.description.transfer_syntax, buffer)
+        return Kept(coerced=coerced, duplicate="replaced" if replaced else None)
+
+    def abandon(self, reason: str) -> None:
+        if self.refusal is None:
+            self.refusal = Refused(Refusal.FAILED, f"abandoned: {reason}")
+        self._release()

@@ -1,0 +1,321 @@
+"""The Memory-Server: its store (bounded, least recently used studies dropped, pins, retention) and its C-STORE
+SCP into that store, driven in memory."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from appliance import config as configuration
+from appliance.ae.listeners import acceptor_factory, memory_server_services
+from appliance.dataset.deflate import DEFLATED
+from appliance.dataset.metadata import extract
+from appliance.dicom import dimse as D
+from appliance.dicom.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
+from appliance.memory.store import OBJECT_OVERHEAD, MemoryStore, NoRoom
+from appliance.net.threads import synchronous_runner
+from appliance.tap import MemoryService
+
+from .support_data import CT_IMAGE_STORAGE, encode_dataset, make_dataset
+from .support_scu import MemorySCU
+
+KIB = 1024
+
+
+def metadata(study: str, series: str = "1.9.1", sop: str = "1.9.1.1"):
+    return extract(make_dataset(study=study, series=series, sop=sop))
+
+
+class MemoryStoreTests(SynchronousTestCase):
+    """The store alone: accounting, least recently used studies dropped for room, pins, retention."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.store = MemoryStore(limit=100 * KIB, clock=self.clock)
+
+    def put(self, study: str, size: int, sop: str = None, series: str = "1.9.1") -> None:
+        """Keep an object of ``size`` data set bytes, reserving it first as the sink does."""
+        sop = sop or f"{study}.{len(list(self.store.studies.get(study).objects())) if study in self.store.studies else 0}"
+        self.store.reserve(size + OBJECT_OVERHEAD)
+        self.store.put(metadata(study, series, sop), EXPLICIT_VR_LITTLE_ENDIAN, bytes(size))
+        self.store.release(size + OBJECT_OVERHEAD)
+
+    def test_sizes_counted_in_bytes_held(self):
+        self.put("1.1", 10 * KIB)
+        self.put("1.1", 5 * KIB, series="1.9.2")
+        self.put("1.2", 1 * KIB)
+        self.assertEqual(self.store.size, 16 * KIB + 3 * OBJECT_OVERHEAD)
+        self.assertEqual(self.store.studies["1.1"].size, 15 * KIB + 2 * OBJECT_OVERHEAD)
+        self.assertEqual(self.store.studies["1.1"].count, 2)
+        self.assertEqual(self.store.reserved, 0)
+
+    def test_replacing_an_instance_counts_once(self):
+        self.put("1.1", 10 * KIB, sop="1.1.7")
+        self.put("1.1", 4 * KIB, sop="1.1.7")
+        self.assertEqual(self.store.size, 4 * KIB + OBJECT_OVERHEAD)
+        self.assertEqual(self.store.studies["1.1"].count, 1)
+        self.assertEqual(len(self.store.find("1.1").data), 4 * KIB)
+
+    def test_least_recently_used_study_dropped_for_room(self):
+        """Studies are dropped oldest use first, only as many as needed; a touched study counts as recent."""
+        for index, study in enumerate(("1.1", "1.2", "1.3")):
+            self.clock.advance(10)
+            self.put(study, 25 * KIB)
+        self.clock.advance(10)
+        self.store.touch("1.1")  # now 1.2 is the least recently used
+        self.put("1.4", 25 * KIB)
+        self.assertEqual(sorted(self.store.studies), ["1.1", "1.3", "1.4"])
+        self.assertEqual(self.store.dropped, [("1.2", "dropped for room (least recently used)")])
+        self.assertLessEqual(self.store.size, self.store.limit)
+
+    def test_pinned_study_never_dropped(self):
+        self.put("1.1", 50 * KIB)
+        self.clock.advance(10)
+        self.put("1.2", 20 * KIB)
+        self.store.pin("1.1")
+        self.clock.advance(10)
+        self.put("1.3", 10 * KIB)  # fits without dropping
+        with self.assertRaises(NoRoom) as raised:
+            self.store.reserve(50 * KIB)  # 1.2 and 1.3 together are not enough; 1.1 is pinned
+        self.assertIn("memory_limit=102400", str(raised.exception))
+        self.assertEqual(sorted(self.store.studies), ["1.1", "1.2", "1.3"], "nothing dropped when it cannot help")
+        self.assertEqual(self.store.reserved, 0)
+        self.store.unpin("1.1")
+        self.store.reserve(50 * KIB)
+        self.assertNotIn("1.1", self.store.studies)
+
+    def test_reservations_count_toward_the_limit(self):
+        """Bytes promised to objects still arriving are room already taken."""
+        self.store.reserve(90 * KIB)
+        with self.assertRaises(NoRoom):
+            self.store.reserve(20 * KIB)
+        self.store.release(90 * KIB)
+        self.store.reserve(20 * KIB)
+        self.assertEqual(self.store.reserved, 20 * KIB)
+
+    def test_pin_of_a_study_not_held_yet(self):
+        """A load pins its study before anything arrives; unpinned with nothing received, it is gone."""
+        self.store.pin("1.5")
+        self.assertIsNone(self.store.find("1.5"))
+        self.store.unpin("1.5")
+        self.assertNotIn("1.5", self.store.studies)
+        self.store.pin("1.6")
+        self.put("1.6", KIB)
+        self.store.unpin("1.6")
+        self.assertIsNotNone(self.store.find("1.6"))
+
+    def test_retention_drops_unused_studies(self):
+        store = MemoryStore(limit=100 * KIB, clock=self.clock, retention=3600)
+        self.store = store
+        self.put("1.1", KIB)
+        self.clock.advance(1800)
+        self.put("1.2", KIB)
+        self.clock.advance(1801)
+        store.expire()
+        self.assertEqual(sorted(store.studies), ["1.2"])
+        self.assertEqual(store.dropped, [("1.1", "past its retention (3600 s unused)")])
+        store.pin("1.2")
+        self.clock.advance(7200)
+        store.expire()
+        self.assertIn("1.2", store.studies, "a pinned study outlives its retention")
+
+    def test_find_and_drop(self):
+        self.put("1.1", KIB, sop="1.1.1", series="1.9.1")
+        self.put("1.1", KIB, sop="1.1.2", series="1.9.2")
+        self.assertEqual(self.store.find("1.1", "1.9.2", "1.1.2").metadata.sop_instance_uid, "1.1.2")
+        self.assertIsNone(self.store.find("1.1", "1.9.2", "1.1.1"))
+        self.assertIsNone(self.store.find("1.7"))
+        self.assertEqual(self.store.drop("1.1"), 2 * (KIB + OBJECT_OVERHEAD))
+        self.assertEqual((self.store.size, self.store.drop("1.1")), (0, 0))
+
+    def test_remove_last_instance_removes_study(self):
+        self.put("1.1", KIB, sop="1.1.1")
+        self.assertTrue(self.store.remove_instance("1.1.1"))
+        self.assertEqual((self.store.studies, self.store.size), ({}, 0))
+        self.assertFalse(self.store.remove_instance("1.1.1"))
+
+
+class MemoryServerHarness:
+    """An in-memory Memory-Server over a real MemoryStore."""
+
+    def __init__(self, test, memory=None, expected=None):
+        self.test = test
+        root = test.mktemp()
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.config = configuration.parse({"appliance": {"data_dir": root}, "memory_server": memory or {}},
+                                          os.path.join(root, "x.toml"))
+        self.store = MemoryStore(self.config.memory.memory_limit, self.clock, self.config.memory.retention)
+        services = memory_server_services(self.config, self.store, synchronous_runner, expected=expected)
+        self.factory = acceptor_factory(self.config.memory_server, self.config, services, self.clock)
+        self.message_id = 0
+
+    def store_object(self, data: bytes, sop: str, syntax: str = EXPLICIT_VR_LITTLE_ENDIAN, sop_class=CT_IMAGE_STORAGE,
+                     **command_elements) -> D.Command:
+        scu = MemorySCU(self.test, self.factory, calling="ARCHIVE", called="MEMORY_SERVER")
+        accept = scu.associate([(sop_class, (syntax,))])
+        self.test.assertEqual(accept.presentation_contexts[0].result, 0)
+        self.message_id += 1
+        command = D.Command(CommandField=D.CommandField.C_STORE_RQ, MessageID=self.message_id, Priority=0,
+                            AffectedSOPClassUID=sop_class, AffectedSOPInstanceUID=sop, **command_elements)
+        (response,) = scu.request(command, data)
+        scu.release()
+        return response.command
+
+
+class MemoryServerStoreTests(SynchronousTestCase):
+    """C-STORE into memory: what is kept, and what each refusal is answered with."""
+
+    def setUp(self):
+        self.harness = MemoryServerHarness(self, {"memory_limit": "1 MiB"})
+        self.store = self.harness.store
+
+    def test_kept_as_received_in_each_uncompressed_syntax(self):
+        for index, syntax in enumerate((IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN)):
+            sop = f"1.2.3.{index}"
+            data = encode_dataset(make_dataset(sop=sop), syntax)
+            response = self.harness.store_object(data, sop, syntax)
+            self.assertEqual((response.Status, response.AffectedSOPInstanceUID), (0, sop))
+            held = self.store.find("1.2.826.0.1.1", "1.2.826.0.1.1.1", sop)
+            self.assertEqual((held.data, held.transfer_syntax), (data, syntax))
+            self.assertEqual(held.metadata.patient_name, "Test^Patient")
+        self.assertEqual(self.store.size, sum(len(h.data) + OBJECT_OVERHEAD for h in self.store.studies[
+            "1.2.826.0.1.1"].objects()))
+        self.assertEqual(self.store.reserved, 0)
+
+    def test_coercion_answered_b000_and_applied_to_the_held_bytes(self):
+        ds = make_dataset(sop="1.2.4.1", pixels=bytes(range(32)), bits_allocated=8)
+        ds["PixelData"].VR = "OW"
+        response = self.harness.store_object(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), "1.2.4.1")
+        self.assertEqual(response.Status, 0xB000)
+        self.assertIn("OW to OB", response.ErrorComment)
+        held = self.store.find("1.2.826.0.1.1", "1.2.826.0.1.1.1", "1.2.4.1")
+        self.assertIn(b"\xe0\x7f\x10\x00OB\x00\x00", held.data)
+
+    def test_uid_mismatch_a900(self):
+        data = encode_dataset(make_dataset(sop="1.2.5.1"), EXPLICIT_VR_LITTLE_ENDIAN)
+        response = self.harness.store_object(data, "1.2.5.2")
+        self.assertEqual(response.Status, 0xA900)
+        self.assertEqual((self.store.studies, self.store.size, self.store.reserved), ({}, 0, 0))
+
+    def test_garbage_c000(self):
+        response = self.harness.store_object(b"\x08\x00\x16\x00\xff\xff\xff\x7fxx", "1.2.6.1")
+        self.assertEqual(response.Status, 0xC000)
+        self.assertTrue(response.ErrorComment)
+        self.assertEqual((self.store.studies, self.store.reserved), ({}, 0))
+
+    def test_deflated_kept_deflated(self):
+        plain = encode_dataset(make_dataset(sop="1.2.7.1"), EXPLICIT_VR_LITTLE_ENDIAN)
+        packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data = packer.compress(plain) + packer.flush()
+        response = self.harness.store_object(data, "1.2.7.1", DEFLATED)
+        self.assertEqual(response.Status, 0)
+        held = self.store.find("1.2.826.0.1.1", "1.2.826.0.1.1.1", "1.2.7.1")
+        self.assertEqual((held.data, held.transfer_syntax), (data, DEFLATED))
+
+    def test_larger_than_memory_limit_a700(self):
+        big = encode_dataset(make_dataset(sop="1.2.8.1", pixels=bytes(2 << 20)), EXPLICIT_VR_LITTLE_ENDIAN)
+        response = self.harness.store_object(big, "1.2.8.1")
+        self.assertEqual(response.Status, 0xA700)
+        self.assertIn("memory_limit", response.ErrorComment)
+        self.assertEqual((self.store.size, self.store.reserved), (0, 0))
+
+    def test_full_of_pinned_studies_a700_then_room_once_unpinned(self):
+        """Memory full and nothing droppable: A700 naming the limit; the same object fits once the pin goes."""
+        first = make_dataset(study="1.5", series="1.5.1", sop="1.5.1.1", pixels=bytes(600 * KIB))
+        self.assertEqual(self.harness.store_object(encode_dataset(first, EXPLICIT_VR_LITTLE_ENDIAN), "1.5.1.1").Status,
+                         0)
+        self.store.pin("1.5")
+        second = encode_dataset(make_dataset(study="1.6", series="1.6.1", sop="1.6.1.1", pixels=bytes(600 * KIB)),
+                                EXPLICIT_VR_LITTLE_ENDIAN)
+        response = self.harness.store_object(second, "1.6.1.1")
+        self.assertEqual(response.Status, 0xA700)
+        self.assertIn("memory full", response.ErrorComment)
+        self.assertEqual(sorted(self.store.studies), ["1.5"])
+        self.assertEqual(self.store.reserved, 0)
+        self.store.unpin("1.5")
+        self.assertEqual(self.harness.store_object(second, "1.6.1.1").Status, 0)
+        self.assertEqual(sorted(self.store.studies), ["1.6"])
+        self.assertEqual(self.store.dropped[-1], ("1.5", "dropped for room (least recently used)"))
+
+    def test_conformance_classes_only(self):
+        harness = MemoryServerHarness(self, {"sop_classes": "conformance"})
+        scu = MemorySCU(self, harness.factory, calling="ARCHIVE", called="MEMORY_SERVER")
+        accept = scu.associate([(CT_IMAGE_STORAGE, (EXPLICIT_VR_LITTLE_ENDIAN,)),
+                                ("1.2.840.10008.5.1.4.1.1.88.11", (EXPLICIT_VR_LITTLE_ENDIAN,))])
+        self.assertEqual([c.result for c in accept.presentation_contexts], [0, 3])
+
+
+class UnsolicitedTests(SynchronousTestCase):
+    """accept_unsolicited: an object no load asked for is kept (default) or refused with 0124."""
+
+    def data(self, sop):
+        return encode_dataset(make_dataset(sop=sop), EXPLICIT_VR_LITTLE_ENDIAN)
+
+    def test_kept_by_default(self):
+        harness = MemoryServerHarness(self)
+        self.assertEqual(harness.store_object(self.data("1.3.1"), "1.3.1").Status, 0)
+
+    def test_refused_when_not_accepted(self):
+        seen = []
+        harness = MemoryServerHarness(self, {"accept_unsolicited": False},
+                                      expected=lambda d: seen.append(d) or d.move_originator == "MEMORY_MANAGER")
+        response = harness.store_object(self.data("1.3.2"), "1.3.2")
+        self.assertEqual(response.Status, 0x0124)
+        self.assertIn("accept_unsolicited", response.ErrorComment)
+        self.assertEqual(harness.store.studies, {})
+        response = harness.store_object(self.data("1.3.3"), "1.3.3", MoveOriginatorApplicationEntityTitle="MEMORY_MANAGER",
+                                        MoveOriginatorMessageID=7)
+        self.assertEqual(response.Status, 0)
+        self.assertEqual((seen[-1].move_originator, seen[-1].move_message_id, seen[-1].source_ae),
+                         ("MEMORY_MANAGER", 7, "ARCHIVE"))
+
+
+class MemoryConfigTests(SynchronousTestCase):
+    def parse(self, memory):
+        return configuration.parse({"appliance": {"data_dir": "/tmp/x"}, "memory_server": memory}, "/etc/a.toml")
+
+    def test_defaults(self):
+        memory = self.parse({}).memory
+        self.assertEqual((memory.memory_limit, memory.retention, memory.accept_unsolicited, memory.sop_classes),
+                         (1 << 30, None, True, "all"))
+
+    def test_sizes_and_durations(self):
+        self.assertEqual(self.parse({"memory_limit": "512 MiB"}).memory.memory_limit, 512 << 20)
+        self.assertEqual(self.parse({"memory_limit": "2 GiB"}).memory.memory_limit, 2 << 30)
+        for written, seconds in (("8 h", 28800), ("30 min", 1800), ("2 d", 172800), (90, 90), ("45s", 45)):
+            self.assertEqual(self.parse({"retention": written}).memory.retention, seconds)
+
+    def test_bad_values_name_file_and_key(self):
+        for key, value, words in (("memory_limit", "12 KiB", "[memory_server] memory_limit"),
+                                  ("memory_limit", "lots", "[memory_server] memory_limit"),
+                                  ("retention", "8 weeks", "[memory_server] retention"),
+                                  ("retention", 0, "[memory_server] retention"),
+                                  ("retention", True, "[memory_server] retention"),
+                                  ("accept_unsolicited", "yes", "[memory_server] accept_unsolicited"),
+                                  ("memory_limt", "1 GiB", "memory_limt")):
+            with self.assertRaises(configuration.ConfigError) as raised:
+                self.parse({key: value})
+            self.assertIn("/etc/a.toml", str(raised.exception))
+            self.assertIn(words, str(raised.exception))
+
+
+class MemoryServiceTests(SynchronousTestCase):
+    def test_retention_applied_while_nothing_arrives(self):
+        clock = Clock()
+        store = MemoryStore(1 << 20, clock, retention=600)
+        store.reserve(KIB + OBJECT_OVERHEAD)
+        store.put(metadata("1.1"), EXPLICIT_VR_LITTLE_ENDIAN, bytes(KIB))
+        store.release(KIB + OBJECT_OVERHEAD)
+        service = MemoryService(store, clock)
+        service.startService()
+        clock.advance(590)
+        self.assertIn("1.1", store.studies)
+        clock.advance(70)
+        self.assertNotIn("1.1", store.studies)
+        service.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
