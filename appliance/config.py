@@ -155,6 +155,9 @@ class DeviceConfig:
     #: names one of which a certificate presented under this device's AE title must carry
     #: (bind_aet_to_certificate); empty: the device's host
     certificate_names: Tuple[str, ...] = ()
+    #: how the Memory-Manager loads from it: "move" (Study Root C-MOVE to the Memory-Server, the statement's)
+    #: or "get" (Study Root C-GET, the objects coming back on the same association)
+    retrieve: str = "move"
 
     @property
     def identities(self) -> Tuple[str, ...]:
@@ -532,6 +535,7 @@ def _device(path: str, name: str, table: Any, tls: Optional[TLSConfig] = None, b
         timeout=section.get("timeout", _seconds, 30.0),
         tls=device_tls,
         certificate_names=section.get("certificate_names", _list_of(_text), ()),
+        retrieve=section.get("retrieve", _choice("move", "get"), "move"),
     )
     section.done()
     return device
