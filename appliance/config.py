@@ -7,6 +7,7 @@ silently ignored, so a typo never passes for a setting.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -195,6 +196,28 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class ManagerConfig:
+    """The Memory-Manager ([memory_manager]): the C-MOVE SCU loading remote images into the Memory-Server."""
+
+    ae_title: str = "MEMORY_MANAGER"
+    #: loads running at once, one association each; more wait in a queue
+    max_parallel_loads: int = 4
+    #: seconds one load may take in all; None: no limit beyond the DIMSE timeout between responses
+    load_timeout: Optional[float] = None
+    #: loads kept for GET /api/loads after they ended (the oldest ended are forgotten first)
+    keep_finished: int = 1000
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The HTTP server of the local JSON API ([web])."""
+
+    interface: str = "127.0.0.1"
+    #: 0 disables it
+    port: int = 8080
+
+
+@dataclass(frozen=True)
 class ApplianceConfig:
     path: str
     data_dir: str
@@ -205,6 +228,8 @@ class ApplianceConfig:
     listeners: Mapping[str, ListenerConfig]
     archive: ArchiveConfig
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    manager: ManagerConfig = field(default_factory=ManagerConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     devices: Mapping[str, DeviceConfig] = field(default_factory=dict)
     #: the [tls] section as written (listeners and devices hold their merged settings)
     tls: TLSConfig = field(default_factory=TLSConfig)
@@ -647,26 +672,69 @@ def _interfaces_overlap(a: str, b: str) -> bool:
     return "::" in (a, b)  # an IPv6 wildcard socket takes IPv4 connections too (dual stack)
 
 
-def _check_port_conflicts(path: str, listeners: List[Tuple[str, ListenerConfig]]) -> None:
-    """No two enabled listening ports (plain or TLS, of either AE) may take the same port on one interface."""
-    taken: List[Tuple[str, str, str, int]] = []
-    for name, listener in listeners:
+def listening_ports(listeners: Mapping[str, ListenerConfig], web: WebConfig) -> List[Tuple[str, str, str, int]]:
+    """(section, key, interface, port) of every port to listen on: each AE's plain and TLS ports, the web port."""
+    ports = []
+    for name, listener in listeners.items():
         for key, port in (("port", listener.port), ("tls_port", listener.tls_port)):
-            if not port:
-                continue
-            for other_name, other_key, interface, other_port in taken:
-                if port == other_port and _interfaces_overlap(interface, listener.interface):
-                    if (other_key, key) == ("port", "port") and other_name in _SPECS:
-                        problem = f"{port} is the {_SPECS[other_name].name}'s port too"
-                    else:
-                        problem = f"{port} is [{other_name}] {other_key} too"
-                    raise ConfigError(path, f"[{name}] {key}", problem)
-            taken.append((name, key, listener.interface, port))
+            if port:
+                ports.append((name, key, listener.interface, port))
+    if web.port:
+        ports.append(("web", "port", web.interface, web.port))
+    return ports
+
+
+def _check_port_conflicts(path: str, ports: List[Tuple[str, str, str, int]]) -> None:
+    """No two enabled listening ports (plain or TLS, of any AE, or the web port) may take the same port on one
+    interface."""
+    taken: List[Tuple[str, str, str, int]] = []
+    for name, key, interface, port in ports:
+        for other_name, other_key, other_interface, other_port in taken:
+            if port == other_port and _interfaces_overlap(other_interface, interface):
+                if (other_key, key) == ("port", "port") and other_name in _SPECS:
+                    problem = f"{port} is the {_SPECS[other_name].name}'s port too"
+                else:
+                    problem = f"{port} is [{other_name}] {other_key} too"
+                raise ConfigError(path, f"[{name}] {key}", problem)
+        taken.append((name, key, interface, port))
+
+
+def _manager(path: str, table: Any) -> ManagerConfig:
+    section = _Section(path, "memory_manager", table)
+    manager = ManagerConfig(
+        ae_title=section.get("ae_title", ae_title, "MEMORY_MANAGER"),
+        max_parallel_loads=section.get("max_parallel_loads", _integer(1, 64), 4),
+        load_timeout=section.get("load_timeout", _duration, None),
+        keep_finished=section.get("keep_finished", _integer(10, 100000), 1000),
+    )
+    section.done()
+    return manager
+
+
+def _web(path: str, table: Any) -> WebConfig:
+    section = _Section(path, "web", table)
+    web = WebConfig(
+        interface=section.get("interface", _text, "127.0.0.1"),
+        port=section.get("port", _integer(0, 65535), 8080),
+    )
+    section.done()
+    if web.port and not _is_loopback(web.interface):
+        raise ConfigError(path, "[web] interface", f"{web.interface!r} is not a loopback address: until the web "
+                          f"server signs users in, it listens only on 127.0.0.1 or ::1 (or set port = 0)")
+    return web
+
+
+def _is_loopback(interface: str) -> bool:
+    """Whether ``interface`` is a loopback address literal (127.0.0.0/8, ::1)."""
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
 
 
 def parse(data: Mapping[str, Any], path: str) -> ApplianceConfig:
     """Validate a parsed TOML document; ``path`` names it in errors and anchors relative paths."""
-    known_sections = {"appliance", "devices", "tls"} | set(_SPECS)
+    known_sections = {"appliance", "devices", "tls", "memory_manager", "web"} | set(_SPECS)
     for key in data:
         if key not in known_sections:
             raise ConfigError(path, f"[{key}]", f"unknown section (known sections: {', '.join(sorted(known_sections))})")
@@ -699,9 +767,11 @@ def parse(data: Mapping[str, Any], path: str) -> ApplianceConfig:
     if not isinstance(devices_table, dict):
         raise ConfigError(path, "[devices]", "must be a table of [devices.NAME] tables")
     devices = {name: _device(path, name, table, tls=tls, base=base) for name, table in devices_table.items()}
-    _check_port_conflicts(path, list(listeners.items()))
+    manager = _manager(path, data.get("memory_manager", {}))
+    web = _web(path, data.get("web", {}))
+    _check_port_conflicts(path, listening_ports(listeners, web))
     return ApplianceConfig(listeners=listeners, archive=extras["disk_server"], memory=extras["memory_server"],
-                           devices=devices, tls=tls, **config_values)
+                           manager=manager, web=web, devices=devices, tls=tls, **config_values)
 
 
 def load(path: str) -> ApplianceConfig:

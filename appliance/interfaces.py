@@ -76,3 +76,18 @@ class IObjectSink(Interface):
     def open(description, pause, resume):
         """An :class:`IObjectWriter` for the data set ``description`` (appliance.dataset.checks.ObjectDescription)
         announces; ``pause()`` and ``resume()`` stop and restart reading from the peer (flow control)."""
+
+
+class ILoadTracker(Interface):
+    """What the Memory-Server's sink tells the Memory-Manager about objects arriving for its loads."""
+
+    def expects(description):
+        """Whether a running load asked for the object ``description`` (appliance.dataset.checks.ObjectDescription)
+        announces: its Move Originator AE Title and Message ID name one of the load's C-MOVEs, or it comes from
+        the device a load is moving from."""
+
+    def kept(description):
+        """The object was kept in memory."""
+
+    def refused(description, refused):
+        """The object was refused (appliance.dataset.checks.Refused): its load says why."""

@@ -14,8 +14,7 @@ import socket
 import sqlite3
 import sys
 import tempfile
-from typing import List, Tuple
-
+from functools import partial
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
@@ -26,7 +25,11 @@ from . import logs
 from .ae.listeners import acceptor_factory, disk_server_services, memory_server_services
 from .archive.archive import Archive
 from .dataset.deflate import InflateLimits
+from .ae.manager import MemoryManager
 from .memory.store import MemoryStore
+from .net.requestor import MessageIds, connect_device
+from .web.api import ApiResource
+from .web.server import ApplianceSite
 from .net import tls
 from .net.threads import ThreadPoolService
 
@@ -148,19 +151,9 @@ class MemoryService(Service):
         self._call = None
 
 
-def _bound_ports(config: configuration.ApplianceConfig) -> List[Tuple[str, str, str, int]]:
-    """(section, key, interface, port) of every listening port to bind: plain and TLS."""
-    ports = []
-    for section, listener in config.listeners.items():
-        for key, port in (("port", listener.port), ("tls_port", listener.tls_port)):
-            if port:
-                ports.append((section, key, listener.interface, port))
-    return ports
-
-
 def check_ports(config: configuration.ApplianceConfig) -> None:
     """Fail with the file and key of a listener whose port cannot be bound, before any is bound for real."""
-    for section, port_key, interface, port in _bound_ports(config):
+    for section, port_key, interface, port in configuration.listening_ports(config.listeners, config.web):
         family = socket.AF_INET6 if ":" in interface else socket.AF_INET
         probe = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -200,7 +193,8 @@ def makeService(options, reactor=None) -> MultiService:
     db = ThreadPoolService(reactor, "archive-db", max_threads=1)
     read = ThreadPoolService(reactor, "archive-read", max_threads=2)  # C-FIND queries, read-only connections
     check = ThreadPoolService(reactor, "memory-check", max_threads=2)  # parsing objects received into memory
-    for pool in (io, db, read, check):
+    web = ThreadPoolService(reactor, "web", max_threads=2)  # the web API's parsing and rendering
+    for pool in (io, db, read, check, web):
         pool.setServiceParent(root)
     try:
         archive = Archive(config.archive.path, config.archive.limits, config.archive.on_duplicate, reactor,
@@ -215,10 +209,11 @@ def makeService(options, reactor=None) -> MultiService:
         tls.TLSService(contexts, reactor).setServiceParent(root)
     memory = MemoryStore(config.memory.memory_limit, reactor, config.memory.retention)
     MemoryService(memory, reactor).setServiceParent(root)
+    manager = MemoryManager(config, memory, reactor, partial(_connect_device, reactor, config, contexts, MessageIds()))
     # one builder per listening AE of configuration.LISTENERS: its services
     builders = {
         "disk_server": lambda: disk_server_services(config, archive, read.runner, tls=contexts),
-        "memory_server": lambda: memory_server_services(config, memory, check.runner),
+        "memory_server": lambda: memory_server_services(config, memory, check.runner, loads=manager),
     }
     for section, listener in config.listeners.items():
         if not listener.port and not listener.tls_port:
@@ -236,4 +231,30 @@ def makeService(options, reactor=None) -> MultiService:
             service = StreamServerEndpointService(endpoint, tls.server_factory(contexts.servers[section], factory))
             service.setName(f"{section}_tls")
             service.setServiceParent(root)
+    if config.web.port:
+        site = ApplianceSite(ApiResource(config, manager, memory, web.runner, _renderer()), reactor)
+        endpoint_class = TCP6ServerEndpoint if ":" in config.web.interface else TCP4ServerEndpoint
+        endpoint = endpoint_class(reactor, config.web.port, backlog=64, interface=config.web.interface)
+        service = StreamServerEndpointService(endpoint, site)
+        service.setName("web")
+        service.setServiceParent(root)
     return root
+
+
+def _connect_device(reactor, config: configuration.ApplianceConfig, contexts: tls.TLSContexts, message_ids: MessageIds,
+                    device: configuration.DeviceConfig, presentation_contexts, **options):
+    """An association of the Memory-Manager to ``device``: its AE title, Message IDs and TLS contexts."""
+    return connect_device(reactor, device, config.manager.ae_title, presentation_contexts,
+                          implementation_class_uid=config.implementation_class_uid,
+                          implementation_version_name=config.implementation_version_name, tls=contexts,
+                          message_ids=message_ids, **options)
+
+
+def _renderer():
+    """The web API's PNG renderer, or None when numpy or Pillow is missing (rendering then answers 501)."""
+    try:
+        from .dataset.render import render_png
+    except ImportError as error:
+        logs.logger("appliance.web").warn("rendered images are not available: {error}", error=error)
+        return None
+    return render_png

@@ -417,6 +417,8 @@ class ApplianceServer(Server):
                 "timeout = 120\n"
                 "[memory_server]\n"
                 "port = 0\n"
+                "[web]\n"
+                "port = 0\n"
             )
         command = [self.tools["twistd"], "-n", "--pidfile="]
         if self.profile:

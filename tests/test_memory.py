@@ -8,6 +8,7 @@ import zlib
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from appliance import config as configuration
 from appliance.ae.listeners import acceptor_factory, memory_server_services
@@ -15,6 +16,7 @@ from appliance.dataset.deflate import DEFLATED
 from appliance.dataset.metadata import extract
 from appliance.dicom import dimse as D
 from appliance.dicom.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
+from appliance.interfaces import ILoadTracker
 from appliance.memory.store import OBJECT_OVERHEAD, MemoryStore, NoRoom
 from appliance.net.threads import synchronous_runner
 from appliance.tap import MemoryService
@@ -142,7 +144,7 @@ class MemoryStoreTests(SynchronousTestCase):
 class MemoryServerHarness:
     """An in-memory Memory-Server over a real MemoryStore."""
 
-    def __init__(self, test, memory=None, expected=None):
+    def __init__(self, test, memory=None, loads=None):
         self.test = test
         root = test.mktemp()
         self.clock = Clock()
@@ -150,7 +152,7 @@ class MemoryServerHarness:
         self.config = configuration.parse({"appliance": {"data_dir": root}, "memory_server": memory or {}},
                                           os.path.join(root, "x.toml"))
         self.store = MemoryStore(self.config.memory.memory_limit, self.clock, self.config.memory.retention)
-        services = memory_server_services(self.config, self.store, synchronous_runner, expected=expected)
+        services = memory_server_services(self.config, self.store, synchronous_runner, loads=loads)
         self.factory = acceptor_factory(self.config.memory_server, self.config, services, self.clock)
         self.message_id = 0
 
@@ -261,18 +263,54 @@ class UnsolicitedTests(SynchronousTestCase):
         self.assertEqual(harness.store_object(self.data("1.3.1"), "1.3.1").Status, 0)
 
     def test_refused_when_not_accepted(self):
-        seen = []
-        harness = MemoryServerHarness(self, {"accept_unsolicited": False},
-                                      expected=lambda d: seen.append(d) or d.move_originator == "MEMORY_MANAGER")
+        loads = RecordingTracker(lambda d: d.move_originator == "MEMORY_MANAGER")
+        harness = MemoryServerHarness(self, {"accept_unsolicited": False}, loads=loads)
         response = harness.store_object(self.data("1.3.2"), "1.3.2")
         self.assertEqual(response.Status, 0x0124)
         self.assertIn("accept_unsolicited", response.ErrorComment)
         self.assertEqual(harness.store.studies, {})
+        self.assertEqual(loads.refusals, [], "an object no load asked for is none of the loads' business")
         response = harness.store_object(self.data("1.3.3"), "1.3.3", MoveOriginatorApplicationEntityTitle="MEMORY_MANAGER",
                                         MoveOriginatorMessageID=7)
         self.assertEqual(response.Status, 0)
-        self.assertEqual((seen[-1].move_originator, seen[-1].move_message_id, seen[-1].source_ae),
-                         ("MEMORY_MANAGER", 7, "ARCHIVE"))
+        seen = loads.asked[-1]
+        self.assertEqual((seen.move_originator, seen.move_message_id, seen.source_ae), ("MEMORY_MANAGER", 7, "ARCHIVE"))
+        self.assertEqual([d.sop_instance_uid for d in loads.kept_objects], ["1.3.3"])
+
+    def test_refusals_of_wanted_objects_reported(self):
+        """An object a load asked for and memory cannot keep: the load hears why."""
+        loads = RecordingTracker(lambda d: True)
+        harness = MemoryServerHarness(self, {"memory_limit": "1 MiB"}, loads=loads)
+        big = encode_dataset(make_dataset(sop="1.3.4", pixels=bytes(2 << 20)), EXPLICIT_VR_LITTLE_ENDIAN)
+        self.assertEqual(harness.store_object(big, "1.3.4").Status, 0xA700)
+        bad = encode_dataset(make_dataset(sop="1.3.5"), EXPLICIT_VR_LITTLE_ENDIAN)
+        self.assertEqual(harness.store_object(bad, "1.3.6").Status, 0xA900)
+        harness.store.pin("1.9.9")
+        harness.store.reserve(1020 * KIB)  # memory taken by objects still arriving: nothing can be dropped
+        self.assertEqual(harness.store_object(bad, "1.3.5").Status, 0xA700)
+        self.assertEqual([(d.sop_instance_uid, r.kind.name) for d, r in loads.refusals],
+                         [("1.3.6", "NOT_MATCHING"), ("1.3.5", "OUT_OF_RESOURCES")])
+        self.assertIn("memory full", loads.refusals[-1][1].comment)
+        # the one too large is refused by the service before the sink decides: the load learns it from the
+        # sub-operation counts the archive reports
+        self.assertEqual(loads.kept_objects, [])
+
+
+@implementer(ILoadTracker)
+class RecordingTracker:
+    def __init__(self, wants):
+        self.wants = wants
+        self.asked, self.kept_objects, self.refusals = [], [], []
+
+    def expects(self, description):
+        self.asked.append(description)
+        return self.wants(description)
+
+    def kept(self, description):
+        self.kept_objects.append(description)
+
+    def refused(self, description, refused):
+        self.refusals.append((description, refused))
 
 
 class MemoryConfigTests(SynchronousTestCase):

@@ -26,7 +26,7 @@ TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
 def _listener_config(disk_port: int, memory_port: int, extra: str = "") -> str:
     return (
         f'[disk_server]\ninterface = "127.0.0.1"\nport = {disk_port}\n'
-        f'[memory_server]\ninterface = "127.0.0.1"\nport = {memory_port}\n' + extra
+        f'[memory_server]\ninterface = "127.0.0.1"\nport = {memory_port}\n[web]\nport = 0\n' + extra
     )
 
 

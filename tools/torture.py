@@ -253,7 +253,7 @@ def write_config(path: str, data_dir: str, port: int, **disk_server: object) -> 
 
     lines = ["[appliance]", f"data_dir = {toml(os.path.abspath(data_dir))}", "", "[disk_server]"]
     lines += [f"{key} = {toml(value)}" for key, value in keys.items()]
-    lines += ["", "[memory_server]", "port = 0", ""]
+    lines += ["", "[memory_server]", "port = 0", "", "[web]", "port = 0", ""]
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines))
     return path

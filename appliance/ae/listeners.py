@@ -61,15 +61,15 @@ def disk_server_services(config: ApplianceConfig, archive: Archive, read: Option
 
 
 def memory_server_services(config: ApplianceConfig, store: MemoryStore, runner: MemoryRunner,
-                           expected=None) -> list:
+                           loads=None) -> list:
     """The Memory-Server's service classes: C-ECHO, and C-STORE into ``store`` (checks run by ``runner``);
-    ``expected(description)`` says whether a load asked for an object (None: no loads)."""
+    ``loads`` (an ILoadTracker: the Memory-Manager) says which objects its loads asked for (None: no loads)."""
     memory = config.memory
     return [
         VerificationService(),
         StorageService(
             MemorySink(store, runner, InflateLimits(max_size=memory.memory_limit, name="memory_limit"),
-                       accept_unsolicited=memory.accept_unsolicited, expected=expected),
+                       accept_unsolicited=memory.accept_unsolicited, loads=loads),
             storage_syntaxes(memory.sop_classes),
         ),
     ]

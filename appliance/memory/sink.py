@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from ..dataset.checks import Kept, ObjectDescription, Refusal, Refused, apply_coercion, check_metadata, inspect_memory
 from ..dataset.deflate import DEFLATED, InflateLimits, NotInflatable, TooLarge, read_deflated
-from ..interfaces import IObjectSink, IObjectWriter
+from ..interfaces import ILoadTracker, IObjectSink, IObjectWriter
 from ..logs import logger
 from .store import OBJECT_OVERHEAD, MemoryStore, NoRoom
 
@@ -94,14 +94,13 @@ class MemorySink:
     """Objects into a :class:`MemoryStore`."""
 
     def __init__(self, store: MemoryStore, runner: Runner, limits: InflateLimits = InflateLimits(),
-                 accept_unsolicited: bool = True,
-                 expected: Optional[Callable[[ObjectDescription], bool]] = None) -> None:
+                 accept_unsolicited: bool = True, loads: Optional[ILoadTracker] = None) -> None:
         self.store = store
         self.runner = runner
         self.limits = limits
         self.accept_unsolicited = accept_unsolicited
-        #: whether a load asked for the object (the Memory-Manager's; None: no load is ever running)
-        self.expected = expected
+        #: the Memory-Manager's loads (None: no load is ever running)
+        self.loads = ILoadTracker(loads) if loads is not None else None
 
     def open(self, description: ObjectDescription, pause: Callable[[], None],
              resume: Callable[[], None]) -> "MemoryWriter":
@@ -119,8 +118,8 @@ class MemoryWriter:
         self.buffer = bytearray()
         self.reserved = 0
         self.refusal: Optional[Refused] = None
-        wanted = sink.expected(description) if sink.expected is not None else False
-        if not wanted and not sink.accept_unsolicited:
+        self.wanted = sink.loads.expects(description) if sink.loads is not None else False
+        if not self.wanted and not sink.accept_unsolicited:
             self.refusal = Refused(Refusal.NOT_WANTED, "no load asked for this object (accept_unsolicited = false)")
 
     def write(self, data: bytes) -> None:
@@ -143,15 +142,15 @@ class MemoryWriter:
     def finish(self) -> defer.Deferred:
         if self.refusal is not None:
             self._release()
-            return defer.fail(self.refusal)
+            return defer.fail(self.refusal).addErrback(self._tell)
         try:
             self.store.reserve(OBJECT_OVERHEAD)
         except NoRoom as error:
             self._release()
-            return defer.fail(Refused(Refusal.OUT_OF_RESOURCES, f"memory full: {error}"))
+            return defer.fail(Refused(Refusal.OUT_OF_RESOURCES, f"memory full: {error}")).addErrback(self._tell)
         self.reserved += OBJECT_OVERHEAD
         checking = self.sink.runner(_check, self.buffer, self.description, self.sink.limits)
-        return checking.addBoth(self._checked)
+        return checking.addBoth(self._checked).addErrback(self._tell)
 
     def _checked(self, result):
         buffer = self.buffer
@@ -160,7 +159,15 @@ class MemoryWriter:
             return result  # a Refused (or an unexpected failure) goes on to the service
         metadata, coerced = result
         replaced = self.store.put(metadata, self.description.transfer_syntax, buffer)
+        if self.wanted:
+            self.sink.loads.kept(self.description)
         return Kept(coerced=coerced, duplicate="replaced" if replaced else None)
+
+    def _tell(self, failure):
+        """A refusal of an object a load asked for is the load's business too."""
+        if self.wanted and failure.check(Refused):
+            self.sink.loads.refused(self.description, failure.value)
+        return failure
 
     def abandon(self, reason: str) -> None:
         if self.refusal is None:

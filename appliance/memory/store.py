@@ -51,6 +51,8 @@ class HeldStudy:
     used_at: float = 0.0
     #: loads running for it, readers open on it: while any, it is never dropped
     pins: int = 0
+    #: what loads brought in whole: "*" for the study, else series UIDs (forgotten when the study is dropped)
+    complete: set = field(default_factory=set)
 
     def objects(self) -> Iterator[HeldObject]:
         for instances in self.series.values():
@@ -165,6 +167,21 @@ class MemoryStore:
         study.pins -= 1
         if not study.pins and not study.series:
             del self.studies[study_uid]  # pinned for a load that brought nothing
+
+    def mark_complete(self, study_uid: str, series_uid: Optional[str] = None) -> None:
+        """A load brought the whole study (or series) in."""
+        study = self.studies.get(study_uid)
+        if study is not None:
+            study.complete.add(series_uid or "*")
+
+    def is_complete(self, study_uid: str, series_uid: Optional[str] = None) -> bool:
+        """Whether a load brought in the whole study, or the series (itself or with its study), since it was
+        last dropped."""
+        study = self.studies.get(study_uid)
+        if study is None or not study.series:
+            return False
+        return "*" in study.complete or (series_uid is not None and series_uid in study.complete
+                                         and series_uid in study.series)
 
     def touch(self, study_uid: str) -> None:
         study = self.studies.get(study_uid)

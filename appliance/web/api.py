@@ -1,0 +1,451 @@
+"""The local JSON API: loads (the Memory-Manager) and what is in memory (the Memory-Server's store).
+
+::
+
+    GET    /api/devices                                   the configured devices
+    GET    /api/loads                                     every load, newest last
+    POST   /api/loads                                     {"device", "study", "series"?, "instance"?} -> 202
+    GET    /api/loads/{id}
+    DELETE /api/loads/{id}                                cancel (C-CANCEL), or drop a queued load
+    GET    /api/memory/studies                            what is held, by study
+    GET    /api/memory/studies/{study}                    one study with its series and instances
+    DELETE /api/memory/studies/{study}                    free it
+    GET    /api/memory/studies/{study}/series/{series}/instances/{sop}            application/dicom (Part 10)
+    GET    /api/memory/studies/{study}/series/{series}/instances/{sop}/metadata   DICOM JSON (PS3.18 F.2)
+    GET    /api/memory/studies/{study}/series/{series}/instances/{sop}/rendered   image/png (?frame=&window=c,w)
+
+Every answer is JSON except the instance, its metadata (application/dicom+json) and the rendered image;
+every error is ``{"error": reason}`` with a 4xx status saying whose fault it is.  Path segments and
+parameters are checked before anything is looked up: UIDs must be UIDs, ids numbers, bodies small JSON
+objects with known keys.  Parsing and rendering run on worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from io import BytesIO
+from typing import Callable, Dict, List, Optional, Tuple
+from urllib.parse import quote
+
+from twisted.internet import defer
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from ..ae.manager import MemoryManager, UnknownDevice, UnknownLoad
+from ..config import ApplianceConfig
+from ..dataset.part10 import part10_header
+from ..dicom.uids import is_valid_uid
+from ..logs import logger
+from ..memory.store import HeldObject, HeldStudy, MemoryStore
+
+__all__ = ["ApiResource", "HTTPError"]
+
+_log = logger("appliance.web")
+
+#: Bytes written to the connection at a time when serving an object (flow-controlled by the transport).
+SEND_CHUNK = 256 * 1024
+#: Binary values up to this size are inlined in the metadata (InlineBinary); larger ones are referenced.
+BULK_THRESHOLD = 1024
+#: Longest ``?wait=`` on a load, in seconds.
+MAX_WAIT = 60
+_LOAD_KEYS = {"device", "study", "series", "instance"}
+_DEVICE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_JSON = "application/json"
+
+
+class HTTPError(Exception):
+    def __init__(self, code: int, reason: str, headers: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.headers = headers or {}
+
+
+def json_bytes(value) -> bytes:
+    """JSON, ASCII only, with <, > and & escaped too: never markup, whatever a browser makes of it."""
+    text = json.dumps(value, ensure_ascii=True)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode("ascii")
+
+
+def _uid(value, what: str) -> str:
+    if not isinstance(value, str) or not is_valid_uid(value):
+        shown = value if isinstance(value, str) and len(value) <= 80 else type(value).__name__
+        raise HTTPError(http.BAD_REQUEST, f"{what} must be a UID (digits and dots, at most 64 characters), "
+                                          f"not {shown!r}")
+    return value
+
+
+class ApiResource(Resource):
+    """The web port's root: one leaf resource routing on the path segments (everything is under /api)."""
+
+    isLeaf = True
+
+    def __init__(self, config: ApplianceConfig, manager: MemoryManager, store: MemoryStore,
+                 runner: Callable[..., defer.Deferred], render=None) -> None:
+        super().__init__()
+        self.config = config
+        self.manager = manager
+        self.store = store
+        #: where parsing and rendering run (a worker thread in the appliance)
+        self.runner = runner
+        #: render(data, transfer_syntax, frame, window) -> PNG bytes (appliance.dataset.render.render_png)
+        self.renderer = render
+        self.routes: List[Tuple[Tuple[str, ...], Dict[bytes, Callable]]] = [
+            (("api", "devices"), {b"GET": self.list_devices}),
+            (("api", "loads"), {b"GET": self.list_loads, b"POST": self.create_load}),
+            (("api", "loads", "*"), {b"GET": self.show_load, b"DELETE": self.cancel_load}),
+            (("api", "memory", "studies"), {b"GET": self.list_studies}),
+            (("api", "memory", "studies", "*"), {b"GET": self.show_study, b"DELETE": self.free_study}),
+            (("api", "memory", "studies", "*", "series", "*", "instances", "*"), {b"GET": self.instance}),
+            (("api", "memory", "studies", "*", "series", "*", "instances", "*", "metadata"), {b"GET": self.metadata}),
+            (("api", "memory", "studies", "*", "series", "*", "instances", "*", "rendered"), {b"GET": self.rendered}),
+        ]
+
+    # --- dispatch -----------------------------------------------------------------------------------------
+
+    def render(self, request):  # noqa: C901 (one dispatch)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"cache-control", b"no-store")
+        try:
+            segments = [segment.decode("utf-8") for segment in request.postpath]
+        except UnicodeDecodeError:
+            return self._error(request, HTTPError(http.BAD_REQUEST, "the path is not UTF-8"))
+        if segments and segments[-1] == "":
+            segments.pop()  # a trailing slash
+        for pattern, methods in self.routes:
+            if len(pattern) == len(segments) and all(p == "*" or p == s for p, s in zip(pattern, segments)):
+                handler = methods.get(request.method)
+                if handler is None:
+                    allowed = ", ".join(sorted(m.decode("ascii") for m in methods))
+                    return self._error(request, HTTPError(http.NOT_ALLOWED, f"{request.method.decode('ascii', 'replace')}"
+                                                          f" is not allowed here (allowed: {allowed})",
+                                                          {"Allow": allowed}))
+                arguments = [s for p, s in zip(pattern, segments) if p == "*"]
+                try:
+                    result = handler(request, *arguments)
+                except HTTPError as error:
+                    return self._error(request, error)
+                if isinstance(result, defer.Deferred):
+                    result.addErrback(self._failed, request).addCallback(self._answer, request)
+                    request.notifyFinish().addErrback(lambda _: result.cancel())
+                    return NOT_DONE_YET
+                return self._finish(request, result)
+        return self._error(request, HTTPError(http.NOT_FOUND, f"no such resource: /{'/'.join(segments)}"[:200]))
+
+    def _failed(self, failure, request):
+        if failure.check(HTTPError):
+            return failure.value
+        if failure.check(defer.CancelledError):
+            return None  # the client went away
+        _log.failure("HTTP {method} {path} failed", failure, method=request.method, path=request.path)
+        return HTTPError(http.INTERNAL_SERVER_ERROR, "internal error (logged)")
+
+    def _answer(self, result, request) -> None:
+        if result is None or request.finished or getattr(request, "_disconnected", False):
+            return
+        if isinstance(result, HTTPError):
+            body = self._error(request, result)
+        else:
+            body = self._finish(request, result)
+        if body is not NOT_DONE_YET:
+            request.write(body)
+            request.finish()
+
+    def _finish(self, request, result):
+        """A handler's result: (status, JSON-able) or (status, content type, bytes) or a streaming callable."""
+        if callable(result):
+            result(request)
+            return NOT_DONE_YET
+        if len(result) == 2:
+            code, value = result
+            body, content_type = json_bytes(value), _JSON
+        else:
+            code, content_type, body = result
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"content-length", str(len(body)).encode("ascii"))
+        return body
+
+    @staticmethod
+    def _error(request, error: HTTPError) -> bytes:
+        request.setResponseCode(error.code)
+        for name, value in error.headers.items():
+            request.setHeader(name.encode("ascii"), value.encode("ascii"))
+        body = json_bytes({"error": error.reason})
+        request.setHeader(b"content-type", _JSON.encode("ascii"))
+        request.setHeader(b"content-length", str(len(body)).encode("ascii"))
+        return body
+
+    # --- devices and loads --------------------------------------------------------------------------------
+
+    def list_devices(self, request):
+        return http.OK, {"devices": [
+            {"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port, "tls": d.tls is not None,
+             "retrieve": d.retrieve} for d in self.config.devices.values()]}
+
+    def list_loads(self, request):
+        return http.OK, {"loads": [load.as_json() for load in self.manager.loads.values()]}
+
+    def create_load(self, request):
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if content_type != b"application/json":
+            raise HTTPError(http.UNSUPPORTED_MEDIA_TYPE, "send the load as application/json")
+        try:
+            body = json.loads(request.content.read().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as error:
+            raise HTTPError(http.BAD_REQUEST, f"the body is not JSON: {error}"[:200]) from None
+        if not isinstance(body, dict):
+            raise HTTPError(http.BAD_REQUEST, "the body must be a JSON object")
+        unknown = sorted(str(key)[:40] for key in body if key not in _LOAD_KEYS)
+        if unknown:
+            raise HTTPError(http.BAD_REQUEST, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_LOAD_KEYS))})")
+        device = body.get("device")
+        if not isinstance(device, str) or not _DEVICE_NAME.match(device):
+            raise HTTPError(http.BAD_REQUEST, "device must be the name of a configured device ([devices.NAME])")
+        study = _uid(body.get("study"), "study")
+        series = _uid(body["series"], "series") if body.get("series") is not None else None
+        instance = _uid(body["instance"], "instance") if body.get("instance") is not None else None
+        if instance is not None and series is None:
+            raise HTTPError(http.BAD_REQUEST, "an instance is loaded with its series: give series too")
+        try:
+            load = self.manager.submit(device, study, series, instance)
+        except UnknownDevice as error:
+            raise HTTPError(http.NOT_FOUND, str(error)) from None
+        request.setHeader(b"location", f"/api/loads/{load.id}".encode("ascii"))
+        return http.ACCEPTED, load.as_json()
+
+    def _load_id(self, text: str) -> int:
+        if not text.isdigit() or len(text) > 12:
+            raise HTTPError(http.BAD_REQUEST, "a load id is a number")
+        return int(text)
+
+    def show_load(self, request, load_id: str):
+        """The load; with ``?wait=SECONDS`` (1 to 60) answered at its next change of state, or after that long."""
+        unknown = sorted(key.decode("ascii", "replace")[:40] for key in request.args if key != b"wait")
+        if unknown:
+            raise HTTPError(http.BAD_REQUEST, f"unknown parameter {unknown[0]!r} (known: wait)")
+        try:
+            load = self.manager.get(self._load_id(load_id))
+        except UnknownLoad as error:
+            raise HTTPError(http.NOT_FOUND, str(error)) from None
+        if b"wait" not in request.args:
+            return http.OK, load.as_json()
+        text = request.args[b"wait"][-1].decode("ascii", "replace")
+        if not text.isdigit() or not 1 <= int(text) <= MAX_WAIT:
+            raise HTTPError(http.BAD_REQUEST, f"wait must be a number of seconds from 1 to {MAX_WAIT}")
+        waiting = self.manager.changed(load.id)
+        waiting.addTimeout(int(text), self.manager.clock, onTimeoutCancel=lambda result, timeout: load)
+        return waiting.addCallback(lambda changed: (http.OK, changed.as_json()))
+
+    def cancel_load(self, request, load_id: str):
+        try:
+            load = self.manager.cancel(self._load_id(load_id))
+        except UnknownLoad as error:
+            raise HTTPError(http.NOT_FOUND, str(error)) from None
+        return (http.ACCEPTED if load.state.value == "running" else http.OK), load.as_json()
+
+    # --- memory -------------------------------------------------------------------------------------------
+
+    def list_studies(self, request):
+        self.store.expire()
+        return http.OK, {"size": self.store.size, "limit": self.store.limit,
+                         "studies": [_study_json(study) for study in self.store.studies.values() if study.series]}
+
+    def _study(self, study_uid: str) -> HeldStudy:
+        _uid(study_uid, "the study")
+        study = self.store.studies.get(study_uid)
+        if study is None or not study.series:
+            raise HTTPError(http.NOT_FOUND, f"study {study_uid} is not in memory")
+        return study
+
+    def show_study(self, request, study_uid: str):
+        study = self._study(study_uid)
+        self.store.touch(study_uid)
+        value = _study_json(study)
+        value["series"] = [
+            {"series": series_uid, "modality": next(iter(instances.values())).metadata.modality,
+             "instances": [{"instance": sop_uid, "sop_class": held.metadata.sop_class_uid,
+                            "transfer_syntax": held.transfer_syntax, "number": held.metadata.instance_number,
+                            "bytes": len(held.data)} for sop_uid, held in instances.items()]}
+            for series_uid, instances in study.series.items()]
+        return http.OK, value
+
+    def free_study(self, request, study_uid: str):
+        study = self._study(study_uid)
+        if study.pins:
+            raise HTTPError(http.CONFLICT, f"study {study_uid} is being loaded or read: cancel its load first")
+        return http.OK, {"study": study_uid, "freed": self.store.drop(study_uid, "freed through the API")}
+
+    def _held(self, study_uid: str, series_uid: str, sop_uid: str) -> HeldObject:
+        self._study(study_uid)
+        _uid(series_uid, "the series")
+        _uid(sop_uid, "the instance")
+        held = self.store.find(study_uid, series_uid, sop_uid)
+        if held is None:
+            raise HTTPError(http.NOT_FOUND, f"instance {sop_uid} of series {series_uid} is not in memory")
+        self.store.touch(study_uid)
+        return held
+
+    def instance(self, request, study_uid: str, series_uid: str, sop_uid: str):
+        held = self._held(study_uid, series_uid, sop_uid)
+        header = part10_header(held.metadata.sop_class_uid, sop_uid, held.transfer_syntax,
+                               self.config.implementation_class_uid, self.config.implementation_version_name,
+                               self.config.memory_server.ae_title)
+        length = len(header) + len(held.data)
+        request.setResponseCode(http.OK)
+        request.setHeader(b"content-type", b"application/dicom")
+        request.setHeader(b"content-length", str(length).encode("ascii"))
+        request.setHeader(b"content-disposition", f'attachment; filename="{sop_uid}.dcm"'.encode("ascii"))
+        return lambda req: _Sender(req, self.store, study_uid, [header, held.data]).start()
+
+    def metadata(self, request, study_uid: str, series_uid: str, sop_uid: str):
+        held = self._held(study_uid, series_uid, sop_uid)
+        uri = "/api/memory/studies/{}/series/{}/instances/{}".format(
+            *(quote(uid, safe="") for uid in (study_uid, series_uid, sop_uid)))
+        reading = self._pinned(study_uid, _metadata_json, held, uri)
+        return reading.addCallback(lambda body: (http.OK, "application/dicom+json", body))
+
+    def rendered(self, request, study_uid: str, series_uid: str, sop_uid: str):
+        frame, window = _render_parameters(request.args)
+        held = self._held(study_uid, series_uid, sop_uid)
+        if self.renderer is None:
+            raise HTTPError(http.NOT_IMPLEMENTED, "rendering is not available: numpy and Pillow are not installed")
+        rendering = self._pinned(study_uid, self.renderer, bytes(held.data), held.transfer_syntax, frame, window)
+
+        def not_renderable(failure):
+            status = getattr(failure.value, "status", None)
+            if isinstance(status, int) and 400 <= status < 500:
+                return HTTPError(status, str(failure.value))
+            return failure
+
+        return rendering.addCallbacks(lambda png: (http.OK, "image/png", png), not_renderable)
+
+    def _pinned(self, study_uid: str, function, *args) -> defer.Deferred:
+        """``function(*args)`` on a worker thread, the study pinned meanwhile."""
+        self.store.pin(study_uid)
+        working = self.runner(function, *args)
+
+        def unpin(result):
+            self.store.unpin(study_uid)
+            return result
+
+        return working.addBoth(unpin)
+
+
+def _render_parameters(args) -> Tuple[int, Optional[Tuple[float, float]]]:
+    unknown = sorted(key.decode("ascii", "replace")[:40] for key in args if key not in (b"frame", b"window"))
+    if unknown:
+        raise HTTPError(http.BAD_REQUEST, f"unknown parameter {unknown[0]!r} (known: frame, window)")
+    frame = 0
+    if b"frame" in args:
+        text = args[b"frame"][-1].decode("ascii", "replace")
+        if not text.isdigit() or len(text) > 9:
+            raise HTTPError(http.BAD_REQUEST, "frame must be a frame number from 0")
+        frame = int(text)
+    window = None
+    if b"window" in args:
+        parts = args[b"window"][-1].decode("ascii", "replace").split(",")
+        try:
+            center, width = (float(part) for part in parts)
+        except ValueError:
+            raise HTTPError(http.BAD_REQUEST, "window must be center,width (two numbers)") from None
+        if not (width > 0 and abs(center) < 1e12 and width < 1e12):
+            raise HTTPError(http.BAD_REQUEST, "window width must be above 0 (and both values finite)")
+        window = (center, width)
+    return frame, window
+
+
+def _study_json(study: HeldStudy) -> dict:
+    first = next(study.objects(), None)
+    metadata = first.metadata if first is not None else None
+    return {
+        "study": study.study_uid,
+        "patient_name": metadata.patient_name if metadata else "",
+        "patient_id": metadata.patient_id if metadata else "",
+        "study_date": metadata.study_date if metadata else "",
+        "description": _description(metadata),
+        "accession_number": metadata.accession_number if metadata else "",
+        "modalities": sorted({obj.metadata.modality for obj in study.objects() if obj.metadata.modality}),
+        "series_count": len(study.series),
+        "instance_count": study.count,
+        "bytes": study.size,
+        "in_use": study.pins > 0,
+    }
+
+
+def _description(metadata) -> str:
+    if metadata is None:
+        return ""
+    try:
+        value = json.loads(metadata.study_json).get("00081030", {}).get("Value", [""])
+        return str(value[0]) if value else ""
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _metadata_json(held: HeldObject, uri: str) -> bytes:
+    """Worker thread: the object as DICOM JSON; binary values above BULK_THRESHOLD bytes are a BulkDataURI
+    naming the instance (whose Part 10 object holds them)."""
+    from pydicom import dcmread
+
+    header = part10_header(held.metadata.sop_class_uid, held.metadata.sop_instance_uid, held.transfer_syntax,
+                           "1.2", None, None)
+    try:
+        ds = dcmread(BytesIO(header + bytes(held.data)), force=True)
+        value = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=lambda element: uri,
+                                suppress_invalid_tags=True)
+        return json_bytes([value])
+    except Exception as error:  # pydicom raises many kinds on a data set it cannot read
+        raise HTTPError(422,
+                        f"cannot read the object as DICOM JSON: {type(error).__name__}: {error}"[:300]) from None
+
+
+class _Sender:
+    """Writes an object's bytes to the response a chunk at a time, as the transport drains (IPushProducer)."""
+
+    def __init__(self, request, store: MemoryStore, study_uid: str, parts) -> None:
+        self.request = request
+        self.store = store
+        self.study_uid = study_uid
+        self.parts = [memoryview(part) for part in parts]
+        self.paused = False
+        self.done = False
+
+    def start(self) -> None:
+        self.store.pin(self.study_uid)
+        self.request.registerProducer(self, True)
+        self.request.notifyFinish().addBoth(self._ended)
+        self._send()
+
+    def _send(self) -> None:
+        while not self.paused and not self.done:
+            if not self.parts:
+                self.done = True
+                self.request.unregisterProducer()
+                self.request.finish()
+                return
+            part = self.parts[0]
+            chunk, self.parts[0] = part[:SEND_CHUNK], part[SEND_CHUNK:]
+            if not len(self.parts[0]):
+                self.parts.pop(0)
+            self.request.write(bytes(chunk))
+
+    def _ended(self, _) -> None:
+        if not self.done:
+            self.done = True
+        self.parts = []
+        self.store.unpin(self.study_uid)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._send()
+
+    def stopProducing(self) -> None:
+        self.done = True
+        self.parts = []
