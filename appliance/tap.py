@@ -193,7 +193,7 @@ def makeService(options, reactor=None) -> MultiService:
     db = ThreadPoolService(reactor, "archive-db", max_threads=1)
     read = ThreadPoolService(reactor, "archive-read", max_threads=2)  # C-FIND queries, read-only connections
     check = ThreadPoolService(reactor, "memory-check", max_threads=2)  # parsing objects received into memory
-    web = ThreadPoolService(reactor, "web", max_threads=2)  # the web API's parsing and rendering
+    web = ThreadPoolService(reactor, "web-work", max_threads=2)  # the web API's parsing and rendering
     for pool in (io, db, read, check, web):
         pool.setServiceParent(root)
     try:
