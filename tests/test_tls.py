@@ -850,6 +850,7 @@ class TapTests(unittest.SynchronousTestCase):
             "tls": self.pki.tls_table(),
             "disk_server": {"interface": "127.0.0.1", "port": disk, "tls_port": disk_tls},
             "memory_server": {"interface": "127.0.0.1", "port": 0, "tls_port": memory_tls},
+            "web": {"port": 0},
         })
         memory_reactor = MemoryReactorClock()
         root = self.make_service(options, memory_reactor)
