@@ -13,7 +13,7 @@ export PYTHONPATH := $(CURDIR)
 # libraries as Debian ships them, so the suite also runs on those versions.
 DEBIAN_PACKAGES := dcmtk python3-twisted python3-pydicom python3-openssl \
 	python3-service-identity python3-zope.interface python3-hypothesis \
-	python3-cryptography python3-venv
+	python3-cryptography python3-numpy python3-pil python3-venv
 
 .PHONY: run test test-pypi test-debian system-packages venv clean
 

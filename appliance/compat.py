@@ -28,6 +28,13 @@ __all__ = [
     "certificate_validity",
     "peer_certificate",
     "verify_error_text",
+    "image_dataset",
+    "pixel_decoders",
+    "missing_decoders",
+    "encapsulated_frame",
+    "encapsulate_frame",
+    "decode_frame",
+    "apply_color_lut",
 ]
 
 PYDICOM_VERSION = tuple(int(part) for part in pydicom.__version__.split(".")[:2] if part.isdigit())
@@ -145,6 +152,147 @@ def can_encode_text(text: str, encodings) -> bool:
         return False
     except (UnicodeError, LookupError, ValueError):
         return False
+
+
+# --- Pixel data: pydicom 2.3 (pixel_data_handlers) and 3.x (pixels) ------------------------------------------
+#
+# pydicom 2.3 decodes through handler modules listed in config.pixel_data_handlers and returns arrays in the
+# data set's colour space (JPEG YBR stays YBR); pydicom 3 has one Decoder per transfer syntax with plugins,
+# decodes one frame on request and converts YBR_FULL and YBR_FULL_422 to RGB, saying so in what it returns.
+
+_JPEG_2000 = frozenset(("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+                        "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93"))
+
+
+def image_dataset(data: bytes, encoding: str, pixel_syntax: str):
+    """The data set in ``data`` (encoded as the uncompressed ``encoding``) ready for pixel decoding: its
+    file meta says ``pixel_syntax``, and (pydicom 2) its byte order is set where the LUT helpers read it."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID
+
+    ds = decode_dataset(data, encoding)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(pixel_syntax)
+    if PYDICOM_VERSION < (3, 0):
+        implicit, little = _syntax_flags(encoding)
+        ds.is_implicit_VR, ds.is_little_endian = implicit, little
+    return ds
+
+
+def _transfer_syntaxes():
+    from pydicom.uid import AllTransferSyntaxes
+
+    return list(AllTransferSyntaxes)
+
+
+def pixel_decoders():
+    """Transfer syntax UID -> whether pydicom can decode its pixel data here, for every syntax pydicom knows."""
+    if PYDICOM_VERSION >= (3, 0):
+        from pydicom.pixels import get_decoder
+
+        found = {}
+        for uid in _transfer_syntaxes():
+            try:
+                found[str(uid)] = bool(get_decoder(uid).is_available)
+            except NotImplementedError:
+                found[str(uid)] = False
+        return found
+    from pydicom import config
+
+    return {str(uid): any(handler.is_available() and handler.supports_transfer_syntax(uid)
+                          for handler in config.pixel_data_handlers)
+            for uid in _transfer_syntaxes()}
+
+
+def missing_decoders(transfer_syntax: str) -> str:
+    """pydicom's words on what this machine lacks to decode ``transfer_syntax``."""
+    from pydicom.uid import UID
+
+    uid = UID(transfer_syntax)
+    if PYDICOM_VERSION >= (3, 0):
+        from pydicom.pixels import get_decoder
+
+        try:
+            decoder = get_decoder(uid)
+        except NotImplementedError as error:
+            return str(error)
+        return "; ".join(decoder.missing_dependencies) or "no decoding plugin is available"
+    from importlib.util import find_spec
+
+    from pydicom import config
+
+    wanting = [handler for handler in config.pixel_data_handlers
+               if handler.supports_transfer_syntax(uid) and not handler.is_available()]
+    if not wanting:
+        return f"no pixel data handler supports '{uid.name}'"
+    def lacking(handler):
+        names = [name for module, (_, name) in handler.DEPENDENCIES.items() if find_spec(module) is None]
+        return " and ".join(names) or f"{handler.HANDLER_NAME} with a plugin for it"
+
+    return "; ".join(f"{handler.HANDLER_NAME} - requires {lacking(handler)}" for handler in wanting)
+
+
+def encapsulated_frame(ds, index: int, number_of_frames: int) -> bytes:
+    """The compressed bytes of frame ``index`` of ``ds``'s encapsulated Pixel Data (PS3.5 A.4): by the Basic
+    Offset Table, pydicom 3 also by the Extended Offset Table, else one fragment per frame or JPEG markers."""
+    if PYDICOM_VERSION >= (3, 0):
+        from pydicom.encaps import get_frame
+
+        offsets = None
+        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+            offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+        return get_frame(ds.PixelData, index, extended_offsets=offsets, number_of_frames=number_of_frames)
+    from pydicom.encaps import generate_pixel_data_frame
+
+    for position, frame in enumerate(generate_pixel_data_frame(ds.PixelData, number_of_frames)):
+        if position == index:
+            return frame
+    raise ValueError(f"the encapsulated Pixel Data ends before frame {index}")
+
+
+def encapsulate_frame(ds, frame: bytes) -> None:
+    """Make ``ds`` a single-frame data set whose encapsulated Pixel Data is ``frame`` (the same in 2.3 and 3.x)."""
+    from pydicom.encaps import encapsulate
+
+    for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].is_undefined_length = True
+    ds.NumberOfFrames = 1
+
+
+def decode_frame(ds, transfer_syntax: str, index: int):
+    """(frame ``index`` of ``ds``'s pixel data as an array, the photometric interpretation of that array).
+
+    pydicom 3: the decoder's own answer (it converts YBR_FULL and YBR_FULL_422 to RGB and says so).
+    pydicom 2.3: the array is in the data set's photometric interpretation after decoding (a handler that
+    converts says so by changing it), except JPEG 2000's YBR_ICT and YBR_RCT, whose component transform
+    every JPEG 2000 decoder reverses (PS3.5 8.2.4): those arrays are RGB.
+    """
+    if PYDICOM_VERSION >= (3, 0):
+        from pydicom.pixels import get_decoder
+
+        array, properties = get_decoder(transfer_syntax).as_array(ds, index=index)
+        interpretation = properties.get("photometric_interpretation", ds.PhotometricInterpretation)
+        return array, str(getattr(interpretation, "value", interpretation))
+    array = ds.pixel_array
+    frames = ds.get("NumberOfFrames") or 1
+    if int(frames) > 1:
+        array = array[index]
+    interpretation = str(ds.PhotometricInterpretation)
+    if interpretation in ("YBR_ICT", "YBR_RCT") and transfer_syntax in _JPEG_2000:
+        interpretation = "RGB"
+    return array, interpretation
+
+
+def apply_color_lut(array, ds):
+    """pydicom's Palette Color lookup (PS3.3 C.7.6.3.1.5, segmented ones C.7.9.2) of ``array``."""
+    try:
+        from pydicom.pixels import apply_color_lut as apply
+    except ImportError:
+        from pydicom.pixel_data_handlers.util import apply_color_lut as apply
+    return apply(array, ds)
 
 
 # --- TLS: pyOpenSSL 23 / cryptography 38 (Debian 12) and the newest releases -------------------------------
