@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pydicom.uid import UID
 from twisted.trial import unittest
 
 from appliance.dicom import pdu as P
@@ -9,18 +10,25 @@ from appliance.dicom.negotiation import (
     Acceptance,
     AcceptorPolicy,
     Rejection,
+    get_proposal,
     negotiate_as_acceptor,
     negotiate_as_requestor,
     propose,
 )
 from appliance.dicom.uids import (
     APPLICATION_CONTEXT,
+    CONFORMANCE_STORAGE_CLASSES,
     EXPLICIT_VR_BIG_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
+    GET_COMPRESSED_TRANSFER_SYNTAXES,
+    GET_IMAGE_STORAGE_CLASSES,
+    GET_OTHER_STORAGE_CLASSES,
     IMPLICIT_VR_LITTLE_ENDIAN,
     STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
     UNCOMPRESSED_TRANSFER_SYNTAXES,
     VERIFICATION,
+    registry_storage_classes,
 )
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -445,3 +453,143 @@ class RequestorNegotiationTests(unittest.TestCase):
         negotiated = negotiate_as_requestor(self.request, response)
         self.assertEqual([c.id for c in negotiated.contexts], [1, 3, 5, 7])
         self.assertEqual(sorted(negotiated.accepted), [1])
+
+
+class RoleSelectionRequestorTests(unittest.TestCase):
+    """propose(roles=...) and negotiate_as_requestor(): SCP/SCU role selection as a C-GET SCU (PS3.7 D.3.3.4)."""
+
+    CONTEXTS = [
+        (STUDY_ROOT_GET, [IMPLICIT_VR_LITTLE_ENDIAN]),
+        (CT_STORAGE, [EXPLICIT_VR_LITTLE_ENDIAN]),
+        (MR_STORAGE, [EXPLICIT_VR_LITTLE_ENDIAN]),
+        (CT_STORAGE, [JPEG_BASELINE]),
+    ]
+
+    def propose(self, roles):
+        return propose("MANAGER", "ARCHIVE", self.CONTEXTS, 16384, IMPL_UID, "V1", roles)
+
+    def answer(self, request, roles):
+        """An A-ASSOCIATE-AC accepting every context, with role selection items ``roles``."""
+        return P.AssociateAC(
+            called_ae_title="ARCHIVE",
+            calling_ae_title="MANAGER",
+            presentation_contexts=tuple(
+                P.PresentationContextAC(c.id, 0, c.transfer_syntaxes[0]) for c in request.presentation_contexts
+            ),
+            user_information=P.UserInformation(maximum_length=16384, implementation_class_uid=PEER_IMPL_UID,
+                                               role_selections=tuple(roles)),
+        )
+
+    def roles(self, negotiated):
+        return {c.id: (c.requestor_scu, c.requestor_scp) for c in negotiated.contexts}
+
+    def test_role_items_proposed_once_per_sop_class_in_context_order(self):
+        """One role selection item per SOP class named, in the order its first context comes, through the wire."""
+        request = self.propose({MR_STORAGE: (False, True), CT_STORAGE: (False, True)})
+        expected = (P.RoleSelection(CT_STORAGE, False, True), P.RoleSelection(MR_STORAGE, False, True))
+        self.assertEqual(request.user_information.role_selections, expected)
+        self.assertEqual(P.AssociateRQ.decode(request.encode()).user_information.role_selections, expected)
+        self.assertEqual(self.propose(None).user_information.role_selections, ())
+
+    def test_role_for_a_class_not_proposed_refused(self):
+        """A role for a SOP class no context proposes, or one taking neither role, is a programming error."""
+        self.assertRaises(ValueError, self.propose, {STUDY_ROOT_FIND: (False, True)})
+        self.assertRaises(ValueError, self.propose, {CT_STORAGE: (False, False)})
+
+    def test_scp_role_agreed(self):
+        """The peer answers SCP=1: we are SCP only on both CT contexts; context_for() never picks them to send."""
+        request = self.propose({CT_STORAGE: (False, True), MR_STORAGE: (False, True)})
+        negotiated = negotiate_as_requestor(request, self.answer(request, [
+            P.RoleSelection(CT_STORAGE, False, True), P.RoleSelection(MR_STORAGE, False, True)]))
+        self.assertEqual(self.roles(negotiated), {1: (True, False), 3: (False, True), 5: (False, True), 7: (False, True)})
+        self.assertEqual(negotiated.notes, ())
+        self.assertIsNone(negotiated.context_for(CT_STORAGE))
+        self.assertEqual(negotiated.context_for(STUDY_ROOT_GET).id, 1)
+        self.assertEqual(negotiated.contexts[1].describe(),
+                         "#3 CT Image Storage accepted with Explicit VR Little Endian (we are SCP)")
+
+    def test_scp_role_refused(self):
+        """The peer answers SCP=0 for MR: the MR context is accepted but says no C-STORE can be received on it,
+        and a note names the class."""
+        request = self.propose({CT_STORAGE: (False, True), MR_STORAGE: (False, True)})
+        negotiated = negotiate_as_requestor(request, self.answer(request, [
+            P.RoleSelection(CT_STORAGE, False, True), P.RoleSelection(MR_STORAGE, False, False)]))
+        mr = negotiated.contexts[2]
+        self.assertTrue(mr.accepted)
+        self.assertEqual((mr.requestor_scu, mr.requestor_scp), (False, False))
+        self.assertIn("the peer refused our SCP role: no C-STORE sub-operation can be received on it", mr.reason)
+        self.assertIn("(the peer refused our SCP role", mr.describe())
+        (note,) = negotiated.notes
+        self.assertEqual(note, "SCP role not agreed for 1 SOP classes (no C-STORE can be received for them): "
+                               "MR Image Storage")
+
+    def test_role_selection_not_answered_means_default_roles(self):
+        """An acceptor that does not answer the items keeps the default roles: we are SCU, never SCP."""
+        request = self.propose({CT_STORAGE: (False, True)})
+        negotiated = negotiate_as_requestor(request, self.answer(request, []))
+        self.assertEqual(self.roles(negotiated)[3], (True, False))
+        self.assertIn("did not answer our role selection", negotiated.contexts[1].reason)
+        self.assertEqual(negotiated.contexts[2].reason, "")  # MR: no role proposed, nothing to say
+        self.assertEqual(len(negotiated.notes), 1)
+
+    def test_peer_cannot_grant_a_role_not_proposed(self):
+        """An answer of SCU=1, SCP=1 to a proposal of SCU=0, SCP=1 gives us the SCP role only."""
+        request = self.propose({CT_STORAGE: (False, True)})
+        negotiated = negotiate_as_requestor(request, self.answer(request, [P.RoleSelection(CT_STORAGE, True, True)]))
+        self.assertEqual(self.roles(negotiated)[3], (False, True))
+
+    def test_against_our_acceptor(self):
+        """Our acceptor grants the SCP role for the classes in scu_role_syntaxes and refuses it for the others."""
+        request = self.propose({CT_STORAGE: (False, True), MR_STORAGE: (False, True)})
+        policy = make_policy(
+            ae_title="ARCHIVE",
+            abstract_syntaxes={STUDY_ROOT_GET: UNCOMPRESSED_TRANSFER_SYNTAXES,
+                               CT_STORAGE: UNCOMPRESSED_TRANSFER_SYNTAXES + (JPEG_BASELINE,),
+                               MR_STORAGE: UNCOMPRESSED_TRANSFER_SYNTAXES},
+            scu_role_syntaxes=frozenset({CT_STORAGE}),
+        )
+        decision = negotiate_as_acceptor(P.AssociateRQ.decode(request.encode()), policy)
+        self.assertIsInstance(decision, Acceptance)
+        negotiated = negotiate_as_requestor(request, P.AssociateAC.decode(decision.response.encode()))
+        # our acceptor rejects the MR context: SCP proposed alone, and it takes no SCU role for MR
+        self.assertEqual([(c.id, c.result) for c in negotiated.contexts], [(1, 0), (3, 0), (5, 1), (7, 0)])
+        self.assertEqual(self.roles(negotiated)[3], (False, True))
+        self.assertEqual(self.roles(negotiated)[7], (False, True))
+
+
+class GetProposalTests(unittest.TestCase):
+    """get_proposal(): what a C-GET load proposes, within PS3.8's 128 contexts."""
+
+    def test_contexts_and_roles(self):
+        """The GET model first; image classes uncompressed then compressed; the others uncompressed; every storage
+        class SCU=0, SCP=1; no more than 128 contexts, and propose() takes them."""
+        contexts, roles = get_proposal()
+        self.assertEqual(contexts[0], (STUDY_ROOT_GET, UNCOMPRESSED_TRANSFER_SYNTAXES))
+        self.assertEqual(len(contexts), 1 + 2 * len(GET_IMAGE_STORAGE_CLASSES) + len(GET_OTHER_STORAGE_CLASSES))
+        self.assertLessEqual(len(contexts), 128)
+        self.assertEqual(contexts[1], (GET_IMAGE_STORAGE_CLASSES[0],
+                                       (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN)))
+        self.assertEqual(contexts[2], (GET_IMAGE_STORAGE_CLASSES[0], GET_COMPRESSED_TRANSFER_SYNTAXES))
+        storage = set(GET_IMAGE_STORAGE_CLASSES) | set(GET_OTHER_STORAGE_CLASSES)
+        self.assertEqual(len(storage), len(GET_IMAGE_STORAGE_CLASSES) + len(GET_OTHER_STORAGE_CLASSES))
+        self.assertEqual(roles, {uid: (False, True) for uid in storage})
+        self.assertTrue(set(CONFORMANCE_STORAGE_CLASSES) <= storage, "the statement's Table 13 classes")
+        request = propose("MANAGER", "ARCHIVE", contexts, 16384, IMPL_UID, None, roles)
+        decoded = P.AssociateRQ.decode(request.encode())
+        self.assertEqual(len(decoded.user_information.role_selections), len(storage))
+        self.assertEqual(decoded.presentation_contexts[-1].id, 2 * len(contexts) - 1)
+
+    def test_every_uid_is_a_registered_storage_class(self):
+        """Every class named is a Storage SOP Class in pydicom's registry, every syntax a transfer syntax."""
+        registry = set(registry_storage_classes())
+        for uid in GET_IMAGE_STORAGE_CLASSES + GET_OTHER_STORAGE_CLASSES:
+            self.assertIn(uid, registry)
+        for uid in GET_COMPRESSED_TRANSFER_SYNTAXES:
+            self.assertTrue(UID(uid).is_transfer_syntax, uid)
+            self.assertTrue(UID(uid).is_compressed, uid)
+
+    def test_too_many_refused(self):
+        """Classes that would need more than 128 contexts are refused, not cut silently."""
+        many = tuple(f"1.2.826.0.1.3680043.9.7777.{n}" for n in range(64))
+        self.assertRaises(ValueError, get_proposal, many, ())
+        self.assertEqual(len(get_proposal(many[:63], ())[0]), 127)

@@ -4,7 +4,9 @@
 :class:`AcceptorPolicy` into either an :class:`Acceptance` (the AC to send and
 the agreed :class:`Negotiated` parameters) or a :class:`Rejection` (the RJ to
 send and the reason in words, for the log).  :func:`propose` and
-:func:`negotiate_as_requestor` are the requestor's side.
+:func:`negotiate_as_requestor` are the requestor's side, with SCP/SCU role
+selection (PS3.7 D.3.3.4) for a C-GET's storage sub-operations;
+:func:`get_proposal` is what a C-GET load proposes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,19 @@ from functools import cached_property
 from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import pdu as P
-from .uids import APPLICATION_CONTEXT, DEFAULT_TRANSFER_SYNTAX_PRIORITY, uid_name
+from .uids import (
+    APPLICATION_CONTEXT,
+    DEFAULT_TRANSFER_SYNTAX_PRIORITY,
+    EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    GET_COMPRESSED_TRANSFER_SYNTAXES,
+    GET_IMAGE_STORAGE_CLASSES,
+    GET_OTHER_STORAGE_CLASSES,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    STUDY_ROOT_GET,
+    UNCOMPRESSED_TRANSFER_SYNTAXES,
+    uid_name,
+)
 
 __all__ = [
     "RejectResult",
@@ -27,6 +41,8 @@ __all__ = [
     "negotiate_as_acceptor",
     "propose",
     "negotiate_as_requestor",
+    "get_proposal",
+    "Roles",
     "describe_rejection",
     "CONTEXT_RESULTS",
 ]
@@ -119,7 +135,9 @@ class ContextOutcome:
     def describe(self) -> str:
         name = uid_name(self.abstract_syntax)
         if self.accepted:
-            return f"#{self.id} {name} accepted with {uid_name(self.transfer_syntax or '')}"
+            return f"#{self.id} {name} accepted with {uid_name(self.transfer_syntax or '')}" + (
+                f" ({self.reason})" if self.reason else ""
+            )
         return f"#{self.id} {name} rejected: {CONTEXT_RESULTS.get(self.result, self.result)}" + (
             f" ({self.reason})" if self.reason else ""
         )
@@ -146,9 +164,10 @@ class Negotiated:
         return {c.id: c for c in self.contexts if c.accepted}
 
     def context_for(self, abstract_syntax: str, transfer_syntax: Optional[str] = None) -> Optional[ContextOutcome]:
-        """The first accepted context for ``abstract_syntax`` (and ``transfer_syntax`` if given)."""
+        """The first accepted context for ``abstract_syntax`` (and ``transfer_syntax`` if given) on which the
+        requestor may send requests (its SCU role)."""
         for context in self.contexts:
-            if context.accepted and context.abstract_syntax == abstract_syntax:
+            if context.accepted and context.requestor_scu and context.abstract_syntax == abstract_syntax:
                 if transfer_syntax is None or context.transfer_syntax == transfer_syntax:
                     return context
         return None
@@ -317,6 +336,10 @@ def _negotiate_context(
     )
 
 
+#: SOP class UID -> (SCU role, SCP role) the requestor proposes for itself (PS3.7 D.3.3.4).
+Roles = Mapping[str, Tuple[bool, bool]]
+
+
 def propose(
     calling_ae_title: str,
     called_ae_title: str,
@@ -324,10 +347,30 @@ def propose(
     max_pdu: int,
     implementation_class_uid: str,
     implementation_version_name: Optional[str],
+    roles: Optional[Roles] = None,
 ) -> P.AssociateRQ:
-    """An A-ASSOCIATE-RQ proposing ``(abstract syntax, transfer syntaxes)`` pairs as contexts 1, 3, 5..."""
+    """An A-ASSOCIATE-RQ proposing ``(abstract syntax, transfer syntaxes)`` pairs as contexts 1, 3, 5...
+
+    ``roles`` proposes SCP/SCU role selection: for each SOP class, whether we
+    take the SCU role and the SCP role on its contexts (a C-GET SCU proposes
+    ``(False, True)`` for the storage classes it is to receive, PS3.4 C.4.3).
+    Each must name an abstract syntax proposed, with at least one role.
+    """
     if not 0 < len(contexts) <= 128:
         raise ValueError(f"between 1 and 128 presentation contexts may be proposed, not {len(contexts)}")
+    role_items: List[P.RoleSelection] = []
+    if roles:
+        proposed = list(dict.fromkeys(abstract for abstract, _ in contexts))
+        unknown = [uid for uid in roles if uid not in proposed]
+        if unknown:
+            raise ValueError(f"role selection for {', '.join(unknown)}, proposed in no presentation context")
+        for uid in proposed:
+            if uid not in roles:
+                continue
+            scu, scp = roles[uid]
+            if not scu and not scp:
+                raise ValueError(f"role selection for {uid} takes neither the SCU nor the SCP role")
+            role_items.append(P.RoleSelection(uid, bool(scu), bool(scp)))
     return P.AssociateRQ(
         called_ae_title=called_ae_title,
         calling_ae_title=calling_ae_title,
@@ -339,8 +382,36 @@ def propose(
             maximum_length=max_pdu,
             implementation_class_uid=implementation_class_uid,
             implementation_version_name=implementation_version_name,
+            role_selections=tuple(role_items),
         ),
     )
+
+
+def get_proposal(
+    image_classes: Sequence[str] = GET_IMAGE_STORAGE_CLASSES,
+    other_classes: Sequence[str] = GET_OTHER_STORAGE_CLASSES,
+    query_model: str = STUDY_ROOT_GET,
+) -> Tuple[Tuple[Tuple[str, Tuple[str, ...]], ...], Dict[str, Tuple[bool, bool]]]:
+    """``(contexts, roles)`` for :func:`propose` on an association that loads by C-GET.
+
+    The query/retrieve model first (uncompressed syntaxes, default roles:
+    we are its SCU); then each image class twice, uncompressed (explicit VR
+    little endian first) and compressed (:data:`GET_COMPRESSED_TRANSFER_SYNTAXES`,
+    for an archive that keeps it compressed and would otherwise decompress
+    it), and each other class uncompressed; every storage class with role
+    selection SCU=0, SCP=1: the peer stores into us on this association.
+    """
+    uncompressed = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN)
+    contexts: List[Tuple[str, Tuple[str, ...]]] = [(query_model, tuple(UNCOMPRESSED_TRANSFER_SYNTAXES))]
+    for uid in image_classes:
+        contexts.append((uid, uncompressed))
+        contexts.append((uid, GET_COMPRESSED_TRANSFER_SYNTAXES))
+    contexts.extend((uid, uncompressed) for uid in other_classes)
+    if len(contexts) > MAX_PRESENTATION_CONTEXTS:
+        raise ValueError(f"{len(contexts)} presentation contexts for a C-GET load; at most "
+                         f"{MAX_PRESENTATION_CONTEXTS} can be proposed (PS3.8 9.3.2.2)")
+    roles = {uid: (False, True) for uid in dict.fromkeys(tuple(image_classes) + tuple(other_classes))}
+    return tuple(contexts), roles
 
 
 def negotiate_as_requestor(request: P.AssociateRQ, response: P.AssociateAC) -> Negotiated:
@@ -348,9 +419,19 @@ def negotiate_as_requestor(request: P.AssociateRQ, response: P.AssociateAC) -> N
 
     A context the peer accepted with a transfer syntax we did not propose, or
     under an ID we did not use, is counted as rejected.
+
+    Roles (PS3.7 D.3.3.4): without a role selection item of ours for its SOP
+    class, we are SCU on an accepted context.  With one, the peer's answer
+    decides: a role is ours when we proposed it and the peer answered 1; no
+    answer at all means the default roles (SCU only).  An accepted context on
+    which we proposed the SCP role and did not get it carries the reason
+    (no C-STORE sub-operation can be received on it), and a note says which
+    SOP classes.
     """
     proposed = {c.id: c for c in request.presentation_contexts}
     answered = {c.id: c for c in response.presentation_contexts}
+    proposed_roles = {role.sop_class_uid: role for role in request.user_information.role_selections}
+    answered_roles = {role.sop_class_uid: role for role in response.user_information.role_selections}
     outcomes: List[ContextOutcome] = []
     for context_id, context in proposed.items():
         answer = answered.get(context_id)
@@ -366,7 +447,21 @@ def negotiate_as_requestor(request: P.AssociateRQ, response: P.AssociateAC) -> N
                 )
             )
         else:
-            outcomes.append(ContextOutcome(context_id, context.abstract_syntax, 0, answer.transfer_syntax))
+            scu, scp, reason = _requestor_roles(proposed_roles.get(context.abstract_syntax),
+                                                answered_roles.get(context.abstract_syntax))
+            outcomes.append(ContextOutcome(context_id, context.abstract_syntax, 0, answer.transfer_syntax,
+                                           reason, scu, scp))
+    refused = list(dict.fromkeys(
+        o.abstract_syntax for o in outcomes
+        if o.accepted and not o.requestor_scp and getattr(proposed_roles.get(o.abstract_syntax), "scp_role", False)
+    ))
+    notes: List[str] = []
+    if refused:
+        shown = ", ".join(uid_name(uid) for uid in refused[:8])
+        if len(refused) > 8:
+            shown += f" and {len(refused) - 8} more"
+        notes.append(f"SCP role not agreed for {len(refused)} SOP classes (no C-STORE can be received for them): "
+                     f"{shown}")
     info = response.user_information
     return Negotiated(
         calling_ae_title=request.calling_ae_title,
@@ -375,5 +470,24 @@ def negotiate_as_requestor(request: P.AssociateRQ, response: P.AssociateAC) -> N
         peer_max_pdu=info.maximum_length or 0,
         peer_implementation_class_uid=info.implementation_class_uid,
         peer_implementation_version_name=info.implementation_version_name,
+        notes=tuple(notes),
         extended={item.sop_class_uid: item.application_information for item in info.sop_class_extended},
     )
+
+
+def _requestor_roles(proposal: Optional[P.RoleSelection],
+                     answer: Optional[P.RoleSelection]) -> Tuple[bool, bool, str]:
+    """(our SCU role, our SCP role, reason) on an accepted context, from our role proposal and the peer's answer."""
+    if proposal is None:
+        return True, False, ""
+    if answer is None:
+        # PS3.7 D.3.3.4: an acceptor that does not answer the item keeps the default roles
+        scu, scp, why = True, False, "the peer did not answer our role selection: default roles, we are SCU only"
+    else:
+        scu, scp = proposal.scu_role and answer.scu_role, proposal.scp_role and answer.scp_role
+        why = "the peer refused our SCP role"
+    if proposal.scp_role and not scp:
+        return scu, scp, f"{why}: no C-STORE sub-operation can be received on it"
+    if not scu and not scp:
+        return scu, scp, "the peer refused our SCU role, and we proposed no other: unusable"
+    return scu, scp, "we are SCP" if scp and not scu else ("we are SCU and SCP" if scp else "")

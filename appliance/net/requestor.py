@@ -5,6 +5,13 @@ once the peer accepted; requests return a :class:`ResponseStream` whose
 responses (pending ones included) arrive as Deferreds or through
 ``async for``.  Rejections, aborts and timeouts arrive as the exceptions
 below, each saying why in words.
+
+A C-GET (:meth:`Association.get`) is the one request the peer answers with
+requests of its own: C-STORE sub-operations on this association, on the
+contexts where it agreed to our SCP role (``connect(..., roles=...)``).
+Each is streamed into an object sink fragment by fragment and answered with
+the status the sink decided, exactly as the C-STORE SCP answers
+(:mod:`appliance.net.incoming`).
 """
 
 from __future__ import annotations
@@ -12,21 +19,32 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Deque, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple
 
 from twisted.internet import defer, error as net_error
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 
 from ..dicom import dimse as D
 from ..dicom import pdu as P
 from ..dicom import status as S
 from ..dicom import ul
-from ..dicom.negotiation import Negotiated, describe_rejection, negotiate_as_requestor, propose
-from ..dicom.provider import command_name
+from .incoming import IncomingObject, StoreResult, describe_store, response_elements
+from ..dicom.negotiation import ContextOutcome, Negotiated, Roles, describe_rejection, negotiate_as_requestor, propose
+from ..dicom.provider import command_name, error_comment
 from ..compat import encode_dataset
-from ..dicom.uids import STUDY_ROOT_FIND, STUDY_ROOT_MOVE, UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATION
+from ..dicom.uids import (
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+    UNCOMPRESSED_TRANSFER_SYNTAXES,
+    VERIFICATION,
+    is_received_uid,
+)
+from ..interfaces import IObjectSink
+from ..logs import logger
 from .protocol import BufferedDataSet, DicomProtocol, Timeouts
 
 __all__ = [
@@ -43,6 +61,11 @@ __all__ = [
     "connect",
     "connect_device",
 ]
+
+_log = logger("appliance.requestor")
+
+#: Why reading from the peer is paused while a C-GET's object sink is behind.
+_SINK_BEHIND = "the object sink is behind"
 
 
 class AssociationError(Exception):
@@ -94,11 +117,16 @@ class ResponseStream:
     collects them all and fires with the final response.
     """
 
-    def __init__(self, association: "Association", message_id: int, command_field: int = 0) -> None:
+    def __init__(self, association: "Association", message_id: int, command_field: int = 0,
+                 sink: Optional[IObjectSink] = None) -> None:
         self.association = association
         self.message_id = message_id
         #: the request's Command Field: its responses carry it with bit 15 set
         self.command_field = command_field
+        #: a C-GET's: where the objects of its C-STORE sub-operations go
+        self.sink = sink
+        #: a C-GET's C-STORE sub-operations as answered: (Affected SOP Instance UID, the status we answered)
+        self.received: List[Tuple[Optional[str], int]] = []
         self._queue: Deque[Any] = deque()
         self._waiters: Deque[defer.Deferred] = deque()
         self.done = False
@@ -193,7 +221,11 @@ class Association:
     def request(self, abstract_syntax: str, command: D.Command, data: Optional[bytes] = None,
                 transfer_syntax: Optional[str] = None) -> ResponseStream:
         """Send a request on the first context accepted for ``abstract_syntax``."""
-        context, stream = self._begin(abstract_syntax, transfer_syntax, command)
+        return self._send(abstract_syntax, command, data, transfer_syntax)
+
+    def _send(self, abstract_syntax: str, command: D.Command, data: Optional[bytes], transfer_syntax: Optional[str],
+              sink: Optional[IObjectSink] = None) -> ResponseStream:
+        context, stream = self._begin(abstract_syntax, transfer_syntax, command, sink)
         self._protocol.send_message(context.id, command, data)
         self._protocol.start_dimse_timer()
         return stream
@@ -217,7 +249,8 @@ class Association:
                           lambda _: None)
         return stream
 
-    def _begin(self, abstract_syntax: str, transfer_syntax: Optional[str], command: D.Command):
+    def _begin(self, abstract_syntax: str, transfer_syntax: Optional[str], command: D.Command,
+               sink: Optional[IObjectSink] = None):
         context = self.negotiated.context_for(abstract_syntax, transfer_syntax)
         if context is None:
             raise AssociationError(f"no accepted presentation context for {abstract_syntax}")
@@ -227,7 +260,7 @@ class Association:
             raise AssociationError("one request is outstanding already (no asynchronous operations)")
         message_id = self._message_ids()
         command.MessageID = message_id
-        stream = ResponseStream(self, message_id, command.CommandField or 0)
+        stream = ResponseStream(self, message_id, command.CommandField or 0, sink)
         self._protocol.outstanding = stream
         return context, stream
 
@@ -263,6 +296,23 @@ class Association:
                             MoveDestination=destination)
         return self.request(sop_class, command, data, syntax)
 
+    def get(self, identifier, store, sop_class: str = STUDY_ROOT_GET, priority: int = 0) -> ResponseStream:
+        """C-GET (PS3.4 C.4.3): the peer sends the objects back as C-STORE sub-operations on this association,
+        each streamed into ``store`` (an :class:`~appliance.interfaces.IObjectSink`, as the C-STORE SCP's) and
+        answered with the status it decided.  A stream of the pending responses (with their counts) and the
+        final one, which comes once every sub-operation is answered; ``stream.cancel()`` sends C-CANCEL.
+
+        The peer can only store on contexts where it agreed to our SCP role (``connect(..., roles=...)``,
+        :func:`appliance.dicom.negotiation.get_proposal`); with none, AssociationError and nothing is sent.
+        """
+        sink = IObjectSink(store)
+        if not any(context.accepted and context.requestor_scp for context in self.negotiated.contexts):
+            raise AssociationError("the peer agreed to our SCP role on no presentation context: a C-GET could not "
+                                   "deliver any object (propose storage classes with roles=..., or retrieve by C-MOVE)")
+        data, syntax = self._identifier(sop_class, identifier)
+        command = D.Command(CommandField=D.CommandField.C_GET_RQ, AffectedSOPClassUID=sop_class, Priority=priority)
+        return self._send(sop_class, command, data, syntax, sink)
+
     def cancel(self, message_id: int) -> None:
         stream = self._protocol.outstanding
         if stream is None or stream.message_id != message_id or not self.is_open:
@@ -294,6 +344,51 @@ class _TimedSource:
         return data
 
 
+@dataclass(eq=False)
+class _SubOperation:
+    """A C-STORE-RQ the peer sent during our C-GET, until we answer it."""
+
+    context: ContextOutcome
+    command: D.Command
+    #: (status, reason) it is answered with, its data set drained, when it cannot be served
+    problem: Optional[Tuple[int, str]]
+    #: takes the data set: an IncomingObject into the C-GET's sink (None: drained)
+    consumer: Optional[IncomingObject] = None
+    data_complete: bool = False
+    #: the sink asked us to stop reading
+    paused: bool = False
+
+
+def _store_problem(context: ContextOutcome, command: D.Command) -> Optional[Tuple[int, str]]:
+    """Why a C-STORE-RQ received on ``context`` cannot be served (status, reason), or None: the C-STORE SCP's
+    checks of the command (PS3.7 9.3.1), and our SCP role on the context."""
+    if not context.requestor_scp:
+        return S.UNRECOGNIZED_OPERATION, f"C-STORE-RQ on context {context.id}, where we are not SCP"
+    problem = D.request_problem(command)
+    if problem is not None:
+        return S.CANNOT_UNDERSTAND, problem
+    for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
+        value = getattr(command, keyword)
+        if not is_received_uid(value or ""):
+            return S.CANNOT_UNDERSTAND, f"{keyword} is not a valid UID"
+    if command.AffectedSOPClassUID != context.abstract_syntax:
+        return S.CANNOT_UNDERSTAND, f"SOP class is not context {context.id}'s {context.abstract_syntax}"
+    return None
+
+
+def _store_response(command: D.Command, status: int, comment: Optional[str]) -> D.Command:
+    """The C-STORE-RSP answering ``command``; its UIDs echoed only when they are UIDs."""
+    response = D.Command(CommandField=D.CommandField.C_STORE_RSP, MessageIDBeingRespondedTo=command.MessageID or 0,
+                         Status=status)
+    for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
+        value = getattr(command, keyword)
+        if value is not None and is_received_uid(value):
+            setattr(response, keyword, value)
+    if comment:
+        response.ErrorComment = error_comment(comment)
+    return response
+
+
 class RequestorProtocol(DicomProtocol):
     """Our side of an association we requested."""
 
@@ -313,13 +408,18 @@ class RequestorProtocol(DicomProtocol):
         self._response_data: Optional[BufferedDataSet] = None
         self._dimse_timer = None
         self._release_waiter: Optional[defer.Deferred] = None
+        #: the C-STORE sub-operation of our C-GET in progress, until answered
+        self._incoming: Optional[_SubOperation] = None
+        #: the C-GET's final response, when it came before the sub-operation in progress was answered
+        self._held_final: Optional[Response] = None
         self.record.calling = request.calling_ae_title
         self.record.called = request.called_ae_title
         self.record.outcome = "connection closed before the A-ASSOCIATE-AC"
         self._process(self.ul.request_association(request))
 
     def send_message(self, context_id: int, command: D.Command, data: Optional[bytes] = None) -> None:
-        if command.CommandField != D.CommandField.C_CANCEL_RQ:
+        field_value = command.CommandField or 0
+        if not field_value & 0x8000 and field_value != D.CommandField.C_CANCEL_RQ:
             self.outstanding_context = context_id
         super().send_message(context_id, command, data)
 
@@ -330,6 +430,7 @@ class RequestorProtocol(DicomProtocol):
         if kind is ul.AssociateAccepted:
             self.negotiated = negotiate_as_requestor(self.request, output.response)
             self.record.note_contexts(self.negotiated.contexts)
+            self.record.notes.extend(self.negotiated.notes)
             self.record.outcome = "aborted before release"
             self.association = Association(self, self.message_ids)
             self._touch_idle()
@@ -349,6 +450,13 @@ class RequestorProtocol(DicomProtocol):
                 self._process(self.ul.respond_release())
 
     def command_received(self, context_id: int, command: D.Command) -> None:
+        if not (command.CommandField or 0) & 0x8000:
+            self._request_received(context_id, command)
+            return
+        if self._held_final is not None:
+            self._protocol_violation(f"a {command_name(command.CommandField)} after the final response to message "
+                                     f"{self.outstanding.message_id}")
+            return
         stream = self.outstanding
         if stream is None or command.MessageIDBeingRespondedTo != stream.message_id or not command.CommandField & 0x8000:
             self._protocol_violation(f"unexpected {command.CommandField!r} message from the peer")
@@ -372,6 +480,10 @@ class RequestorProtocol(DicomProtocol):
         self._deliver(Response(command))
 
     def data_received(self, context_id: int, data: bytes, is_last: bool) -> None:
+        sub = self._incoming
+        if sub is not None and not sub.data_complete:
+            self._store_fragment(sub, data, is_last)
+            return
         if self._response_data is None:
             self._protocol_violation("data set fragment with no response to take it")
             return
@@ -389,11 +501,124 @@ class RequestorProtocol(DicomProtocol):
     def _deliver(self, response: Response) -> None:
         stream = self.outstanding
         if not response.pending:
+            if self._incoming is not None:
+                # the C-GET ends once its sub-operation in progress is answered: the final response says the
+                # objects are kept, so it must not come before the sink decided
+                self._held_final = response
+                self._progress()
+                return
             self.outstanding = None
             self._cancel_dimse_timer()
         else:
-            self.start_dimse_timer()
+            self._progress()
         stream._push(response)
+
+    # --- a C-GET's C-STORE sub-operations ---
+
+    def _request_received(self, context_id: int, command: D.Command) -> None:
+        """A request from the peer: only a C-STORE-RQ, only while our C-GET is outstanding, one at a time."""
+        name = command_name(command.CommandField)
+        stream = self.outstanding
+        if command.CommandField != D.CommandField.C_STORE_RQ:
+            self._protocol_violation(f"a {name} from the peer (a requestor is sent no request but a C-GET's "
+                                     "C-STORE sub-operations)")
+            return
+        if stream is None or stream.sink is None or self._held_final is not None:
+            self._protocol_violation(f"a {name} from the peer while no C-GET of ours is outstanding")
+            return
+        if self._incoming is not None:
+            self._protocol_violation(f"{name} message {command.MessageID} arrived before we answered message "
+                                     f"{self._incoming.command.MessageID} (asynchronous operations are not negotiated)")
+            return
+        context = self.negotiated.accepted[context_id]
+        sub = _SubOperation(context, command, _store_problem(context, command))
+        self._incoming = sub
+        self._progress()
+        if not command.has_data_set:  # a problem already: a C-STORE-RQ without a data set is not one
+            self._store_decided(None, sub)
+            return
+        if sub.problem is None:
+            description = describe_store(command, context.transfer_syntax, self.negotiated.called_ae_title)
+            try:
+                sub.consumer = IncomingObject(stream.sink, description, partial(self._sink_pause, sub),
+                                              partial(self._sink_resume, sub))
+            except Exception:
+                _log.failure("C-STORE sub-operation {sop}: the object sink could not take it",
+                             sop=command.AffectedSOPInstanceUID)
+                sub.problem = (0xC001, "internal error: the object sink could not take the data set")
+
+    def _store_fragment(self, sub: _SubOperation, data: bytes, is_last: bool) -> None:
+        """The next fragment of a sub-operation's data set, straight into its writer (never held here)."""
+        if sub.consumer is not None:
+            sub.consumer.write(data)
+        if not is_last:
+            self._progress()  # each fragment is progress: a large object does not time out
+            return
+        sub.data_complete = True
+        self._progress()  # the sink decides now: the DIMSE timer waits for the peer, not for us
+        if sub.consumer is None:
+            self._store_decided(None, sub)
+            return
+        d = defer.maybeDeferred(sub.consumer.finish)
+        d.addCallbacks(self._store_decided, self._store_failed, callbackArgs=(sub,), errbackArgs=(sub,))
+
+    def _store_decided(self, result: Optional[StoreResult], sub: _SubOperation) -> None:
+        command = sub.command
+        if sub.problem is not None:
+            status, why = sub.problem
+            _log.warn("C-STORE-RQ message {message_id} from {peer} answered {status}: {why}",
+                      message_id=command.MessageID, peer=self.record.called, status=S.describe(status), why=why)
+            self._answer(sub, status, why)
+            return
+        elements = response_elements(result, command.AffectedSOPInstanceUID, self.record.called)
+        self._answer(sub, result.status, elements.get("ErrorComment"))
+
+    def _store_failed(self, failure: Failure, sub: _SubOperation) -> None:
+        _log.failure("C-STORE sub-operation {sop} could not be kept", failure, sop=sub.command.AffectedSOPInstanceUID)
+        self._answer(sub, 0xC001, f"internal error: {failure.getErrorMessage()}")
+
+    def _answer(self, sub: _SubOperation, status: int, comment: Optional[str]) -> None:
+        """Send the C-STORE-RSP; then a final C-GET-RSP that waited for it is delivered."""
+        if sub is not self._incoming or self.ul.state is not ul.State.STA6:
+            return  # the association ended meanwhile
+        self._sink_resume(sub)
+        self._incoming = None
+        self.send_message(sub.context.id, _store_response(sub.command, status, comment))
+        stream = self.outstanding
+        if stream is not None:
+            stream.received.append((sub.command.AffectedSOPInstanceUID, status))
+        final, self._held_final = self._held_final, None
+        if final is not None:
+            self._deliver(final)
+        else:
+            self._progress()
+
+    def _sink_pause(self, sub: _SubOperation) -> None:
+        if sub is self._incoming and not sub.paused:
+            sub.paused = True
+            self.pause_reading(_SINK_BEHIND)
+            self._progress()
+
+    def _sink_resume(self, sub: _SubOperation) -> None:
+        if sub.paused:
+            sub.paused = False
+            self.resume_reading(_SINK_BEHIND)
+            self._progress()
+
+    def _waiting_for_peer(self) -> bool:
+        """Whether the next step of the outstanding request is the peer's (not the object sink's)."""
+        if self.outstanding is None or self._held_final is not None:
+            return False
+        sub = self._incoming
+        return sub is None or not (sub.data_complete or sub.paused)
+
+    def _progress(self) -> None:
+        """The request moved on: the DIMSE timer restarts while we wait for the peer, and stops while we wait
+        for ourselves (a sink that paused reading, or is deciding on an object)."""
+        if self._waiting_for_peer():
+            self.start_dimse_timer()
+        else:
+            self._cancel_dimse_timer()
 
     # --- timers ---
 
@@ -428,6 +653,7 @@ class RequestorProtocol(DicomProtocol):
         self._fail_outstanding(why)
 
     def _fail_outstanding(self, why: str) -> None:
+        self._held_final = None
         if self.outstanding is not None:
             stream, self.outstanding = self.outstanding, None
             self._cancel_dimse_timer()
@@ -448,6 +674,9 @@ class RequestorProtocol(DicomProtocol):
     def association_ended(self) -> None:
         self._cancel_dimse_timer()
         outcome = self.record.outcome
+        sub, self._incoming, self._held_final = self._incoming, None, None
+        if sub is not None and sub.consumer is not None and not sub.data_complete:
+            sub.consumer.abandon(f"association ended: {outcome}")
         if outcome.startswith("aborted") or outcome.startswith("provider abort"):
             error: AssociationError = AssociationAborted(outcome)
         elif outcome == "released" or outcome == "released by the peer":
@@ -501,14 +730,16 @@ def connect(
     implementation_version_name: Optional[str],
     endpoint=None,
     message_ids: Optional[MessageIds] = None,
+    roles: Optional[Roles] = None,
 ) -> defer.Deferred:
     """Open an association; fires with an :class:`Association` or fails with an :class:`AssociationError`.
 
     ``endpoint`` replaces the plain TCP endpoint (TLS, or a test's in-memory one); ``message_ids`` is the
-    calling AE's source of Message IDs (a fresh one by default).
+    calling AE's source of Message IDs (a fresh one by default); ``roles`` proposes SCP/SCU role selection
+    (SOP class UID -> (SCU, SCP), :func:`appliance.dicom.negotiation.propose`), as a C-GET needs.
     """
     request = propose(calling_ae_title, called_ae_title, contexts, max_pdu, implementation_class_uid,
-                      implementation_version_name)
+                      implementation_version_name, roles)
     protocol = RequestorProtocol(reactor, timeouts, request, max_pdu, message_ids)
     if endpoint is None:
         endpoint = HostnameEndpoint(reactor, host, port, timeout=timeouts.association)
@@ -550,12 +781,14 @@ def connect_device(
     tls=None,
     message_ids: Optional[MessageIds] = None,
     opener: Optional[Callable[..., defer.Deferred]] = None,
+    roles: Optional[Roles] = None,
 ) -> defer.Deferred:
     """An association to a configured device (appliance.config.DeviceConfig): its address, maximum PDU and
     timeout, over TLS when it says ``tls = true`` (``tls``: the TLSContexts holding its context; its
     certificate verified against ca_certificates and its host), calling as ``calling_ae_title``.
 
-    ``opener`` replaces :func:`connect` without its reactor (a test's); the rest is passed on to it.
+    ``opener`` replaces :func:`connect` without its reactor (a test's); the rest is passed on to it
+    (``roles`` only when given).
     """
     timeouts = Timeouts(artim=device.timeout, association=device.timeout, dimse=device.timeout, idle=None)
     options = {}
@@ -565,6 +798,8 @@ def connect_device(
         options["endpoint"] = tls.client_endpoint(reactor, device, device.timeout)
     if message_ids is not None:
         options["message_ids"] = message_ids
+    if roles is not None:
+        options["roles"] = roles
     if opener is None:
         opener = partial(connect, reactor)
     return opener(device.host, device.port, calling_ae_title, device.ae_title, contexts, max_pdu=device.max_pdu,
