@@ -22,7 +22,7 @@ from twisted.python import usage
 
 from . import config as configuration
 from . import logs
-from .ae.listeners import acceptor_factory, disk_server_services, memory_server_services
+from .ae.listeners import acceptor_factory, disk_server_services, memory_server_services, memory_sink
 from .archive.archive import Archive
 from .dataset.deflate import InflateLimits
 from .ae.manager import MemoryManager
@@ -210,10 +210,12 @@ def makeService(options, reactor=None) -> MultiService:
     memory = MemoryStore(config.memory.memory_limit, reactor, config.memory.retention)
     MemoryService(memory, reactor).setServiceParent(root)
     manager = MemoryManager(config, memory, reactor, partial(_connect_device, reactor, config, contexts, MessageIds()))
+    # the Memory-Server's sink: C-STOREs from C-MOVE sub-associations, and the Memory-Manager's C-GETs
+    manager.sink = memory_sink(config, memory, check.runner, loads=manager)
     # one builder per listening AE of configuration.LISTENERS: its services
     builders = {
         "disk_server": lambda: disk_server_services(config, archive, read.runner, tls=contexts),
-        "memory_server": lambda: memory_server_services(config, memory, check.runner, loads=manager),
+        "memory_server": lambda: memory_server_services(config, manager.sink),
     }
     for section, listener in config.listeners.items():
         if not listener.port and not listener.tls_port:

@@ -11,7 +11,7 @@ from twisted.internet import reactor, threads
 from twisted.trial import unittest
 
 from appliance import config as configuration
-from appliance.ae.listeners import acceptor_factory, memory_server_services
+from appliance.ae.listeners import acceptor_factory, memory_server_services, memory_sink
 from appliance.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN
 from appliance.memory.store import OBJECT_OVERHEAD, MemoryStore
 from appliance.net.threads import ThreadPoolService
@@ -44,7 +44,7 @@ class MemoryServer:
         testcase.addCleanup(self.check.stopService)
         self.store = MemoryStore(self.config.memory.memory_limit, reactor, self.config.memory.retention)
         self.factory = acceptor_factory(self.config.memory_server, self.config,
-                                        memory_server_services(self.config, self.store, self.check.runner), reactor)
+                                        memory_server_services(self.config, memory_sink(self.config, self.store, self.check.runner)), reactor)
         self.wire = WireRecorder(self.factory)
         self.listening = Listening(testcase, self.factory, reactor)
         self.port = self.listening.number

@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from appliance import config as configuration
 from appliance.ae.manager import LoadState, MemoryManager, UnknownDevice, UnknownLoad
@@ -18,7 +19,8 @@ from appliance.compat import encode_dataset
 from appliance.dataset.checks import ObjectDescription, Refusal, Refused
 from appliance.dicom import dimse as D
 from appliance.dicom import pdu as P
-from appliance.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, STUDY_ROOT_MOVE
+from appliance.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, STUDY_ROOT_GET, STUDY_ROOT_MOVE
+from appliance.interfaces import IObjectSink
 from appliance.memory.store import OBJECT_OVERHEAD, MemoryStore
 from appliance.net.requestor import (
     AssociationAborted,
@@ -41,7 +43,7 @@ class _Context:
 
 class _Negotiated:
     def context_for(self, abstract_syntax, transfer_syntax=None):
-        return _Context() if abstract_syntax == STUDY_ROOT_MOVE else None
+        return _Context() if abstract_syntax in (STUDY_ROOT_MOVE, STUDY_ROOT_GET) else None
 
 
 class ScriptedAssociation:
@@ -52,6 +54,7 @@ class ScriptedAssociation:
     def __init__(self, message_ids: MessageIds) -> None:
         self.message_ids = message_ids
         self.moves: List[tuple] = []
+        self.gets: List[tuple] = []
         self.stream: Optional[ResponseStream] = None
         self.cancels: List[int] = []
         self.released = False
@@ -60,6 +63,11 @@ class ScriptedAssociation:
     def move(self, identifier: Dataset, destination: str) -> ResponseStream:
         self.moves.append((identifier, destination))
         self.stream = ResponseStream(self, self.message_ids(), D.CommandField.C_MOVE_RQ)
+        return self.stream
+
+    def get(self, identifier: Dataset, store) -> ResponseStream:
+        self.gets.append((identifier, store))
+        self.stream = ResponseStream(self, self.message_ids(), D.CommandField.C_GET_RQ)
         return self.stream
 
     def cancel(self, message_id: int) -> None:
@@ -102,11 +110,13 @@ class ManagerHarness:
         self.message_ids = MessageIds()
         #: (device name, contexts, Deferred) of every association asked for, in order
         self.connections: List[tuple] = []
+        self.roles: List[Optional[dict]] = []
         self.manager = MemoryManager(self.config, self.store, self.clock, self.connect)
 
-    def connect(self, device, contexts):
+    def connect(self, device, contexts, roles=None):
         waiting = defer.Deferred()
         self.connections.append((device.name, contexts, waiting))
+        self.roles.append(roles)
         return waiting
 
     def establish(self, index: int = -1) -> ScriptedAssociation:
@@ -363,3 +373,52 @@ class CancelAndTimeoutTests(SynchronousTestCase):
         association.respond(0x0000, completed=1)
         self.assertEqual(load.state, LoadState.DONE)
         self.assertEqual(h.clock.getDelayedCalls(), [])
+
+
+class GetLoadTests(SynchronousTestCase):
+    """retrieve = "get": the C-GET proposes the storage classes with our SCP role, and the objects that come back
+    on the association are this load's."""
+
+    def setUp(self):
+        self.h = ManagerHarness(self, devices={"pacs": {"ae_title": "PACS", "host": "10.0.0.5", "port": 104,
+                                                        "retrieve": "get"}})
+        self.opened = []
+
+        @implementer(IObjectSink)
+        class Sink:
+            limits = None
+
+            def open(sink, description, pause, resume):
+                self.opened.append(description)
+                return None
+
+        self.h.manager.sink = Sink()
+
+    def test_get_load(self):
+        load = self.h.manager.submit("pacs", STUDY)
+        (_, contexts, _), = self.h.connections
+        self.assertEqual(contexts[0][0], STUDY_ROOT_GET)
+        self.assertEqual(self.h.roles[0]["1.2.840.10008.5.1.4.1.1.2"], (False, True))
+        association = self.h.establish()
+        self.assertEqual(association.moves, [])
+        (identifier, store), = association.gets
+        self.assertEqual((identifier.QueryRetrieveLevel, identifier.StudyInstanceUID), ("STUDY", STUDY))
+        # an object arriving on the association is described as this load's, as a C-MOVE sub-operation names its move
+        store.open(ObjectDescription("1.2.840.10008.5.1.4.1.1.2", "1.9.1.1", EXPLICIT_VR_LITTLE_ENDIAN, "PACS"),
+                   None, None)
+        (tagged,) = self.opened
+        self.assertEqual((tagged.move_originator, tagged.move_message_id), ("MEMORY_MANAGER", load.message_id))
+        self.assertTrue(self.h.manager.expects(tagged))
+        association.respond(0xFF00, remaining=1, completed=1)
+        self.h.arrive(load, "1.9.1.1")
+        association.respond(0x0000, completed=1)
+        self.assertEqual((load.state, load.completed, load.received), (LoadState.DONE, 1, 1))
+
+    def test_without_the_memory_server_listening(self):
+        """A C-GET does not need the Memory-Server's port."""
+        h = ManagerHarness(self, memory_server={"port": 0},
+                           devices={"pacs": {"ae_title": "PACS", "host": "h", "port": 104, "retrieve": "get"}})
+        h.manager.sink = object()
+        load = h.manager.submit("pacs", STUDY)
+        self.assertEqual(load.state, LoadState.RUNNING)
+        self.assertEqual(len(h.connections), 1)

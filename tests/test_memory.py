@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from appliance import config as configuration
-from appliance.ae.listeners import acceptor_factory, memory_server_services
+from appliance.ae.listeners import acceptor_factory, memory_server_services, memory_sink
 from appliance.dataset.deflate import DEFLATED
 from appliance.dataset.metadata import extract
 from appliance.dicom import dimse as D
@@ -152,7 +152,7 @@ class MemoryServerHarness:
         self.config = configuration.parse({"appliance": {"data_dir": root}, "memory_server": memory or {}},
                                           os.path.join(root, "x.toml"))
         self.store = MemoryStore(self.config.memory.memory_limit, self.clock, self.config.memory.retention)
-        services = memory_server_services(self.config, self.store, synchronous_runner, loads=loads)
+        services = memory_server_services(self.config, memory_sink(self.config, self.store, synchronous_runner, loads))
         self.factory = acceptor_factory(self.config.memory_server, self.config, services, self.clock)
         self.message_id = 0
 

@@ -286,6 +286,22 @@ class MemoryApiTests(SynchronousTestCase):
             self.assertIn(words, reply.json()["error"], query)
         self.assertEqual(self.h.request("GET", base).status, 501, "no renderer given to this API")
 
+    def test_rendered_png(self):
+        """The appliance's renderer behind the API: a 16-bit CT frame comes back as an 8-bit grayscale PNG."""
+        from PIL import Image
+
+        from appliance.dataset.render import render_png
+
+        h = WebHarness(self, render=render_png)
+        h.hold(pixels=bytes(range(256)) * 2)
+        reply = h.request("GET", f"/api/memory/studies/{STUDY}/series/{SERIES}/instances/{SOP}/rendered?window=0,4000")
+        self.assertEqual((reply.status, reply.headers["content-type"]), (200, "image/png"), reply.body[:200])
+        image = Image.open(BytesIO(reply.body))
+        self.assertEqual((image.mode, image.size), ("L", (256, 1)))
+        reply = h.request("GET", f"/api/memory/studies/{STUDY}/series/{SERIES}/instances/{SOP}/rendered?frame=1")
+        self.assertEqual(reply.status, 404)
+        self.assertIn("frame", reply.json()["error"])
+
     def test_rendered_through_the_renderer(self):
         calls = []
 

@@ -24,7 +24,7 @@ from .retrieve import RetrieveService
 from .storage import StorageService
 from .verification import VerificationService
 
-__all__ = ["acceptor_factory", "disk_server_services", "memory_server_services", "storage_syntaxes"]
+__all__ = ["acceptor_factory", "disk_server_services", "memory_server_services", "memory_sink", "storage_syntaxes"]
 
 
 def storage_syntaxes(sop_classes: str) -> Dict[str, tuple]:
@@ -60,19 +60,17 @@ def disk_server_services(config: ApplianceConfig, archive: Archive, read: Option
     ]
 
 
-def memory_server_services(config: ApplianceConfig, store: MemoryStore, runner: MemoryRunner,
-                           loads=None) -> list:
-    """The Memory-Server's service classes: C-ECHO, and C-STORE into ``store`` (checks run by ``runner``);
-    ``loads`` (an ILoadTracker: the Memory-Manager) says which objects its loads asked for (None: no loads)."""
+def memory_sink(config: ApplianceConfig, store: MemoryStore, runner: MemoryRunner, loads=None) -> MemorySink:
+    """Where the Memory-Server's objects go: ``store``, checked by ``runner``; ``loads`` (an ILoadTracker: the
+    Memory-Manager) says which objects its loads asked for (None: no loads)."""
     memory = config.memory
-    return [
-        VerificationService(),
-        StorageService(
-            MemorySink(store, runner, InflateLimits(max_size=memory.memory_limit, name="memory_limit"),
-                       accept_unsolicited=memory.accept_unsolicited, loads=loads),
-            storage_syntaxes(memory.sop_classes),
-        ),
-    ]
+    return MemorySink(store, runner, InflateLimits(max_size=memory.memory_limit, name="memory_limit"),
+                      accept_unsolicited=memory.accept_unsolicited, loads=loads)
+
+
+def memory_server_services(config: ApplianceConfig, sink: MemorySink) -> list:
+    """The Memory-Server's service classes: C-ECHO, and C-STORE into ``sink``."""
+    return [VerificationService(), StorageService(sink, storage_syntaxes(config.memory.sop_classes))]
 
 
 def acceptor_factory(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from pydicom.dataset import Dataset
@@ -37,8 +37,9 @@ from ..compat import decode_dataset
 from ..config import ApplianceConfig, DeviceConfig
 from ..dataset.checks import ObjectDescription, Refusal, Refused
 from ..dicom import status as S
-from ..dicom.uids import STUDY_ROOT_MOVE, UNCOMPRESSED_TRANSFER_SYNTAXES
-from ..interfaces import ILoadTracker
+from ..dicom.negotiation import get_proposal
+from ..dicom.uids import STUDY_ROOT_GET, STUDY_ROOT_MOVE, UNCOMPRESSED_TRANSFER_SYNTAXES
+from ..interfaces import ILoadTracker, IObjectSink
 from ..logs import logger
 from ..memory.store import MemoryStore
 from ..net.requestor import (
@@ -140,13 +141,13 @@ class Load:
 class MemoryManager:
     """The loads: queued, running (at most ``max_parallel_loads``), and the last ``keep_finished`` that ended."""
 
-    def __init__(self, config: ApplianceConfig, store: MemoryStore, clock, connect: Connect, get_sink=None) -> None:
+    def __init__(self, config: ApplianceConfig, store: MemoryStore, clock, connect: Connect, sink=None) -> None:
         self.config = config
         self.store = store
         self.clock = clock
         self.connect = connect
-        #: where C-GET sub-operations go (the Memory-Server's sink); None: devices with retrieve = "get" fail
-        self.get_sink = get_sink
+        #: where a C-GET's objects go: the Memory-Server's sink (IObjectSink), set by the composition root
+        self.sink = sink
         self.ae_title = config.manager.ae_title
         self.max_parallel = config.manager.max_parallel_loads
         self.loads: "OrderedDict[int, Load]" = OrderedDict()
@@ -188,7 +189,7 @@ class MemoryManager:
         return load
 
     def changed(self, load_id: int) -> defer.Deferred:
-        """Fires with the load at its next change of state (at once if it ended already)."""
+        """Fires with the load at its next change (of state, or of counts; at once if it ended already)."""
         load = self.get(load_id)
         if load.state in _ENDED:
             return defer.succeed(load)
@@ -198,6 +199,10 @@ class MemoryManager:
 
     def _set_state(self, load: Load, state: LoadState) -> None:
         load.state = state
+        self._changed(load)
+
+    @staticmethod
+    def _changed(load: Load) -> None:
         watchers, load.watchers = load.watchers, []
         for waiting in watchers:
             waiting.callback(load)
@@ -274,25 +279,35 @@ class MemoryManager:
 
     async def _retrieve(self, load: Load, device: DeviceConfig) -> Tuple[LoadState, Optional[str]]:
         if device.retrieve == "get":
-            raise AssociationError(f"device {device.name!r} is configured with retrieve = \"get\": C-GET loads are "
-                                   f"not available in this version; use retrieve = \"move\"")
-        destination = self.config.memory_server
-        if not destination.port and not destination.tls_port:
-            return LoadState.FAILED, ("the Memory-Server is not listening ([memory_server] port = 0): a C-MOVE has "
-                                      "nowhere to send the images")
-        association = await self.connect(device, [(STUDY_ROOT_MOVE, UNCOMPRESSED_TRANSFER_SYNTAXES)])
+            if self.sink is None:
+                return LoadState.FAILED, "C-GET loads need the Memory-Server's store, and none is configured"
+            sop_class = STUDY_ROOT_GET
+            contexts, roles = get_proposal()
+            association = await self.connect(device, list(contexts), roles=roles)
+        else:
+            destination = self.config.memory_server
+            if not destination.port and not destination.tls_port:
+                return LoadState.FAILED, ("the Memory-Server is not listening ([memory_server] port = 0): a C-MOVE "
+                                          "has nowhere to send the images (or set retrieve = \"get\" for the device)")
+            sop_class = STUDY_ROOT_MOVE
+            association = await self.connect(device, [(STUDY_ROOT_MOVE, UNCOMPRESSED_TRANSFER_SYNTAXES)])
         load.association = association
         if load.cancel_requested or load.timed_out:
             await self._release(association)
-            return (LoadState.CANCELLED, "cancelled before the C-MOVE was sent") if load.cancel_requested else \
+            return (LoadState.CANCELLED, "cancelled before it was sent") if load.cancel_requested else \
                 (LoadState.FAILED, self._timeout_text(load))
-        load.transfer_syntax = association.negotiated.context_for(STUDY_ROOT_MOVE).transfer_syntax
-        stream = association.move(self._identifier(load), destination.ae_title)
+        load.transfer_syntax = association.negotiated.context_for(sop_class).transfer_syntax
+        if sop_class == STUDY_ROOT_GET:
+            stream = association.get(self._identifier(load), _LoadSink(self.sink, self.ae_title, load))
+        else:
+            stream = association.move(self._identifier(load), self.config.memory_server.ae_title)
         load.stream = stream
         load.message_id = stream.message_id
         final: Optional[Response] = None
         async for response in stream:
             self._count(load, response)
+            if response.pending:
+                self._changed(load)
             final = response
         await self._release(association)
         return self._outcome(load, device, final)
@@ -424,6 +439,22 @@ class MemoryManager:
         ended = [load for load in self.loads.values() if load.state in _ENDED]
         for load in ended[:max(0, len(ended) - self.config.manager.keep_finished)]:
             del self.loads[load.id]
+
+
+@implementer(IObjectSink)
+class _LoadSink:
+    """The Memory-Server's sink as one C-GET load's: its objects are described as this load's (as a C-MOVE's
+    sub-operations name their move), so that the load counts them and hears of their refusals."""
+
+    def __init__(self, sink, ae_title: str, load: Load) -> None:
+        self.sink = IObjectSink(sink)
+        self.limits = self.sink.limits
+        self.ae_title = ae_title
+        self.load = load
+
+    def open(self, description: ObjectDescription, pause, resume):
+        tagged = replace(description, move_originator=self.ae_title, move_message_id=self.load.message_id)
+        return self.sink.open(tagged, pause, resume)
 
 
 def _failed_instances(data: bytes, transfer_syntax: Optional[str]) -> List[str]:

@@ -222,7 +222,8 @@ class ApiResource(Resource):
         return int(text)
 
     def show_load(self, request, load_id: str):
-        """The load; with ``?wait=SECONDS`` (1 to 60) answered at its next change of state, or after that long."""
+        """The load; with ``?wait=SECONDS`` (1 to 60) answered at its next change (of state or counts), or after
+        that long."""
         unknown = sorted(key.decode("ascii", "replace")[:40] for key in request.args if key != b"wait")
         if unknown:
             raise HTTPError(http.BAD_REQUEST, f"unknown parameter {unknown[0]!r} (known: wait)")
