@@ -219,6 +219,19 @@ class MemoryServerStoreTests(SynchronousTestCase):
         held = self.store.find("1.2.826.0.1.1", "1.2.826.0.1.1.1", "1.2.7.1")
         self.assertEqual((held.data, held.transfer_syntax), (data, DEFLATED))
 
+    def test_deflated_garbage_and_bomb(self):
+        """A deflated data set that is no deflate stream: C000; one inflating past memory_limit: A700 naming it."""
+        response = self.harness.store_object(b"\xff\xfe not deflate at all", "1.2.7.2", DEFLATED)
+        self.assertEqual(response.Status, 0xC000)
+        packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        plain = encode_dataset(make_dataset(sop="1.2.7.3", pixels=bytes(2 << 20)), EXPLICIT_VR_LITTLE_ENDIAN)
+        bomb = packer.compress(plain) + packer.flush()
+        self.assertLess(len(bomb), 64 << 10)
+        response = self.harness.store_object(bomb, "1.2.7.3", DEFLATED)
+        self.assertEqual(response.Status, 0xA700)
+        self.assertIn("memory_limit", response.ErrorComment)
+        self.assertEqual((self.store.studies, self.store.reserved), ({}, 0))
+
     def test_larger_than_memory_limit_a700(self):
         big = encode_dataset(make_dataset(sop="1.2.8.1", pixels=bytes(2 << 20)), EXPLICIT_VR_LITTLE_ENDIAN)
         response = self.harness.store_object(big, "1.2.8.1")

@@ -46,6 +46,7 @@ __all__ = [
     "parse_memory",
     "parse_file",
     "inspect_memory",
+    "inspect_deflated",
     "inspect_prefix",
     "inspect_file",
     "inspect_deflated_file",
@@ -236,9 +237,16 @@ def inspect_file(path: str, header_length: int, sop_class_uid: str, sop_instance
 def inspect_deflated_file(path: str, header_length: int, sop_class_uid: str, sop_instance_uid: str,
                           limits: InflateLimits, spill_dir: Optional[str] = None) -> ObjectMetadata:
     """A deflated data set in a file checked by inflating it as a stream within ``limits``, never whole."""
+    with open(path, "rb") as handle:
+        return inspect_deflated(handle, header_length, sop_class_uid, sop_instance_uid, limits, spill_dir)
+
+
+def inspect_deflated(handle, offset: int, sop_class_uid: str, sop_instance_uid: str, limits: InflateLimits,
+                     spill_dir: Optional[str] = None) -> ObjectMetadata:
+    """A deflated data set starting at ``offset`` of the file object ``handle``, checked by inflating it as a
+    stream within ``limits``; Refused when it is not acceptable.  OSError (the file's) passes through."""
     try:
-        with open(path, "rb") as handle:
-            metadata, _ = read_deflated(handle, header_length, limits, spill_dir)
+        metadata, _ = read_deflated(handle, offset, limits, spill_dir)
     except TooLarge as error:
         raise Refused(Refusal.OUT_OF_RESOURCES, str(error)) from None
     except NotInflatable as error:

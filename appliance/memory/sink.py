@@ -16,8 +16,8 @@ from typing import Callable, Optional
 from twisted.internet import defer
 from zope.interface import implementer
 
-from ..dataset.checks import Kept, ObjectDescription, Refusal, Refused, apply_coercion, check_metadata, inspect_memory
-from ..dataset.deflate import DEFLATED, InflateLimits, NotInflatable, TooLarge, read_deflated
+from ..dataset.checks import Kept, ObjectDescription, Refusal, Refused, apply_coercion, inspect_deflated, inspect_memory
+from ..dataset.deflate import DEFLATED, InflateLimits
 from ..interfaces import ILoadTracker, IObjectSink, IObjectWriter
 from ..logs import logger
 from .store import OBJECT_OVERHEAD, MemoryStore, NoRoom
@@ -70,18 +70,8 @@ class _BufferReader:
 def _check(buffer: bytearray, description: ObjectDescription, limits: InflateLimits):
     """Worker thread: the object's metadata, its coercion applied in place; Refused when it is not acceptable."""
     if description.transfer_syntax == DEFLATED:
-        try:
-            metadata, _ = read_deflated(_BufferReader(buffer), 0, limits)
-        except TooLarge as error:
-            raise Refused(Refusal.OUT_OF_RESOURCES, str(error)) from None
-        except NotInflatable as error:
-            raise Refused(Refusal.NOT_UNDERSTOOD, str(error)) from None
-        except ValueError as error:
-            raise Refused(Refusal.NOT_MATCHING, str(error)) from None
-        except Exception as error:  # pydicom raises many kinds on garbage
-            raise Refused(Refusal.NOT_UNDERSTOOD, f"cannot parse data set: {type(error).__name__}: {error}") from None
-        return check_metadata(metadata, 0, b"", description.sop_class_uid, description.sop_instance_uid,
-                              DEFLATED)[0], False
+        return inspect_deflated(_BufferReader(buffer), 0, description.sop_class_uid, description.sop_instance_uid,
+                                limits), False
     metadata, coercion = inspect_memory(buffer, 0, description.sop_class_uid, description.sop_instance_uid,
                                         description.transfer_syntax)
     if coercion is not None:
