@@ -7,7 +7,7 @@ import os
 from collections import defaultdict
 from typing import Dict, List
 
-from twisted.internet import reactor, threads
+from twisted.internet import reactor
 from twisted.trial import unittest
 
 from appliance import config as configuration
@@ -22,10 +22,10 @@ from .test_interop_storage import (
     CorpusCheck,
     WireRecorder,
     _need_storescu,
-    _pynetdicom_store,
     pynetdicom,
-    storage_corpus,
+    pynetdicom_corpus,
     storescu,
+    storescu_corpus,
 )
 
 
@@ -94,19 +94,7 @@ class StorescuIntoMemoryTests(unittest.TestCase):
         """Every storage object of pydicom's test files storescu sends is answered as by the Disk-Server and
         held with exactly the data set bytes sent (coerced where the statement says)."""
         server = MemoryServer(self)
-        corpus = {item.path: item for item in storage_corpus()}
-        run = await storescu(server, list(corpus), called="MEMORY_SERVER")
-        self.assertEqual(run.code, 0, run.tail())
-        messages = server.messages()
-        self.assertEqual(len(messages), len(run.results), run.tail())
-        check = MemoryCorpusCheck(self, server, "storescu")
-        for (path, status), (sop_uid, data) in zip(run.results, messages):
-            check.sent(corpus[path], sop_uid, data, status)
-        for path, item in corpus.items():
-            if path not in {sent for sent, _ in run.results}:
-                self.assertIn(path, run.refused, f"{item.name} was neither sent nor refused by storescu")
-                check.not_stored[item.name] = f"storescu will not send it: {run.refused[path]}"
-        check.finish()
+        await storescu_corpus(self, server, MemoryCorpusCheck(self, server, "storescu"), called="MEMORY_SERVER")
 
     @deferred_test
     async def test_memory_limit_drops_oldest_study(self):
@@ -136,15 +124,4 @@ class PynetdicomIntoMemoryTests(unittest.TestCase):
     @deferred_test
     async def test_pydicom_corpus(self):
         server = MemoryServer(self)
-        corpus = storage_corpus(accepted_only=True)
-        results = await threads.deferToThread(_pynetdicom_store, server.port, corpus, "MEMORY_SERVER")
-        check = MemoryCorpusCheck(self, server, "pynetdicom")
-        sent = [(item, status) for item, (_, status, problem) in zip(corpus, results) if problem is None]
-        for item, (_, _, problem) in zip(corpus, results):
-            if problem is not None:
-                check.not_stored[item.name] = f"pynetdicom did not send it: {problem}"
-        messages = server.messages()
-        self.assertEqual(len(messages), len(sent))
-        for (item, status), (sop_uid, data) in zip(sent, messages):
-            check.sent(item, sop_uid, data, status)
-        check.finish()
+        await pynetdicom_corpus(self, server, MemoryCorpusCheck(self, server, "pynetdicom"), called="MEMORY_SERVER")

@@ -493,21 +493,25 @@ class StorescuCorpusTests(unittest.TestCase):
         not re-encode; the only others are files storescu itself refuses to send."""
         server = DiskServer(self)
         server.record_commits()
-        corpus = {item.path: item for item in storage_corpus()}
-        run = await storescu(server, list(corpus))
-        self.assertEqual(run.code, 0, run.tail())
-        messages = server.messages()
-        self.assertEqual(len(messages), len(run.results), run.tail())
-        check = CorpusCheck(self, server, "storescu")
-        for (path, status), (sop_uid, data) in zip(run.results, messages):
-            check.sent(corpus[path], sop_uid, data, status)
-        sent = {path for path, _ in run.results}
-        for path, item in corpus.items():
-            if path not in sent:
-                self.assertIn(path, run.refused, f"{item.name} was neither sent nor refused by storescu")
-                check.not_stored[item.name] = f"storescu will not send it: {run.refused[path]}"
-        self.assertEqual(len(sent), len(run.results), "a file was sent twice")
-        check.finish()
+        await storescu_corpus(self, server, CorpusCheck(self, server, "storescu"))
+
+
+async def storescu_corpus(test: unittest.TestCase, server, check: "CorpusCheck", called: str = "DISK_SERVER") -> None:
+    """pydicom's storage objects in one storescu run to ``server``; each one sent checked by ``check``."""
+    corpus = {item.path: item for item in storage_corpus()}
+    run = await storescu(server, list(corpus), called=called)
+    test.assertEqual(run.code, 0, run.tail())
+    messages = server.messages()
+    test.assertEqual(len(messages), len(run.results), run.tail())
+    for (path, status), (sop_uid, data) in zip(run.results, messages):
+        check.sent(corpus[path], sop_uid, data, status)
+    sent = {path for path, _ in run.results}
+    for path, item in corpus.items():
+        if path not in sent:
+            test.assertIn(path, run.refused, f"{item.name} was neither sent nor refused by storescu")
+            check.not_stored[item.name] = f"storescu will not send it: {run.refused[path]}"
+    test.assertEqual(len(sent), len(run.results), "a file was sent twice")
+    check.finish()
 
 
 def _pynetdicom_store(port: int, files: Sequence[CorpusFile],
@@ -553,19 +557,23 @@ class PynetdicomCorpusTests(unittest.TestCase):
         sent, which are the file's own where pydicom did not re-encode."""
         server = DiskServer(self)
         server.record_commits()
-        corpus = storage_corpus(accepted_only=True)
-        results = await threads.deferToThread(_pynetdicom_store, server.port, corpus)
-        self.assertEqual([name for name, _, _ in results], [item.name for item in corpus])
-        check = CorpusCheck(self, server, "pynetdicom")
-        sent = [(item, status) for item, (_, status, problem) in zip(corpus, results) if problem is None]
-        for item, (_, _, problem) in zip(corpus, results):
-            if problem is not None:
-                check.not_stored[item.name] = f"pynetdicom did not send it: {problem}"
-        messages = server.messages()
-        self.assertEqual(len(messages), len(sent))
-        for (item, status), (sop_uid, data) in zip(sent, messages):
-            check.sent(item, sop_uid, data, status)
-        check.finish()
+        await pynetdicom_corpus(self, server, CorpusCheck(self, server, "pynetdicom"))
+
+
+async def pynetdicom_corpus(test: unittest.TestCase, server, check: "CorpusCheck", called: str = "DISK_SERVER") -> None:
+    """pydicom's storage objects that ``server`` accepts, sent by pynetdicom; each one sent checked by ``check``."""
+    corpus = storage_corpus(accepted_only=True)
+    results = await threads.deferToThread(_pynetdicom_store, server.port, corpus, called)
+    test.assertEqual([name for name, _, _ in results], [item.name for item in corpus])
+    sent = [(item, status) for item, (_, status, problem) in zip(corpus, results) if problem is None]
+    for item, (_, _, problem) in zip(corpus, results):
+        if problem is not None:
+            check.not_stored[item.name] = f"pynetdicom did not send it: {problem}"
+    messages = server.messages()
+    test.assertEqual(len(messages), len(sent))
+    for (item, status), (sop_uid, data) in zip(sent, messages):
+        check.sent(item, sop_uid, data, status)
+    check.finish()
 
 
 class StorescuStatusTests(unittest.TestCase):

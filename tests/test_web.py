@@ -15,17 +15,14 @@ except ImportError:  # Twisted < 19.7
     from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from appliance.ae.manager import LoadState
 from appliance.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN
 from appliance.memory.store import OBJECT_OVERHEAD
 from appliance.net.threads import synchronous_runner
-from appliance.web import server as web_server
 from appliance.web.api import SEND_CHUNK, ApiResource
 from appliance.web.server import MAX_BODY, ApplianceSite
 
 from .support_data import encode_dataset, make_dataset
 from .test_manager import STUDY, ManagerHarness
-from .test_memory import metadata as make_metadata
 
 SERIES = "1.2.826.0.1.3680043.2.1.1"
 SOP = "1.2.826.0.1.3680043.2.1.1.1"
@@ -270,7 +267,7 @@ class MemoryApiTests(SynchronousTestCase):
     def test_bad_and_unknown_uids(self):
         self.h.hold()
         base = f"/api/memory/studies/{STUDY}/series/{SERIES}/instances"
-        for path, status in ((f"/api/memory/studies/..%2F..", 400), (f"/api/memory/studies/1.2.3", 404),
+        for path, status in (("/api/memory/studies/..%2F..", 400), ("/api/memory/studies/1.2.3", 404),
                              (f"/api/memory/studies/{STUDY}/series/x/instances/{SOP}", 400),
                              (f"{base}/1.2.3", 404), (f"{base}/{SOP}/frames", 404)):
             self.assertEqual(self.h.request("GET", path).status, status, path)
