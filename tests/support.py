@@ -6,6 +6,7 @@ Every wait here is bounded: by a number of attempts, or by a Deferred timeout.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import socket
 import sys
@@ -74,6 +75,18 @@ def write_file(testcase, text: str, name: Optional[str] = None) -> str:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
     return path
+
+
+def load_tool(name: str):
+    """tools/NAME.py as a module (``tools`` is not a package), loaded once per process."""
+    module_name = f"_appliance_tools_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

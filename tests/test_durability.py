@@ -12,7 +12,6 @@ wait is bounded (attempts of 0.1 s, or trial's timeout).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -23,22 +22,10 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from .support import ROOT, deferred_test, free_port, run_python, subprocess_env
+from .support import ROOT, load_tool, deferred_test, free_port, run_python, subprocess_env
 
 
-def _load_torture():
-    """tools/torture.py as a module (``tools`` is not a package)."""
-    name = "_appliance_tools_torture"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", "torture.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
-
-
-torture = _load_torture()
+torture = load_tool("torture")
 
 STORESCU = shutil.which("storescu")
 NO_STORESCU = None if STORESCU else "DCMTK's storescu is not installed"

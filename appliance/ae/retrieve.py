@@ -542,7 +542,9 @@ class RetrieveService:
                 comment = (f"association rejected ({rejection.result},{rejection.source},{rejection.reason}) "
                            f"by {device.ae_title}: {why}")
             elif isinstance(error, (requestor.ConnectionFailed, requestor.AssociationTimeout)):
-                comment = str(error)  # names the destination, its address and what failed
+                # the destination first: the Error Comment keeps 64 characters (a TLS failure names no address)
+                text = str(error)
+                comment = text if device.ae_title in text[:64] else f"{device.ae_title}: {text}"
             else:
                 comment = f"{device.ae_title}: {error}"
             _log.warn("C-MOVE to {where}: no sub-association: {error}", where=where, error=error)
