@@ -416,6 +416,28 @@ class StructureTests(Differential, SynchronousTestCase):
             finally:
                 setattr(config, name, False)
 
+    def test_bytearray_takes_the_fast_path_too(self):
+        """The memory store checks its objects in the bytearray they arrived in: sequences included, the fast
+        path answers as it does for bytes (it once declined every such object, hashing a bytearray slice)."""
+        from pydicom.dataset import Dataset
+
+        ds = make_dataset(sop="1.2.9.5")
+        item = Dataset()
+        item.ReferencedSOPClassUID = CT_IMAGE_STORAGE
+        item.ReferencedSOPInstanceUID = "1.2.9.4"
+        ds.ReferencedImageSequence = [item]
+        ds["ReferencedImageSequence"].is_undefined_length = True  # its items are walked, element by element
+        item.is_undefined_length_sequence_item = True
+        for syntax in (EXPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2.2", "1.2.840.10008.1.2"):
+            data = encode_dataset(ds, syntax)
+            answer = fastscan.scan(data, 0, syntax)
+            self.assertIsNotNone(answer, syntax)
+            self.assertEqual(fastscan.scan(bytearray(data), 0, syntax), answer, syntax)
+        calls = []
+        self.patch(storage, "parse_memory", lambda *args: calls.append(args))
+        storage.inspect_memory(bytearray(data), 0, CT_IMAGE_STORAGE, "1.2.9.5", "1.2.840.10008.1.2")
+        self.assertEqual(calls, [])
+
     def test_inspect_memory_takes_the_fast_path(self):
         """inspect_memory answers a plain data set without pydicom's parser, and hands the rest to it."""
         calls = []

@@ -404,7 +404,7 @@ def _item_element_header(data: bytes, position: int, limit: int, syntax: "_Synta
     """
     if syntax.implicit:
         return None, length, position + 8
-    vr = data[position + 4:position + 6]
+    vr = bytes(data[position + 4:position + 6])  # hashable when data is a bytearray (the memory store's buffers)
     if vr in _LONG_VRS:
         if position + 12 > limit:
             return None
