@@ -84,11 +84,14 @@ fuzz: $(VENV)/.installed
 # The benchmarks, the Disk-Server against DCMTK and Debian's Orthanc; results go to bench/results/.
 # bench/store_bench.py: C-STORE throughput beside storescp and Orthanc.
 # bench/query_bench.py: C-FIND and C-MOVE beside Orthanc, and C-FIND at 20k and 1M instances.
-# `make bench` runs both (the second even if the first failed), `make bench-store` or
-# `make bench-query` one. Options through BENCH_ARGS for both (--repeat N, --workdir DIR),
-# STORE_BENCH_ARGS or QUERY_BENCH_ARGS for one, e.g. make bench BENCH_ARGS="--repeat 3".
+# bench/load_bench.py: a ~100 MB study loaded into the Memory-Server from the Disk-Server and from
+# Orthanc, beside Orthanc -> storescp (C-MOVE): MB/s and the receiver's peak RSS.
+# `make bench` runs all three (each even if one before it failed), `make bench-store`,
+# `make bench-query` or `make bench-load` one. Options through BENCH_ARGS for all (--repeat N,
+# --workdir DIR), STORE_BENCH_ARGS, QUERY_BENCH_ARGS or LOAD_BENCH_ARGS for one,
+# e.g. make bench BENCH_ARGS="--repeat 3".
 BENCH_PACKAGES := dcmtk orthanc
-.PHONY: bench bench-store bench-query bench-packages
+.PHONY: bench bench-store bench-query bench-load bench-packages
 
 bench-packages:
 	@$(MAKE) --no-print-directory system-packages DEBIAN_PACKAGES="$(BENCH_PACKAGES)"
@@ -99,8 +102,12 @@ bench-store: bench-packages $(VENV)/.installed
 bench-query: bench-packages $(VENV)/.installed
 	$(VENV)/bin/python bench/query_bench.py $(BENCH_ARGS) $(QUERY_BENCH_ARGS)
 
+bench-load: bench-packages $(VENV)/.installed
+	$(VENV)/bin/python bench/load_bench.py $(BENCH_ARGS) $(LOAD_BENCH_ARGS)
+
 bench: bench-packages $(VENV)/.installed
 	@status=0; \
 	$(MAKE) --no-print-directory bench-store || status=1; \
 	$(MAKE) --no-print-directory bench-query || status=1; \
+	$(MAKE) --no-print-directory bench-load || status=1; \
 	exit $$status
