@@ -1,17 +1,18 @@
 """The Memory-Server's object sink (appliance.interfaces.IObjectSink): received data sets into the memory store.
 
 A data set's bytes are reserved against ``memory_limit`` as they arrive
-(the store drops least recently used studies for them, or the object is
-refused with A700 at once and the rest drained), kept in one buffer, checked
-on a worker thread once whole (:mod:`appliance.dataset.checks`: whole,
-readable, the command's UIDs, the coercion applied in place), then put into
-the store on the reactor thread.  An object no load asked for is kept or
+(a MiB at a time while that much is free, else exactly; the store drops
+least recently used studies for them, or the object is refused with A700 at
+once and the rest drained), its fragments kept as they came, joined into one
+buffer and checked on a worker thread once whole
+(:mod:`appliance.dataset.checks`: whole, readable, the command's UIDs, the
+coercion applied in place), then put into the store on the reactor thread.  An object no load asked for is kept or
 refused by ``accept_unsolicited``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -25,6 +26,9 @@ from .store import OBJECT_OVERHEAD, MemoryStore, NoRoom
 __all__ = ["MemorySink", "MemoryWriter"]
 
 _log = logger("appliance.memory")
+
+#: Room is reserved for an object arriving this much at a time (exactly what is needed when less is left).
+RESERVE_STEP = 1 << 20
 
 #: ``runner(f, *args) -> Deferred``: where the checks run (a worker thread in the appliance).
 Runner = Callable[..., defer.Deferred]
@@ -67,16 +71,18 @@ class _BufferReader:
         return data
 
 
-def _check(buffer: bytearray, description: ObjectDescription, limits: InflateLimits):
-    """Worker thread: the object's metadata, its coercion applied in place; Refused when it is not acceptable."""
+def _check(chunks: List[bytes], description: ObjectDescription, limits: InflateLimits):
+    """Worker thread: the object's data set in one buffer, its metadata, and whether the coercion was applied
+    (in place); Refused when it is not acceptable."""
+    buffer = bytearray().join(chunks)
     if description.transfer_syntax == DEFLATED:
-        return inspect_deflated(_BufferReader(buffer), 0, description.sop_class_uid, description.sop_instance_uid,
-                                limits), False
+        return buffer, inspect_deflated(_BufferReader(buffer), 0, description.sop_class_uid,
+                                        description.sop_instance_uid, limits), False
     metadata, coercion = inspect_memory(buffer, 0, description.sop_class_uid, description.sop_instance_uid,
                                         description.transfer_syntax)
     if coercion is not None:
         apply_coercion(_BufferFile(buffer), coercion)
-    return metadata, coercion is not None
+    return buffer, metadata, coercion is not None
 
 
 @implementer(IObjectSink)
@@ -105,7 +111,10 @@ class MemoryWriter:
         self.sink = sink
         self.store = sink.store
         self.description = description
-        self.buffer = bytearray()
+        #: the data set's fragments as they came: joined once, on a worker thread (growing one buffer on the
+        #: reactor thread copied each object several times over)
+        self.chunks: List[bytes] = []
+        self.size = 0
         self.reserved = 0
         self.refusal: Optional[Refused] = None
         self.wanted = sink.loads.expects(description) if sink.loads is not None else False
@@ -115,39 +124,44 @@ class MemoryWriter:
     def write(self, data: bytes) -> None:
         if self.refusal is not None:
             return  # drained
+        size = self.size + len(data)
+        if size > self.reserved and not self._reserve(size - self.reserved):
+            return
+        self.chunks.append(data)
+        self.size = size
+
+    def _reserve(self, needed: int) -> bool:
+        """Reserve room for ``needed`` more bytes: a RESERVE_STEP at once while that much is free (fewer calls
+        per fragment), else exactly ``needed``, dropping studies for it; False (and refused) if impossible."""
+        amount = RESERVE_STEP if needed <= RESERVE_STEP <= self.store.free else needed
         try:
-            self.store.reserve(len(data))
+            self.store.reserve(amount)
         except NoRoom as error:
             self.refusal = Refused(Refusal.OUT_OF_RESOURCES, f"memory full: {error}")
             self._release()
-            return
-        self.reserved += len(data)
-        self.buffer += data
+            return False
+        self.reserved += amount
+        return True
 
     def _release(self) -> None:
         self.store.release(self.reserved)
         self.reserved = 0
-        self.buffer = bytearray()
+        self.chunks = []
 
     def finish(self) -> defer.Deferred:
         if self.refusal is not None:
             self._release()
             return defer.fail(self.refusal).addErrback(self._tell)
-        try:
-            self.store.reserve(OBJECT_OVERHEAD)
-        except NoRoom as error:
-            self._release()
-            return defer.fail(Refused(Refusal.OUT_OF_RESOURCES, f"memory full: {error}")).addErrback(self._tell)
-        self.reserved += OBJECT_OVERHEAD
-        checking = self.sink.runner(_check, self.buffer, self.description, self.sink.limits)
+        if self.size + OBJECT_OVERHEAD > self.reserved and not self._reserve(self.size + OBJECT_OVERHEAD - self.reserved):
+            return defer.fail(self.refusal).addErrback(self._tell)
+        checking = self.sink.runner(_check, self.chunks, self.description, self.sink.limits)
         return checking.addBoth(self._checked).addErrback(self._tell)
 
     def _checked(self, result):
-        buffer = self.buffer
         self._release()
         if isinstance(result, BaseException) or hasattr(result, "raiseException"):
             return result  # a Refused (or an unexpected failure) goes on to the service
-        metadata, coerced = result
+        buffer, metadata, coerced = result
         replaced = self.store.put(metadata, self.description.transfer_syntax, buffer)
         if self.wanted:
             self.sink.loads.kept(self.description)

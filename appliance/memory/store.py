@@ -86,6 +86,11 @@ class MemoryStore:
             self._make_room(self.size + self.reserved + size - self.limit)
         self.reserved += size
 
+    @property
+    def free(self) -> int:
+        """Bytes that can be reserved without dropping anything."""
+        return self.limit - self.size - self.reserved
+
     def release(self, size: int) -> None:
         """Give back a reservation (the object was kept, refused or abandoned)."""
         self.reserved -= size
