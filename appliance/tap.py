@@ -96,6 +96,8 @@ class ArchiveService(Service):
         self.archive.reconcile().addCallbacks(self._reconciled, self._failed)
 
     def _reconciled(self, result) -> None:
+        if not self.running:
+            return None  # stopped during the check: the index is closed, or about to be
         # objects indexed again count toward the archive's size
         return self.archive.db(self.archive.index.total_size).addCallback(self._report, result)
 
@@ -114,7 +116,9 @@ class ArchiveService(Service):
 
     def stopService(self):
         super().stopService()
-        self.archive.close()
+        # on the index's own thread, after the jobs queued before: never while one of them uses it (closing an
+        # SQLite connection another thread is using can crash the process); the worker threads stop after this
+        return self.archive.db(self.archive.close)
 
 
 class MemoryService(Service):

@@ -281,14 +281,7 @@ class LoadOrthanc(qb.QueryOrthanc):
 
 def vmrss_kib(pid: int) -> Optional[int]:
     """Resident set size of a process now, in KiB (``VmRSS``)."""
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return sb.proc_status_kib(pid, "VmRSS")
 
 
 class RssSampler:

@@ -296,16 +296,21 @@ def cpu_seconds(pid: int) -> Optional[float]:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def vmhwm_kib(pid: int) -> Optional[int]:
-    """Peak resident set size of a process, in KiB (``VmHWM``)."""
+def proc_status_kib(pid: int, field: str) -> Optional[int]:
+    """A figure of /proc/PID/status in KiB (``VmHWM``, ``VmRSS``...); None if the process is gone."""
     try:
         with open(f"/proc/{pid}/status") as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def vmhwm_kib(pid: int) -> Optional[int]:
+    """Peak resident set size of a process, in KiB (``VmHWM``)."""
+    return proc_status_kib(pid, "VmHWM")
 
 
 # --------------------------------------------------------------------------- servers

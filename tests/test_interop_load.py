@@ -93,20 +93,23 @@ class Appliance:
                                   "timeout": 20},
             }, **(devices or {})),
         }
-        path = write_file(testcase, _toml(tables), name="appliance.toml")
+        self.start(tables)
+
+    def start(self, tables: dict) -> None:
+        """Write ``tables`` as the configuration file, build the appliance from it and start it."""
+        path = write_file(self.testcase, _toml(tables), name="appliance.toml")
         options = tap.Options()
         options.parseOptions(["--config", path])
         self.service = tap.makeService(options, reactor)
         self.service.startService()
-        testcase.addCleanup(lambda: defer.ensureDeferred(self._stop()))
+        self.testcase.addCleanup(lambda: defer.ensureDeferred(self._stop()))
         site = self.service.getServiceNamed("web").factory
         self.manager = site.resource.manager
         self.store = site.resource.store
         self.agent = Agent(reactor)
 
     async def _stop(self) -> None:
-        await defer.maybeDeferred(self.service.stopService)
-        self.service.getServiceNamed("archive").archive.close()
+        await defer.maybeDeferred(self.service.stopService)  # the archive closes its index on its thread
 
     async def api(self, method: str, path: str, body=None) -> Tuple[int, dict]:
         headers = Headers({b"content-type": [b"application/json"]})

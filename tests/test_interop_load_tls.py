@@ -18,13 +18,11 @@ from typing import Callable, Dict, List, Optional
 from twisted.internet import defer, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
-from twisted.web.client import Agent
 
-from appliance import tap
 
-from .support import WAIT_LIMIT, deferred_test, free_port, write_file
+from .support import WAIT_LIMIT, deferred_test, free_port
 from .support_tls import Certificates
-from .test_interop_load import STORESCU, Appliance, _need, _toml, study_files
+from .test_interop_load import STORESCU, Appliance, _need, study_files
 
 #: "; TLS: TLSv1.2 ECDHE-..." or "; TLS: TLSv1.3 TLS_AES_256_GCM_SHA384, peer CN=localhost,O=Appliance Tests"
 TLS_SESSION = r"; TLS: TLSv1\.[23] \S+, peer CN=localhost"
@@ -109,16 +107,7 @@ class TLSAppliance(Appliance):
                              "tls": True, "timeout": 20},
             }, **(devices(self) if devices is not None else {})),
         }
-        path = write_file(testcase, _toml(tables), name="appliance.toml")
-        options = tap.Options()
-        options.parseOptions(["--config", path])
-        self.service = tap.makeService(options, reactor)
-        self.service.startService()
-        testcase.addCleanup(lambda: defer.ensureDeferred(self._stop()))
-        site = self.service.getServiceNamed("web").factory
-        self.manager = site.resource.manager
-        self.store = site.resource.store
-        self.agent = Agent(reactor)
+        self.start(tables)
 
 
 class LoadOverTLSTests(unittest.TestCase):

@@ -269,3 +269,34 @@ class TwistdTests(unittest.TestCase):
         self.assertNotIn("Traceback", output)
         self.assertIn(f"{path}: [memory_server] ae_title: AE title 'ABCDEFGHIJKLMNOPQ' must be 1 to 16 characters",
                       output)
+
+
+class ArchiveServiceTests(unittest.SynchronousTestCase):
+    """The archive's index is closed on its own thread after the jobs queued before, never beside one."""
+
+    def test_close_queued_behind_the_index_jobs(self):
+        from twisted.internet import defer
+
+        jobs = []
+        reconciling = defer.Deferred()
+
+        class Archive:
+            def reconcile(self):
+                return reconciling
+
+            def db(self, function, *args):
+                jobs.append(function)
+                return defer.Deferred()
+
+            def close(self):
+                raise AssertionError("closed outside the index's thread")
+
+            index = type("Index", (), {"total_size": lambda self: 0})()
+
+        archive = Archive()
+        service = tap.ArchiveService(archive)
+        service.startService()
+        service.stopService()
+        self.assertEqual(jobs, [archive.close], "the close is a job of the index's thread")
+        reconciling.callback(type("Result", (), {})())
+        self.assertEqual(jobs, [archive.close], "a check ending after the stop queues nothing more")
