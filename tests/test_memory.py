@@ -12,11 +12,13 @@ from zope.interface import implementer
 
 from appliance import config as configuration
 from appliance.ae.listeners import acceptor_factory, memory_server_services, memory_sink
+from appliance.dataset.checks import Kept, ObjectDescription, Refusal, Refused
 from appliance.dataset.deflate import DEFLATED
 from appliance.dataset.metadata import extract
 from appliance.dicom import dimse as D
 from appliance.dicom.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 from appliance.interfaces import ILoadTracker
+from appliance.memory.sink import MemorySink
 from appliance.memory.store import OBJECT_OVERHEAD, MemoryStore, NoRoom
 from appliance.net.threads import synchronous_runner
 from appliance.tap import MemoryService
@@ -263,6 +265,50 @@ class MemoryServerStoreTests(SynchronousTestCase):
         accept = scu.associate([(CT_IMAGE_STORAGE, (EXPLICIT_VR_LITTLE_ENDIAN,)),
                                 ("1.2.840.10008.5.1.4.1.1.88.11", (EXPLICIT_VR_LITTLE_ENDIAN,))])
         self.assertEqual([c.result for c in accept.presentation_contexts], [0, 3])
+
+
+class CheckPlacementTests(SynchronousTestCase):
+    """Where an object is checked: where it arrived when small and not deflated, else by the sink's runner."""
+
+    def setUp(self):
+        self.store = MemoryStore(16 << 20, Clock())
+        self.ran = []
+
+        def runner(f, *args):
+            self.ran.append(args[1].sop_instance_uid)
+            return synchronous_runner(f, *args)
+
+        self.sink = MemorySink(self.store, runner, inline_limit=64 * KIB)
+
+    def receive(self, sop: str, data: bytes, syntax: str = EXPLICIT_VR_LITTLE_ENDIAN):
+        writer = self.sink.open(ObjectDescription(CT_IMAGE_STORAGE, sop, syntax, "ARCHIVE"), None, None)
+        for start in range(0, len(data), 16 * KIB):
+            writer.write(data[start:start + 16 * KIB])
+        return self.successResultOf(writer.finish())
+
+    def test_small_objects_checked_inline_large_and_deflated_by_the_runner(self):
+        small = encode_dataset(make_dataset(sop="1.2.9.1", pixels=bytes(32 * KIB)), EXPLICIT_VR_LITTLE_ENDIAN)
+        large = encode_dataset(make_dataset(sop="1.2.9.2", pixels=bytes(96 * KIB)), EXPLICIT_VR_LITTLE_ENDIAN)
+        packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+        deflated = packer.compress(encode_dataset(make_dataset(sop="1.2.9.3"), EXPLICIT_VR_LITTLE_ENDIAN))
+        deflated += packer.flush()
+        self.assertLess(len(small), 64 * KIB)
+        self.assertGreater(len(large), 64 * KIB)
+        for sop, data, syntax in (("1.2.9.1", small, EXPLICIT_VR_LITTLE_ENDIAN),
+                                  ("1.2.9.2", large, EXPLICIT_VR_LITTLE_ENDIAN), ("1.2.9.3", deflated, DEFLATED)):
+            self.assertIsInstance(self.receive(sop, data, syntax), Kept)
+            self.assertEqual(self.store.find("1.2.826.0.1.1", "1.2.826.0.1.1.1", sop).data, data)
+        self.assertEqual(self.ran, ["1.2.9.2", "1.2.9.3"])
+        self.assertEqual(self.store.reserved, 0)
+
+    def test_inline_refusal_is_the_same_refusal(self):
+        broken = encode_dataset(make_dataset(sop="1.2.9.4"), EXPLICIT_VR_LITTLE_ENDIAN)[:-3]
+        writer = self.sink.open(ObjectDescription(CT_IMAGE_STORAGE, "1.2.9.4", EXPLICIT_VR_LITTLE_ENDIAN, "ARCHIVE"),
+                                None, None)
+        writer.write(broken)
+        failure = self.failureResultOf(writer.finish(), Refused)
+        self.assertEqual(failure.value.kind, Refusal.NOT_UNDERSTOOD)
+        self.assertEqual((self.ran, self.store.studies, self.store.reserved), ([], {}, 0))
 
 
 class UnsolicitedTests(SynchronousTestCase):

@@ -447,7 +447,7 @@ class ProtocolViolationTests(GetTestCase):
     def test_second_store_before_the_first_is_answered(self):
         """The peer may not send the next C-STORE-RQ before our C-STORE-RSP (no asynchronous operations): abort,
         and the object being decided is not answered."""
-        self.sink = MemorySink(self.store, partial(task.deferLater, self.clock, 5.0))
+        self.sink = MemorySink(self.store, partial(task.deferLater, self.clock, 5.0), inline_limit=0)
         peer, association = self.established()
         stream = self.start_get(peer, association)
         first, second = image(1), image(2)
@@ -531,7 +531,7 @@ class TimerTests(GetTestCase):
     def test_sink_deciding_stops_the_timer_and_holds_the_final(self):
         """While the sink takes 60 s to check an object, nothing times out; a final C-GET-RSP the peer sends
         meanwhile is held until our C-STORE-RSP is sent, so the stream never ends before the object is kept."""
-        self.sink = MemorySink(self.store, partial(task.deferLater, self.clock, 60.0))
+        self.sink = MemorySink(self.store, partial(task.deferLater, self.clock, 60.0), inline_limit=0)
         peer, association = self.established()
         stream = self.start_get(peer, association)
         responses = collect(stream)
@@ -549,7 +549,7 @@ class TimerTests(GetTestCase):
 
     def test_response_after_a_held_final_aborts(self):
         """Anything after the final C-GET-RSP (held while the sink decides) is a protocol violation."""
-        self.sink = MemorySink(self.store, partial(task.deferLater, self.clock, 60.0))
+        self.sink = MemorySink(self.store, partial(task.deferLater, self.clock, 60.0), inline_limit=0)
         peer, association = self.established()
         stream = self.start_get(peer, association)
         ct = image(1)
