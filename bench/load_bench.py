@@ -44,7 +44,7 @@ What it does:
 
   A load is timed from just before its POST to the answer that says ``done``,
   followed with ``GET /api/loads/N?wait=30`` (answered at the load's next
-  change of state or counts: no sleeps; the number of these requests is
+  change of state, or of counts at most every 0.25 s: no sleeps; the number of these requests is
   recorded, they are answered by the same reactor that receives the objects);
   ``movescu`` by the wall time of its process (start-up, association and
   release included; a load's time includes its association to the device too).
@@ -672,7 +672,7 @@ def report(result: dict) -> str:
         if row and row["appliance_load_median_s"] is not None:
             lines.append(f"{path}: the appliance's own load time (created -> ended) median "
                          f"{row['appliance_load_median_s']:.3f} s; {row['wait_requests_median']:.0f} "
-                         "?wait= requests per load (one per change of counts)")
+                         "?wait= requests per load (answered at a change of state, or of counts at most every 0.25 s)")
     syntaxes = sorted({s for r in result["runs"] for s in r.get("held_transfer_syntaxes", [])})
     if syntaxes:
         lines.append(f"transfer syntaxes the Memory-Server received: {', '.join(syntaxes)}")
@@ -722,6 +722,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-pdu", type=int, default=None,
                         help="maximum PDU length the receivers announce, the Memory-Server's max_pdu and storescp's "
                              "--max-pdu alike (4096 to 131072; default: their own default, 16384)")
+    parser.add_argument("--memory-server-max-pdu", type=int, default=None,
+                        help="the Memory-Server's max_pdu alone (default: --max-pdu, else its configured default)")
     parser.add_argument("--workdir", default=None, help="where the servers' temporary storage goes (default $TMPDIR)")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="run the appliance under cProfile (one .pstats file in DIR) and print its top functions")
@@ -762,6 +764,7 @@ def _run(args) -> int:
         "config": {"repeat": args.repeat, "memory_limit": args.memory_limit,
                    "profiled": bool(args.profile) or bool(args.py_spy),
                    "receivers_max_pdu": args.max_pdu or 16384,
+                   "memory_server_max_pdu": args.memory_server_max_pdu or args.max_pdu,
                    "paths": {name: label for name, (label, _, _) in PATHS.items()},
                    "load": "POST /api/loads {device, study}, then GET /api/loads/N?wait=30 until done; "
                            "one kept-alive HTTP connection",
@@ -774,7 +777,7 @@ def _run(args) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="load-bench-", dir=args.workdir) as workdir, _servers_stopped():
         storescp = LoadDestination(tools, workdir, args.max_pdu)
-        appliance = LoadAppliance(tools, workdir, args.memory_limit, profile, args.max_pdu)
+        appliance = LoadAppliance(tools, workdir, args.memory_limit, profile, args.memory_server_max_pdu or args.max_pdu)
         orthanc = LoadOrthanc(tools, workdir, storescp.port, appliance.memory_port)
         appliance.orthanc_port = orthanc.port
         appliance.move_port = storescp.port

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from appliance import config as configuration
-from appliance.ae.manager import LoadState, MemoryManager, UnknownDevice, UnknownLoad
+from appliance.ae.manager import PROGRESS_INTERVAL, LoadState, MemoryManager, UnknownDevice, UnknownLoad
 from appliance.compat import encode_dataset
 from appliance.dataset.checks import ObjectDescription, Refusal, Refused
 from appliance.dicom import dimse as D
@@ -165,6 +165,36 @@ class LoadTests(SynchronousTestCase):
         self.assertTrue(self.h.store.is_complete(STUDY))
         as_json = load.as_json()
         self.assertEqual((as_json["state"], as_json["completed"], as_json["device"]), ("done", 2, "pacs"))
+
+    def test_watchers_hear_of_counts_at_most_every_interval_and_of_the_end_at_once(self):
+        load = self.manager.submit("pacs", STUDY)
+        association = self.h.establish()
+        heard = []
+
+        def watch():
+            self.manager.changed(load.id).addCallback(lambda changed: heard.append((changed.completed, changed.state)))
+
+        watch()
+        association.respond(0xFF00, remaining=3, completed=0)
+        self.assertEqual(heard, [], "the state changed to running just now: counts wait for the interval")
+        self.h.clock.advance(PROGRESS_INTERVAL)
+        self.assertEqual(heard, [(0, LoadState.RUNNING)])
+        watch()
+        association.respond(0xFF00, remaining=2, completed=1)
+        association.respond(0xFF00, remaining=1, completed=2)
+        self.h.clock.advance(PROGRESS_INTERVAL / 2)
+        self.assertEqual(len(heard), 1)
+        self.h.clock.advance(PROGRESS_INTERVAL / 2)
+        self.assertEqual(heard[1:], [(2, LoadState.RUNNING)], "two responses, one answer with the latest counts")
+        self.h.clock.advance(10 * PROGRESS_INTERVAL)
+        watch()
+        association.respond(0xFF00, remaining=0, completed=3)
+        self.assertEqual(heard[2:], [(3, LoadState.RUNNING)], "long after the last: at once")
+        watch()
+        association.respond(0xFF00, remaining=0, completed=3)
+        association.respond(0x0000, remaining=None, completed=3)
+        self.assertEqual(heard[3:], [(3, LoadState.DONE)], "the end at once, the counts' call cancelled")
+        self.assertEqual(self.h.clock.getDelayedCalls(), [])
 
     def test_loaded_again_completes_at_once(self):
         load = self.manager.submit("pacs", STUDY)

@@ -63,6 +63,11 @@ Connect = Callable[[DeviceConfig, List[Tuple[str, Tuple[str, ...]]]], defer.Defe
 #: Failed SOP instances named in a load's error, at most (the list itself keeps them all).
 _NAMED_FAILURES = 5
 
+#: Those waiting for a load's next change hear of new counts at most this often, in seconds (a change of state,
+#: such as its end, at once).  A progress bar needs no more, and each answer costs a request: a study of small
+#: images would otherwise wake every waiter once per image.
+PROGRESS_INTERVAL = 0.25
+
 
 class UnknownDevice(Exception):
     """No [devices.NAME] of that name (the API answers 404)."""
@@ -122,6 +127,9 @@ class Load:
     timer: object = None
     #: Deferreds of those waiting for its next change of state (MemoryManager.changed)
     watchers: List[defer.Deferred] = field(default_factory=list)
+    #: when the watchers were last told, and the call that will tell them of counts that changed since
+    notified: Optional[float] = None
+    progress_call: object = None
 
     @property
     def level(self) -> str:
@@ -189,7 +197,8 @@ class MemoryManager:
         return load
 
     def changed(self, load_id: int) -> defer.Deferred:
-        """Fires with the load at its next change (of state, or of counts; at once if it ended already)."""
+        """Fires with the load at its next change: of state at once (at once if it ended already), of counts at
+        most every PROGRESS_INTERVAL."""
         load = self.get(load_id)
         if load.state in _ENDED:
             return defer.succeed(load)
@@ -201,11 +210,26 @@ class MemoryManager:
         load.state = state
         self._changed(load)
 
-    @staticmethod
-    def _changed(load: Load) -> None:
+    def _changed(self, load: Load) -> None:
+        """Tell the watchers now (a change of state, or counts due)."""
+        if load.progress_call is not None:
+            if load.progress_call.active():
+                load.progress_call.cancel()
+            load.progress_call = None
+        load.notified = self.clock.seconds()
         watchers, load.watchers = load.watchers, []
         for waiting in watchers:
             waiting.callback(load)
+
+    def _progressed(self, load: Load) -> None:
+        """The counts changed: the watchers hear of it now, or PROGRESS_INTERVAL after they last heard."""
+        if not load.watchers or load.progress_call is not None:
+            return
+        since = None if load.notified is None else self.clock.seconds() - load.notified
+        if since is None or since >= PROGRESS_INTERVAL:
+            self._changed(load)
+        else:
+            load.progress_call = self.clock.callLater(PROGRESS_INTERVAL - since, self._changed, load)
 
     def cancel(self, load_id: int) -> Load:
         """Drop a queued load, or send C-CANCEL for a running one (its state follows the device's answer)."""
@@ -307,7 +331,7 @@ class MemoryManager:
         async for response in stream:
             self._count(load, response)
             if response.pending:
-                self._changed(load)
+                self._progressed(load)
             final = response
         await self._release(association)
         return self._outcome(load, device, final)
