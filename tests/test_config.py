@@ -54,9 +54,9 @@ class DefaultsTests(unittest.SynchronousTestCase):
         disk, memory = config.disk_server, config.memory_server
         self.assertEqual((disk.ae_title, disk.port), ("DISK_SERVER", 11112))
         self.assertEqual((memory.ae_title, memory.port), ("MEMORY_SERVER", 11113))
+        self.assertEqual((disk.max_pdu, memory.max_pdu), (16384, 1 << 20))  # the statement's 16K; configurable
         for listener in (disk, memory):
             self.assertEqual(listener.interface, "0.0.0.0")
-            self.assertEqual(listener.max_pdu, 16384)
             self.assertEqual(listener.max_associations, 64)
             self.assertEqual(listener.timeout, 30.0)
             self.assertEqual(listener.artim_timeout, 30.0)

@@ -159,8 +159,8 @@ class MemoryServerHarness:
         self.message_id = 0
 
     def store_object(self, data: bytes, sop: str, syntax: str = EXPLICIT_VR_LITTLE_ENDIAN, sop_class=CT_IMAGE_STORAGE,
-                     **command_elements) -> D.Command:
-        scu = MemorySCU(self.test, self.factory, calling="ARCHIVE", called="MEMORY_SERVER")
+                     max_pdu: int = 16384, **command_elements) -> D.Command:
+        scu = MemorySCU(self.test, self.factory, calling="ARCHIVE", called="MEMORY_SERVER", max_pdu=max_pdu)
         accept = scu.associate([(sop_class, (syntax,))])
         self.test.assertEqual(accept.presentation_contexts[0].result, 0)
         self.message_id += 1
@@ -190,6 +190,15 @@ class MemoryServerStoreTests(SynchronousTestCase):
         self.assertEqual(self.store.size, sum(len(h.data) + OBJECT_OVERHEAD for h in self.store.studies[
             "1.2.826.0.1.1"].objects()))
         self.assertEqual(self.store.reserved, 0)
+
+    def test_an_image_in_one_pdu(self):
+        """The Memory-Server announces a MiB: a 0.5 MB image comes in one P-DATA-TF PDU."""
+        harness = MemoryServerHarness(self)
+        self.assertEqual(harness.config.memory_server.max_pdu, 1 << 20)
+        data = encode_dataset(make_dataset(sop="1.2.3.9", pixels=bytes(512 * KIB)), EXPLICIT_VR_LITTLE_ENDIAN)
+        self.assertEqual(len(list(D.fragment(1, False, data, 1 << 20))), 1)
+        self.assertEqual(harness.store_object(data, "1.2.3.9", max_pdu=1 << 20).Status, 0)
+        self.assertEqual(harness.store.find("1.2.826.0.1.1", "1.2.826.0.1.1.1", "1.2.3.9").data, data)
 
     def test_coercion_answered_b000_and_applied_to_the_held_bytes(self):
         ds = make_dataset(sop="1.2.4.1", pixels=bytes(range(32)), bits_allocated=8)
