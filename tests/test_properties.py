@@ -36,6 +36,41 @@ def _sample(syntax: str) -> bytes:
 SAMPLES = {syntax: _sample(syntax) for syntax in SYNTAXES}
 
 
+def _nested_sample(syntax: str) -> bytes:
+    from .test_structure import with_sequences
+    return encode_dataset(with_sequences(), syntax)
+
+
+NESTED_SAMPLES = {syntax: _nested_sample(syntax) for syntax in SYNTAXES}
+
+
+def _whole_by_the_general_walk(data: bytes, syntax: str):
+    """structure.problem with its loop over plain elements turned off: every element through the general walk."""
+    saved = structure._plain_explicit, structure._plain_implicit
+    structure._plain_explicit = structure._plain_implicit = lambda data, position, bound, little: position
+    try:
+        return structure.problem(data, 0, len(data), syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+                                 syntax != EXPLICIT_VR_BIG_ENDIAN)
+    finally:
+        structure._plain_explicit, structure._plain_implicit = saved
+
+
+def _mutate(sample: bytes, data) -> bytes:
+    """``sample`` with a few bytes overwritten, inserted or cut, as hypothesis draws them."""
+    sample = bytearray(sample)
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(sample) - 1))
+        kind = data.draw(st.sampled_from(["overwrite", "insert", "cut"]))
+        chunk = data.draw(st.binary(min_size=1, max_size=8))
+        if kind == "overwrite":
+            sample[at:at + len(chunk)] = chunk
+        elif kind == "insert":
+            sample[at:at] = chunk
+        else:
+            del sample[at:at + len(chunk)]
+    return bytes(sample)
+
+
 class CodecPropertyTests(SynchronousTestCase):
 
     skip = None if given is not None else "hypothesis is not installed"
@@ -81,18 +116,18 @@ class CodecPropertyTests(SynchronousTestCase):
         @given(st.sampled_from(SYNTAXES), st.data())
         def test_scanners_never_raise_on_mutated_data_sets(self, syntax, data):
             """A valid data set with bytes overwritten, inserted or cut: the scanners answer, never raise."""
-            sample = bytearray(SAMPLES[syntax])
-            for _ in range(data.draw(st.integers(1, 4))):
-                at = data.draw(st.integers(0, len(sample) - 1))
-                kind = data.draw(st.sampled_from(["overwrite", "insert", "cut"]))
-                chunk = data.draw(st.binary(min_size=1, max_size=8))
-                if kind == "overwrite":
-                    sample[at:at + len(chunk)] = chunk
-                elif kind == "insert":
-                    sample[at:at] = chunk
-                else:
-                    del sample[at:at + len(chunk)]
-            mutated = bytes(sample)
+            mutated = _mutate(SAMPLES[syntax], data)
             fastscan.scan(mutated, 0, syntax)
             structure.problem(mutated, 0, len(mutated), syntax == IMPLICIT_VR_LITTLE_ENDIAN,
                               syntax != EXPLICIT_VR_BIG_ENDIAN)
+
+        @settings(max_examples=1500, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+        @given(st.sampled_from(SYNTAXES), st.booleans(), st.data())
+        def test_plain_element_loop_answers_as_the_general_walk(self, syntax, nested, data):
+            """The wholeness check's fast loop over plain elements changes no answer, on mutated data sets with
+            and without sequences (and on the intact ones)."""
+            sample = (NESTED_SAMPLES if nested else SAMPLES)[syntax]
+            for candidate in (sample, _mutate(sample, data)):
+                expected = _whole_by_the_general_walk(candidate, syntax)
+                self.assertEqual(structure.problem(candidate, 0, len(candidate), syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+                                                   syntax != EXPLICIT_VR_BIG_ENDIAN), expected)

@@ -13,6 +13,7 @@ temporary file for a large object), iteratively, with nesting bounded.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import List, Optional, Tuple
 
@@ -33,6 +34,7 @@ class _Broken(Exception):
     pass
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_sequence(tag: int) -> bool:
     try:
         return dictionary_VR(tag) == "SQ"
@@ -53,6 +55,55 @@ def _tag_text(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+#: by byte order: an explicit VR element's header (group, element, VR, 16-bit length), an implicit VR one's
+#: (group, element, length), and a 32-bit length
+_EXPLICIT = {True: struct.Struct("<HH2sH").unpack_from, False: struct.Struct(">HH2sH").unpack_from}
+_IMPLICIT = {True: struct.Struct("<HHL").unpack_from, False: struct.Struct(">HHL").unpack_from}
+_U32 = {True: struct.Struct("<L").unpack_from, False: struct.Struct(">L").unpack_from}
+
+
+def _plain_explicit(data, position: int, bound: int, little: bool) -> int:
+    """Past the plain explicit VR elements from ``position``: of defined length, no sequence, within ``bound``.
+    Stops (and returns where) at the first element that is anything else, for :func:`_walk` to decide.
+
+    Most of a data set is plain elements one after the other: this loop is the walk's hot path."""
+    header, u32 = _EXPLICIT[little], _U32[little]
+    long_vrs = _LONG_VRS
+    try:
+        while True:
+            group, _, vr, length = header(data, position)
+            if group == 0xFFFE or vr == b"SQ":
+                return position
+            if vr in long_vrs:
+                (length,) = u32(data, position + 8)
+                if length == _UNDEFINED:
+                    return position
+                after = position + 12 + length
+            else:
+                after = position + 8 + length
+            if after > bound:
+                return position
+            position = after
+    except struct.error:  # fewer than a header's bytes left
+        return position
+
+
+def _plain_implicit(data, position: int, bound: int, little: bool) -> int:
+    """:func:`_plain_explicit` for implicit VR: a sequence is known by its tag (PS3.5 7.1.3)."""
+    header = _IMPLICIT[little]
+    try:
+        while True:
+            group, element, length = header(data, position)
+            if group == 0xFFFE or length == _UNDEFINED:
+                return position
+            after = position + 8 + length
+            if after > bound or (length and _is_sequence(group << 16 | element)):
+                return position
+            position = after
+    except struct.error:
+        return position
+
+
 def _walk(data, start: int, end: int, implicit: bool, little: bool) -> None:
     order = "<" if little else ">"
     u16, u32 = struct.Struct(order + "H"), struct.Struct(order + "L")
@@ -69,6 +120,8 @@ def _walk(data, start: int, end: int, implicit: bool, little: bool) -> None:
     position = start
     while frames:
         kind, limit, bound, frame_implicit = frames[-1]
+        if kind == "set":  # the plain elements in one go; what follows them is decided below
+            position = (_plain_implicit if frame_implicit else _plain_explicit)(data, position, bound, little)
         if limit is not None and position == limit:
             frames.pop()
             continue
