@@ -310,6 +310,25 @@ class CheckPlacementTests(SynchronousTestCase):
         self.assertEqual(self.ran, ["1.2.9.2", "1.2.9.3"])
         self.assertEqual(self.store.reserved, 0)
 
+    def test_one_fragment_kept_as_it_came_unless_coerced(self):
+        """A data set in one fragment (one PDU) is held as those very bytes; a coerced one is a changed copy."""
+        data = encode_dataset(make_dataset(sop="1.2.9.5", pixels=bytes(16)), EXPLICIT_VR_LITTLE_ENDIAN)
+        writer = self.sink.open(ObjectDescription(CT_IMAGE_STORAGE, "1.2.9.5", EXPLICIT_VR_LITTLE_ENDIAN, "ARCHIVE"),
+                                None, None)
+        writer.write(data)
+        self.successResultOf(writer.finish())
+        self.assertIs(self.store.find("1.2.826.0.1.1", "1.2.826.0.1.1.1", "1.2.9.5").data, data)
+        ds = make_dataset(sop="1.2.9.6", pixels=bytes(range(32)), bits_allocated=8)
+        ds["PixelData"].VR = "OW"
+        coerced = encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN)
+        writer = self.sink.open(ObjectDescription(CT_IMAGE_STORAGE, "1.2.9.6", EXPLICIT_VR_LITTLE_ENDIAN, "ARCHIVE"),
+                                None, None)
+        writer.write(coerced)
+        self.assertEqual(self.successResultOf(writer.finish()).coerced, True)
+        held = self.store.find("1.2.826.0.1.1", "1.2.826.0.1.1.1", "1.2.9.6").data
+        self.assertIn(b"\xe0\x7f\x10\x00OB\x00\x00", held)
+        self.assertIn(b"\xe0\x7f\x10\x00OW\x00\x00", coerced, "the received bytes are not changed")
+
     def test_inline_refusal_is_the_same_refusal(self):
         broken = encode_dataset(make_dataset(sop="1.2.9.4"), EXPLICIT_VR_LITTLE_ENDIAN)[:-3]
         writer = self.sink.open(ObjectDescription(CT_IMAGE_STORAGE, "1.2.9.4", EXPLICIT_VR_LITTLE_ENDIAN, "ARCHIVE"),

@@ -442,6 +442,36 @@ class FramerTests(SynchronousTestCase):
         values = [decode_pdu(raw) for raw in _drain(framer)]
         self.assertEqual(values, [value for _, _, value in G.CANONICAL + G.TOLERATED])
 
+    def test_decoded_in_place_in_uneven_chunks(self) -> None:
+        """next_decoded gives what decode_pdu gives for each PDU, fed in uneven chunks; the view it lent is
+        released each time (else the buffer could not grow for the next feed), and every PDV's data is bytes."""
+        stream = b"".join(self.ALL)
+        framer = PDUFramer(MAX_PDATA)
+        seen, lent = [], []
+
+        def decode(view):
+            lent.append(view)
+            return decode_pdu(view)
+
+        offset, size = 0, 1
+        while offset < len(stream):
+            framer.feed(stream[offset : offset + size])
+            while True:
+                value = framer.next_decoded(decode)
+                if value is None:
+                    break
+                seen.append(value)
+            offset += size
+            size = size % 29 + 1
+        self.assertEqual(seen, [value for _, _, value in G.CANONICAL + G.TOLERATED])
+        self.assertEqual(len(lent), len(self.ALL))
+        for view in lent:
+            self.assertRaises(ValueError, len, view)  # released
+        for value in seen:
+            for pdv in getattr(value, "pdvs", ()):
+                self.assertIs(type(pdv.data), bytes)
+        self.assertEqual(framer.buffered, 0)
+
     def test_back_to_back_one_byte_at_a_time(self) -> None:
         """The concatenated PDUs fed one byte at a time come out in order, each once."""
         stream = b"".join(self.ALL)

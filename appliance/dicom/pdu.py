@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 from .errors import PDUDecodeError
 
@@ -49,6 +49,8 @@ __all__ = [
 
 #: The only application context name PS3.7 Annex A defines.
 DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+
+T = TypeVar("T")
 
 _HEADER = struct.Struct(">BxL")
 _ITEM_HEADER = struct.Struct(">BxH")
@@ -712,7 +714,8 @@ _DECODERS = {
 
 
 def decode_pdu(data: bytes) -> PDU:
-    """Decode one whole PDU, header included.
+    """Decode one whole PDU, header included (bytes, or a memoryview that is not kept: what is decoded holds
+    bytes of its own).
 
     Raises :class:`PDUDecodeError` with the A-ABORT reason to send.
     """
@@ -727,6 +730,8 @@ def decode_pdu(data: bytes) -> PDU:
     decoder = _DECODERS.get(pdu_type)
     if decoder is None:
         raise PDUDecodeError(f"unrecognised PDU type 0x{pdu_type:02X}", AbortReason.UNRECOGNIZED_PDU)
+    if pdu_type != PDUType.P_DATA_TF and type(data) is not bytes:
+        data = bytes(data)  # the association PDUs' decoders slice and decode text: give them bytes
     return decoder(data)
 
 
@@ -765,6 +770,24 @@ class PDUFramer:
         Raises :class:`PDUDecodeError` for an unknown type or a length over
         the limit; the stream cannot be resynchronised after that.
         """
+        span = self._next_span()
+        if span is None:
+            return None
+        with memoryview(self._buffer) as view:
+            return bytes(view[span[0]:span[1]])
+
+    def next_decoded(self, decode: Callable[[memoryview], T]) -> Optional[T]:
+        """``decode`` of the next whole PDU read where it lies in the buffer (no copy of it), or None if
+        incomplete.  ``decode`` must not keep the view it is given (the buffer cannot grow while it lives):
+        :func:`decode_pdu` keeps nothing of it.  Raises as :meth:`next_pdu` does, and what ``decode`` raises."""
+        span = self._next_span()
+        if span is None:
+            return None
+        with memoryview(self._buffer) as whole, whole[span[0]:span[1]] as view:
+            return decode(view)
+
+    def _next_span(self) -> Optional[Tuple[int, int]]:
+        """Where the next whole PDU lies in the buffer (consumed from it), or None if incomplete."""
         available = len(self._buffer) - self._offset
         if available < 6:
             self._compact()
@@ -783,7 +806,7 @@ class PDUFramer:
             return None
         start = self._offset
         self._offset += 6 + length
-        return bytes(self._buffer[start : self._offset])
+        return start, self._offset
 
     def _compact(self) -> None:
         if self._offset:

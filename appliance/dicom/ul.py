@@ -147,13 +147,13 @@ Output = Union[
 ]
 
 _PDU_EVENTS = {
-    P.PDUType.A_ASSOCIATE_AC: Event.EVT3,
-    P.PDUType.A_ASSOCIATE_RJ: Event.EVT4,
-    P.PDUType.A_ASSOCIATE_RQ: Event.EVT6,
-    P.PDUType.P_DATA_TF: Event.EVT10,
-    P.PDUType.A_RELEASE_RQ: Event.EVT12,
-    P.PDUType.A_RELEASE_RP: Event.EVT13,
-    P.PDUType.A_ABORT: Event.EVT16,
+    P.AssociateAC: Event.EVT3,
+    P.AssociateRJ: Event.EVT4,
+    P.AssociateRQ: Event.EVT6,
+    P.PDataTF: Event.EVT10,
+    P.ReleaseRQ: Event.EVT12,
+    P.ReleaseRP: Event.EVT13,
+    P.Abort: Event.EVT16,
 }
 
 
@@ -240,10 +240,9 @@ class UpperLayer:
         outputs: List[Output] = []
         while not self._stream_broken and self.state is not State.STA1:
             try:
-                raw = self._framer.next_pdu()
-                if raw is None:
+                pdu = self._framer.next_decoded(P.decode_pdu)  # decoded in place: its bytes copied once
+                if pdu is None:
                     break
-                pdu = P.decode_pdu(raw)
             except PDUDecodeError as error:
                 # the framer cannot find the next PDU boundary after an error
                 self._stream_broken = True
@@ -251,7 +250,7 @@ class UpperLayer:
                 outputs += self._handle(Event.EVT19)
                 break
             self._pdu = pdu
-            outputs += self._handle(_PDU_EVENTS[P.PDUType(raw[0])])
+            outputs += self._handle(_PDU_EVENTS[type(pdu)])
         return outputs
 
     # --- primitives from the local user --------------------------------------

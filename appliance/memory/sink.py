@@ -81,15 +81,17 @@ class _BufferReader:
 
 
 def _check(chunks: List[bytes], description: ObjectDescription, limits: InflateLimits):
-    """Worker thread: the object's data set in one buffer, its metadata, and whether the coercion was applied
-    (in place); Refused when it is not acceptable."""
-    buffer = bytearray().join(chunks)
+    """The object's data set in one buffer, its metadata, and whether the coercion was applied; Refused when it is
+    not acceptable.  A data set that came in one fragment is kept as it came (no copy), unless coerced."""
+    buffer = chunks[0] if len(chunks) == 1 and type(chunks[0]) is bytes else bytearray().join(chunks)
     if description.transfer_syntax == DEFLATED:
         return buffer, inspect_deflated(_BufferReader(buffer), 0, description.sop_class_uid,
                                         description.sop_instance_uid, limits), False
     metadata, coercion = inspect_memory(buffer, 0, description.sop_class_uid, description.sop_instance_uid,
                                         description.transfer_syntax)
     if coercion is not None:
+        if type(buffer) is bytes:
+            buffer = bytearray(buffer)
         apply_coercion(_BufferFile(buffer), coercion)
     return buffer, metadata, coercion is not None
 
