@@ -24,6 +24,7 @@ from appliance.dicom import pdu as P
 from appliance.dicom.errors import LocalProtocolError
 from appliance.dicom.fsm import ACTIONS, TRANSITIONS, Action, Event, State
 from appliance.dicom.ul import (
+    HISTORY_LENGTH,
     AbortIndication,
     AssociateAccepted,
     AssociateIndication,
@@ -598,6 +599,15 @@ class ActionDetailTests(FSMTestMixin, SynchronousTestCase):
             self.assertOutputs(ul.send_pdata(PDATA_BYTES), [send(PDATA_BYTES)])
             self.assertOutputs(ul.receive_data(PDATA_BYTES), [PDataIndication(PDATA.pdvs)])
         self.assertIs(ul.state, State.STA6)
+
+    def test_history_bounded(self):
+        """An association of many PDUs keeps the last transitions only, not one entry per PDU forever."""
+        ul = self.reach(State.STA6, Role.ACCEPTOR)
+        for _ in range(10 * HISTORY_LENGTH):
+            ul.receive_data(PDATA_BYTES)
+        self.assertLessEqual(len(ul.history), 2 * HISTORY_LENGTH)
+        self.assertGreaterEqual(len(ul.history), HISTORY_LENGTH)
+        self.assertEqual(ul.history[-1], (State.STA6, Event.EVT10, Action.DT_2, State.STA6))
 
 
 class ReleaseTests(FSMTestMixin, SynchronousTestCase):

@@ -19,7 +19,14 @@ from typing import Dict, Tuple
 __all__ = ["State", "Event", "Action", "ActionSpec", "ACTIONS", "TRANSITIONS", "next_states"]
 
 
-class State(enum.Enum):
+class _Term(enum.Enum):
+    """A member of the machine's vocabulary.  Members are singletons compared by identity, so they hash by
+    identity: the machine looks ``(state, event)`` up for every PDU, and Enum's own hash is a call in Python."""
+
+    __hash__ = object.__hash__
+
+
+class State(_Term):
     """PS3.8 Table 9-2."""
 
     STA1 = "Idle"
@@ -41,7 +48,7 @@ class State(enum.Enum):
         return "Sta" + self.name[3:]
 
 
-class Event(enum.Enum):
+class Event(_Term):
     """PS3.8 Table 9-9."""
 
     EVT1 = "A-ASSOCIATE request (local user)"
@@ -69,7 +76,7 @@ class Event(enum.Enum):
         return "Evt" + self.name[3:]
 
 
-class Action(enum.Enum):
+class Action(_Term):
     """The actions of PS3.8 Tables 9-6 (AE), 9-7 (DT), 9-8 (AR) and 9-9 (AA)."""
 
     AE_1 = "AE-1"

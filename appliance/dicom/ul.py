@@ -146,6 +146,9 @@ Output = Union[
     ReleaseIndication, ReleaseConfirmation, AbortIndication, ProviderAbortIndication,
 ]
 
+#: Transitions an UpperLayer remembers, at least (between HISTORY_LENGTH and twice as many).
+HISTORY_LENGTH = 64
+
 _PDU_EVENTS = {
     P.AssociateAC: Event.EVT3,
     P.AssociateRJ: Event.EVT4,
@@ -176,7 +179,8 @@ class UpperLayer:
         self._decode_error: Optional[PDUDecodeError] = None
         #: The primitive's argument for user-initiated events.
         self._argument: object = None
-        #: (state, event, action, next state) of every transition, for tests and logs.
+        #: (state, event, action, next state) of the transitions, the last HISTORY_LENGTH at least, for tests and
+        #: logs.
         self.history: List[tuple] = []
         self._actions: Dict[Action, Callable[[Event], List[Output]]] = {
             action: getattr(self, "_" + action.name.lower()) for action in Action
@@ -207,7 +211,10 @@ class UpperLayer:
         outputs, after = self._run(action, event)
         assert after in ACTIONS[action].next_states, (action, after)
         self.state = after
-        self.history.append((before, event, action, after))
+        history = self.history
+        history.append((before, event, action, after))
+        if len(history) > 2 * HISTORY_LENGTH:  # an association of a million PDUs keeps the last ones only
+            del history[:-HISTORY_LENGTH]
         return outputs
 
     def _run(self, action: Action, event: Event):
