@@ -263,9 +263,17 @@ class FromDiskServerTests(unittest.TestCase):
         appliance = Appliance(self)
         study = "1.2.826.0.1.3680043.10.3"
         await appliance.storescu(study_files(os.path.join(appliance.root, "files"), study, 1, 40, pixels=1 << 20))
+        first_kept = defer.Deferred()
+        kept = appliance.manager.kept
+
+        def kept_then_tell(description):
+            kept(description)
+            if not first_kept.called:
+                first_kept.callback(None)
+
+        self.patch(appliance.manager, "kept", kept_then_tell)  # cancelled once the first image is in memory
         load = appliance.manager.submit("disk_server", study)
-        while load.completed < 1 and load.state is LoadState.RUNNING:
-            await appliance.manager.changed(load.id)
+        await first_kept
         code, cancelling = await appliance.api("DELETE", f"/api/loads/{load.id}")
         self.assertIn(code, (200, 202))
         ended = await appliance.ended(load.id)

@@ -339,6 +339,101 @@ class CheckPlacementTests(SynchronousTestCase):
         self.assertEqual((self.ran, self.store.studies, self.store.reserved), ([], {}, 0))
 
 
+class ArrivalTests(SynchronousTestCase):
+    """An object's head checked as its first fragments arrive, the rest copied into a buffer of the size its
+    Pixel Data declares; whatever does not fit that pattern is checked whole, with the same answers."""
+
+    def setUp(self):
+        self.store = MemoryStore(16 << 20, Clock())
+        self.sink = MemorySink(self.store, synchronous_runner)
+
+    def writer(self, sop: str, syntax: str = EXPLICIT_VR_LITTLE_ENDIAN):
+        return self.sink.open(ObjectDescription(CT_IMAGE_STORAGE, sop, syntax, "ARCHIVE"), None, None)
+
+    def arrive(self, writer, data: bytes, fragment: int = 16 * KIB):
+        for start in range(0, len(data), fragment):
+            writer.write(data[start:start + fragment])
+        return writer.finish()
+
+    def held(self, sop: str):
+        return self.store.find("1.2.826.0.1.1", "1.2.826.0.1.1.1", sop)
+
+    def test_sized_from_the_head_in_each_syntax(self):
+        total = 0
+        for index, syntax in enumerate((EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN)):
+            sop = f"1.2.10.{index}"
+            data = encode_dataset(make_dataset(sop=sop, pixels=bytes(range(256)) * 1024), syntax)
+            writer = self.writer(sop, syntax)
+            writer.write(data[:16 * KIB])
+            self.assertIsNotNone(writer.head, syntax)
+            self.assertEqual(len(writer.buffer), len(data), "sized as the Pixel Data element declares")
+            self.assertEqual(writer.chunks, [])
+            self.assertIsInstance(self.successResultOf(self.arrive(writer, data[16 * KIB:])), Kept)
+            self.assertEqual(self.held(sop).data, data)
+            total += len(data) + OBJECT_OVERHEAD
+        self.assertEqual((self.store.reserved, self.store.size), (0, total))
+
+    def test_elements_after_pixel_data_grow_the_buffer(self):
+        ds = make_dataset(sop="1.2.10.5", pixels=bytes(64 * KIB))
+        ds.add_new(0xFFFAFFFA, "SQ", [])  # Digital Signatures Sequence, after Pixel Data
+        data = encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN) + b"\xfc\xff\xfc\xffOB\x00\x00\x04\x00\x00\x00pad."
+        self.assertIsInstance(self.successResultOf(self.arrive(self.writer("1.2.10.5"), data)), Kept)
+        self.assertEqual(self.held("1.2.10.5").data, data)
+
+    def test_shorter_than_declared_not_whole(self):
+        data = encode_dataset(make_dataset(sop="1.2.10.6", pixels=bytes(64 * KIB)), EXPLICIT_VR_LITTLE_ENDIAN)
+        failure = self.failureResultOf(self.arrive(self.writer("1.2.10.6"), data[:-1000]), Refused)
+        self.assertEqual(failure.value.kind, Refusal.NOT_UNDERSTOOD)
+        self.assertIn("not whole", failure.value.comment)
+        self.assertEqual((self.store.studies, self.store.reserved), ({}, 0))
+
+    def test_uids_refused_from_the_head_and_the_rest_drained(self):
+        data = encode_dataset(make_dataset(sop="1.2.10.7", pixels=bytes(64 * KIB)), EXPLICIT_VR_LITTLE_ENDIAN)
+        writer = self.writer("1.2.10.8")  # the command names another instance
+        writer.write(data[:16 * KIB])
+        self.assertEqual(writer.refusal.kind, Refusal.NOT_MATCHING)
+        self.assertEqual((writer.buffer, writer.chunks, self.store.reserved), (None, [], 0))
+        failure = self.failureResultOf(self.arrive(writer, data[16 * KIB:]), Refused)
+        self.assertIn("SOP Instance UID", failure.value.comment)
+        self.assertEqual((self.store.studies, self.store.reserved), ({}, 0))
+
+    def test_coercion_applied_to_the_sized_buffer(self):
+        ds = make_dataset(sop="1.2.10.9", pixels=bytes(range(256)) * 256, bits_allocated=8)
+        ds["PixelData"].VR = "OW"
+        data = encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN)
+        kept = self.successResultOf(self.arrive(self.writer("1.2.10.9"), data))
+        self.assertTrue(kept.coerced)
+        held = self.held("1.2.10.9").data
+        self.assertEqual(held, data.replace(b"\xe0\x7f\x10\x00OW", b"\xe0\x7f\x10\x00OB"))
+
+    def test_a_long_head_checked_whole(self):
+        """A head longer than the fragments looked at (a large private element before Pixel Data): no buffer
+        sized early, the object checked whole at the end, the same answer."""
+        ds = make_dataset(sop="1.2.10.10", pixels=bytes(16 * KIB))
+        ds.add_new(0x00091010, "OB", bytes(100 * KIB))
+        ds.add_new(0x00090010, "LO", "PRIVATE")
+        data = encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN)
+        writer = self.writer("1.2.10.10")
+        kept = self.successResultOf(self.arrive(writer, data, fragment=8 * KIB))
+        self.assertIsInstance(kept, Kept)
+        self.assertIsNone(writer.head)
+        self.assertEqual(self.held("1.2.10.10").data, data)
+
+    def test_room_not_reserved_for_a_bogus_declared_length(self):
+        """A Pixel Data header declaring more than memory holds: no buffer of that size, and the object, short
+        of what it declares, is answered not whole."""
+        data = bytearray(encode_dataset(make_dataset(sop="1.2.10.11", pixels=bytes(64 * KIB)),
+                                        EXPLICIT_VR_LITTLE_ENDIAN))
+        at = data.index(b"\xe0\x7f\x10\x00OB") if b"\xe0\x7f\x10\x00OB" in data else data.index(b"\xe0\x7f\x10\x00OW")
+        data[at + 8:at + 12] = (0x7FFFFFF0).to_bytes(4, "little")
+        writer = self.writer("1.2.10.11")
+        writer.write(bytes(data[:16 * KIB]))
+        self.assertIsNone(writer.buffer)
+        failure = self.failureResultOf(self.arrive(writer, bytes(data[16 * KIB:])), Refused)
+        self.assertEqual(failure.value.kind, Refusal.NOT_UNDERSTOOD)
+        self.assertEqual(self.store.reserved, 0)
+
+
 class UnsolicitedTests(SynchronousTestCase):
     """accept_unsolicited: an object no load asked for is kept (default) or refused with 0124."""
 

@@ -48,6 +48,7 @@ __all__ = [
     "inspect_memory",
     "inspect_deflated",
     "inspect_prefix",
+    "inspect_head",
     "inspect_file",
     "inspect_deflated_file",
     "refuse_unless_whole",
@@ -216,13 +217,32 @@ def inspect_prefix(prefix: bytes, header_length: int, sop_class_uid: str, sop_in
                    transfer_syntax: str) -> Optional[Tuple[ObjectMetadata, Optional[Coercion]]]:
     """An object checked from the first part of its data set, or None when that part does not reach the
     Pixel Data element (then only the whole can say).  Wholeness is not checked here."""
+    inspected = inspect_head(prefix, header_length, sop_class_uid, sop_instance_uid, transfer_syntax)
+    return None if inspected is None else inspected[:2]
+
+
+def inspect_head(prefix: bytes, header_length: int, sop_class_uid: str, sop_instance_uid: str,
+                 transfer_syntax: str) -> Optional[Tuple[ObjectMetadata, Optional[Coercion], Optional[int]]]:
+    """:func:`inspect_prefix`, and where the data set ends if it ends with its Pixel Data element (the end its
+    header declares, after ``header_length``; None for undefined length): how large it will likely be."""
     fast = scan(prefix, header_length, transfer_syntax)
     if fast is None:
         return None
     metadata, offset, pixel_header = fast
     if len(pixel_header) < 12 or pixel_header[:4] not in (PIXEL_DATA_LE, PIXEL_DATA_BE):
         return None  # the scan ran to the end of the part, not to the end of the data set
-    return check_metadata(metadata, offset, pixel_header, sop_class_uid, sop_instance_uid, transfer_syntax)
+    metadata, coercion = check_metadata(metadata, offset, pixel_header, sop_class_uid, sop_instance_uid,
+                                        transfer_syntax)
+    return metadata, coercion, _pixel_data_end(offset, pixel_header, transfer_syntax)
+
+
+def _pixel_data_end(offset: int, pixel_header: bytes, transfer_syntax: str) -> Optional[int]:
+    if transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN:
+        (length,), start = struct.unpack("<L", pixel_header[4:8]), offset + 8
+    else:
+        big_endian = transfer_syntax == EXPLICIT_VR_BIG_ENDIAN
+        (length,), start = struct.unpack(">L" if big_endian else "<L", pixel_header[8:12]), offset + 12
+    return None if length == 0xFFFFFFFF else start + length
 
 
 def inspect_file(path: str, header_length: int, sop_class_uid: str, sop_instance_uid: str,

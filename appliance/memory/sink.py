@@ -18,7 +18,8 @@ from typing import Callable, List, Optional
 from twisted.internet import defer
 from zope.interface import implementer
 
-from ..dataset.checks import Kept, ObjectDescription, Refusal, Refused, apply_coercion, inspect_deflated, inspect_memory
+from ..dataset.checks import (Kept, ObjectDescription, Refusal, Refused, apply_coercion, inspect_deflated, inspect_head,
+                              inspect_memory, refuse_unless_whole)
 from ..dataset.deflate import DEFLATED, InflateLimits
 from ..interfaces import ILoadTracker, IObjectSink, IObjectWriter
 from ..logs import logger
@@ -41,6 +42,10 @@ Runner = Callable[..., defer.Deferred]
 #: long enough (the join and the scan grow with the object) that other associations should not wait for it;
 #: a deflated object always goes to the runner (it may inflate to ``memory_limit``).
 INLINE_CHECK_LIMIT = 1 << 20
+
+#: The head of a data set (what precedes its Pixel Data) is looked for in its first fragments, this many times
+#: at most (it is usually within the first).
+HEAD_TRIES = 4
 
 
 class _BufferFile:
@@ -96,6 +101,17 @@ def _check(chunks: List[bytes], description: ObjectDescription, limits: InflateL
     return buffer, metadata, coercion is not None
 
 
+def _check_whole(data, head: tuple, description: ObjectDescription):
+    """An object whose head was checked as it arrived: whole, and the coercion the head called for applied."""
+    refuse_unless_whole(data, 0, len(data), description.transfer_syntax)
+    metadata, coercion = head
+    if coercion is not None:
+        if type(data) is bytes:
+            data = bytearray(data)
+        apply_coercion(_BufferFile(data), coercion)
+    return data, metadata, coercion is not None
+
+
 @implementer(IObjectSink)
 class MemorySink:
     """Objects into a :class:`MemoryStore`."""
@@ -118,18 +134,32 @@ class MemorySink:
 
 @implementer(IObjectWriter)
 class MemoryWriter:
-    """One data set on its way into memory."""
+    """One data set on its way into memory.
+
+    Its head (the elements before Pixel Data) is checked as soon as the
+    first fragments hold it, while the rest is still arriving; an object that
+    ends with its Pixel Data, as most images do, is then copied into a buffer
+    of the size that element declares as its fragments come, so that once
+    whole it is only walked for wholeness (no join, no scan) before its
+    response.  Anything else is kept as fragments and checked whole.
+    """
 
     def __init__(self, sink: MemorySink, description: ObjectDescription) -> None:
         self.sink = sink
         self.store = sink.store
         self.description = description
-        #: the data set's fragments as they came: joined once, when whole (growing one buffer on the
-        #: reactor thread copied each object several times over)
+        #: the data set's fragments as they came, until a buffer of its size takes them: joined once, when whole
+        #: (growing one buffer on the reactor thread copied each object several times over)
         self.chunks: List[bytes] = []
+        #: the buffer the data set is copied into as it arrives, once its head says how large it is
+        self.buffer: Optional[bytearray] = None
         self.size = 0
         self.reserved = 0
         self.refusal: Optional[Refused] = None
+        #: the head's check, (metadata, coercion), once the fragments reach the Pixel Data element
+        self.head: Optional[tuple] = None
+        #: times the head is still looked for (deflated data sets are inflated before anything is read)
+        self._head_tries = HEAD_TRIES if description.transfer_syntax != DEFLATED else 0
         self.wanted = sink.loads.expects(description) if sink.loads is not None else False
         if not self.wanted and not sink.accept_unsolicited:
             self.refusal = Refused(Refusal.NOT_WANTED, "no load asked for this object (accept_unsolicited = false)")
@@ -140,8 +170,55 @@ class MemoryWriter:
         size = self.size + len(data)
         if size > self.reserved and not self._reserve(size - self.reserved):
             return
-        self.chunks.append(data)
+        if self.buffer is not None:
+            self.buffer[self.size:size] = data  # past the declared end (trailing elements) it grows
+        else:
+            self.chunks.append(data)
         self.size = size
+        if self._head_tries:
+            self._look_at_head()
+
+    def _look_at_head(self) -> None:
+        """Check the head once the fragments reach Pixel Data (the scanner reads no further), and size the buffer
+        from it.  Given up after a few fragments, or past the inline limit: the whole is checked at the end."""
+        self._head_tries -= 1
+        if self.size > self.sink.inline_limit:
+            self._head_tries = 0
+            return
+        prefix = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        description = self.description
+        try:
+            head = inspect_head(prefix, 0, description.sop_class_uid, description.sop_instance_uid,
+                                description.transfer_syntax)
+        except Refused as refusal:  # the UIDs are not the command's: no need to wait for the rest
+            self.refusal = refusal
+            self._release()
+            return
+        if head is None:
+            return  # Pixel Data not reached yet (or the scanner cannot vouch for this head: pydicom will, at the end)
+        self._head_tries = 0
+        metadata, coercion, end = head
+        self.head = (metadata, coercion)
+        if end is None or not self.size < end <= self.sink.inline_limit or not self._room_for(end):
+            return
+        buffer = bytearray(end)  # its pages are touched now, while the rest of the object is on its way
+        buffer[:self.size] = prefix
+        self.buffer, self.chunks = buffer, []
+
+    def _room_for(self, size: int) -> bool:
+        """Reserve up to ``size`` bytes held (and the object's overhead) if there is room without dropping
+        anything for it; False otherwise (the fragments then reserve as they come)."""
+        needed = size + OBJECT_OVERHEAD - self.reserved
+        if needed <= 0:
+            return True
+        if needed > self.store.free:
+            return False
+        try:
+            self.store.reserve(needed)
+        except NoRoom:
+            return False
+        self.reserved += needed
+        return True
 
     def _reserve(self, needed: int) -> bool:
         """Reserve room for ``needed`` more bytes: a RESERVE_STEP at once while that much is free (fewer calls
@@ -160,6 +237,7 @@ class MemoryWriter:
         self.store.release(self.reserved)
         self.reserved = 0
         self.chunks = []
+        self.buffer = None
 
     def finish(self) -> defer.Deferred:
         if self.refusal is not None:
@@ -167,9 +245,18 @@ class MemoryWriter:
             return defer.fail(self.refusal).addErrback(self._tell)
         if self.size + OBJECT_OVERHEAD > self.reserved and not self._reserve(self.size + OBJECT_OVERHEAD - self.reserved):
             return defer.fail(self.refusal).addErrback(self._tell)
-        inline = self.size <= self.sink.inline_limit and self.description.transfer_syntax != DEFLATED
-        run = defer.maybeDeferred if inline else self.sink.runner
-        checking = run(_check, self.chunks, self.description, self.sink.limits)
+        description = self.description
+        inline = self.size <= self.sink.inline_limit and description.transfer_syntax != DEFLATED
+        if self.head is not None and inline:
+            if self.buffer is not None:
+                del self.buffer[self.size:]  # shorter than declared: the wholeness check says so
+                data = self.buffer
+            else:
+                data = self.chunks[0] if len(self.chunks) == 1 else bytearray().join(self.chunks)
+            checking = defer.maybeDeferred(_check_whole, data, self.head, description)
+        else:
+            run = defer.maybeDeferred if inline else self.sink.runner
+            checking = run(_check, self.chunks, description, self.sink.limits)
         return checking.addBoth(self._checked).addErrback(self._tell)
 
     def _checked(self, result):
