@@ -131,3 +131,22 @@ class CodecPropertyTests(SynchronousTestCase):
                 expected = _whole_by_the_general_walk(candidate, syntax)
                 self.assertEqual(structure.problem(candidate, 0, len(candidate), syntax == IMPLICIT_VR_LITTLE_ENDIAN,
                                                    syntax != EXPLICIT_VR_BIG_ENDIAN), expected)
+
+        @settings(max_examples=1500, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+        @given(st.sampled_from(SYNTAXES), st.booleans(), st.data())
+        def test_head_then_rest_answers_as_the_whole(self, syntax, nested, data):
+            """Wholeness checked in two runs, the head (up to where the fast scanner finds Pixel Data) as it
+            arrives and the rest once whole, says what the whole says, on mutated data sets."""
+            implicit, little = syntax == IMPLICIT_VR_LITTLE_ENDIAN, syntax != EXPLICIT_VR_BIG_ENDIAN
+            sample = (NESTED_SAMPLES if nested else SAMPLES)[syntax]
+            for candidate in (sample, _mutate(sample, data)):
+                fast = fastscan.scan(candidate, 0, syntax)
+                if fast is None:
+                    continue
+                offset = fast[1]
+                whole = structure.problem(candidate, 0, len(candidate), implicit, little)
+                head = structure.problem(candidate, 0, offset, implicit, little)
+                rest = structure.problem(candidate, offset, len(candidate), implicit, little, origin=0)
+                self.assertEqual(head is None and rest is None, whole is None, (head, rest, whole))
+                if head is None:
+                    self.assertEqual(rest, whole)

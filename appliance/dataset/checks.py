@@ -183,10 +183,11 @@ def parse_file(path: str):
         return ds, offset, reader.read(12)
 
 
-def refuse_unless_whole(data, start: int, end: int, transfer_syntax: str) -> None:
-    """NOT_UNDERSTOOD for a data set whose declared lengths do not fit (:mod:`.structure`)."""
+def refuse_unless_whole(data, start: int, end: int, transfer_syntax: str, origin: Optional[int] = None) -> None:
+    """NOT_UNDERSTOOD for a data set whose declared lengths do not fit (:mod:`.structure`); ``data[start:end]``
+    may be a run of its whole top-level elements (see :func:`.structure.problem`)."""
     problem = structure.problem(data, start, end, transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
-                                transfer_syntax != EXPLICIT_VR_BIG_ENDIAN)
+                                transfer_syntax != EXPLICIT_VR_BIG_ENDIAN, origin)
     if problem is not None:
         raise Refused(Refusal.NOT_UNDERSTOOD, f"data set not whole: {problem}")
 
@@ -221,10 +222,11 @@ def inspect_prefix(prefix: bytes, header_length: int, sop_class_uid: str, sop_in
     return None if inspected is None else inspected[:2]
 
 
-def inspect_head(prefix: bytes, header_length: int, sop_class_uid: str, sop_instance_uid: str,
-                 transfer_syntax: str) -> Optional[Tuple[ObjectMetadata, Optional[Coercion], Optional[int]]]:
-    """:func:`inspect_prefix`, and where the data set ends if it ends with its Pixel Data element (the end its
-    header declares, after ``header_length``; None for undefined length): how large it will likely be."""
+def inspect_head(prefix: bytes, header_length: int, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
+                 ) -> Optional[Tuple[ObjectMetadata, Optional[Coercion], int, Optional[int]]]:
+    """:func:`inspect_prefix`, and where its Pixel Data element starts and where the data set ends if it ends
+    with that element (the end its header declares; None for undefined length): how large it will likely be.
+    Both count from the start of ``prefix`` plus ``header_length``.  Wholeness is not checked here."""
     fast = scan(prefix, header_length, transfer_syntax)
     if fast is None:
         return None
@@ -233,7 +235,7 @@ def inspect_head(prefix: bytes, header_length: int, sop_class_uid: str, sop_inst
         return None  # the scan ran to the end of the part, not to the end of the data set
     metadata, coercion = check_metadata(metadata, offset, pixel_header, sop_class_uid, sop_instance_uid,
                                         transfer_syntax)
-    return metadata, coercion, _pixel_data_end(offset, pixel_header, transfer_syntax)
+    return metadata, coercion, offset, _pixel_data_end(offset, pixel_header, transfer_syntax)
 
 
 def _pixel_data_end(offset: int, pixel_header: bytes, transfer_syntax: str) -> Optional[int]:

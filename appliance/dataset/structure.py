@@ -42,10 +42,14 @@ def _is_sequence(tag: int) -> bool:
         return False
 
 
-def problem(data, start: int, end: int, implicit: bool, little: bool) -> Optional[str]:
-    """What makes the data set in ``data[start:end]`` not whole, or None."""
+def problem(data, start: int, end: int, implicit: bool, little: bool, origin: Optional[int] = None) -> Optional[str]:
+    """What makes the data set in ``data[start:end]`` not whole, or None.
+
+    The range may be a run of whole top-level elements of a larger data set (its head, then the rest from
+    where the head ended: together they say what the whole says); offsets in the answer count from
+    ``origin`` (default ``start``), where the data set begins."""
     try:
-        _walk(data, start, end, implicit, little)
+        _walk(data, start, end, implicit, little, start if origin is None else origin)
     except _Broken as error:
         return str(error)
     return None
@@ -104,7 +108,7 @@ def _plain_implicit(data, position: int, bound: int, little: bool) -> int:
         return position
 
 
-def _walk(data, start: int, end: int, implicit: bool, little: bool) -> None:
+def _walk(data, start: int, end: int, implicit: bool, little: bool, origin: int) -> None:
     order = "<" if little else ">"
     u16, u32 = struct.Struct(order + "H"), struct.Struct(order + "L")
     tag_struct = struct.Struct(order + "HH")
@@ -140,7 +144,7 @@ def _walk(data, start: int, end: int, implicit: bool, little: bool) -> None:
                 frames.pop()
                 continue
             if tag != _ITEM or kind == "set":
-                raise _Broken(f"unexpected {_tag_text(tag)} at offset {position - 8 - start}")
+                raise _Broken(f"unexpected {_tag_text(tag)} at offset {position - 8 - origin}")
             if kind == "fragments":
                 if length == _UNDEFINED or position + length > bound:
                     raise _Broken("a pixel data fragment runs past the data set")

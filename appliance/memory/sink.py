@@ -102,9 +102,10 @@ def _check(chunks: List[bytes], description: ObjectDescription, limits: InflateL
 
 
 def _check_whole(data, head: tuple, description: ObjectDescription):
-    """An object whose head was checked as it arrived: whole, and the coercion the head called for applied."""
-    refuse_unless_whole(data, 0, len(data), description.transfer_syntax)
-    metadata, coercion = head
+    """An object whose head was checked as it arrived (whole too): the rest whole, and the coercion the head
+    called for applied."""
+    metadata, coercion, pixel_offset = head
+    refuse_unless_whole(data, pixel_offset, len(data), description.transfer_syntax, origin=0)
     if coercion is not None:
         if type(data) is bytes:
             data = bytearray(data)
@@ -156,7 +157,7 @@ class MemoryWriter:
         self.size = 0
         self.reserved = 0
         self.refusal: Optional[Refused] = None
-        #: the head's check, (metadata, coercion), once the fragments reach the Pixel Data element
+        #: the head's check, (metadata, coercion, where Pixel Data starts), once the fragments reach that element
         self.head: Optional[tuple] = None
         #: times the head is still looked for (deflated data sets are inflated before anything is read)
         self._head_tries = HEAD_TRIES if description.transfer_syntax != DEFLATED else 0
@@ -197,8 +198,14 @@ class MemoryWriter:
         if head is None:
             return  # Pixel Data not reached yet (or the scanner cannot vouch for this head: pydicom will, at the end)
         self._head_tries = 0
-        metadata, coercion, end = head
-        self.head = (metadata, coercion)
+        metadata, coercion, pixel_offset, end = head
+        try:  # the head is whole (the rest is walked once it is there: together they say what the whole says)
+            refuse_unless_whole(prefix, 0, pixel_offset, description.transfer_syntax)
+        except Refused as refusal:
+            self.refusal = refusal
+            self._release()
+            return
+        self.head = (metadata, coercion, pixel_offset)
         if end is None or not self.size < end <= self.sink.inline_limit or not self._room_for(end):
             return
         buffer = bytearray(end)  # its pages are touched now, while the rest of the object is on its way
