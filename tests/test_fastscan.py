@@ -280,6 +280,34 @@ class CorpusTests(Differential, SynchronousTestCase):
                 fastscan.scan(data, 0, syntax)  # never raises
 
 
+class LevelMemoTests(SynchronousTestCase):
+    """A level's JSON text is reused while its elements' bytes (and what decoding them depends on) are the same:
+    it is never another object's text."""
+
+    def test_same_as_scanned_afresh(self):
+        def variant(sop, patient="Test^Patient", weight="70", charset=None, syntax=EXPLICIT_VR_LITTLE_ENDIAN):
+            ds = make_dataset(sop=sop, patient=patient)
+            ds.PatientWeight = weight
+            if charset:
+                ds.SpecificCharacterSet = charset
+            return encode_dataset(ds, syntax), syntax
+
+        objects = [variant("1.2.3.1"), variant("1.2.3.2"), variant("1.2.3.3", patient="Test^Patiens"),
+                   variant("1.2.3.4", weight="-0"), variant("1.2.3.5", weight="0"), variant("1.2.3.6", weight="-0"),
+                   variant("1.2.3.7", charset="ISO_IR 100"), variant("1.2.3.8", charset="ISO_IR 192"),
+                   variant("1.2.3.9", syntax=IMPLICIT_VR_LITTLE_ENDIAN), variant("1.2.3.10"), variant("1.2.3.2")]
+        memo = fastscan._LAST_DUMPED
+        for data, syntax in objects:
+            remembered = fastscan.scan(data, 0, syntax)
+            memo[:] = [None] * len(memo)
+            afresh = fastscan.scan(data, 0, syntax)
+            self.assertIsNotNone(afresh)
+            self.assertEqual(remembered, afresh)
+        data, syntax = objects[5]
+        metadata = fastscan.scan(data, 0, syntax)[0]
+        self.assertIn("-0.0", metadata.patient_json + metadata.study_json)  # after a "0", still its own
+
+
 class StructureTests(Differential, SynchronousTestCase):
     """Sequences, pixel data, offsets, and what makes the fast path decline."""
 

@@ -756,16 +756,42 @@ def _scan(data: bytes, header_length: int, transfer_syntax: str):
     columns["patient_name"] = normalize_name(columns["patient_name"])
 
     levels = []
-    for keys in _LEVEL_KEYS:
+    context = (transfer_syntax, codec, _element_bytes(data, found, _CHARSET),
+               _element_bytes(data, found, _PIXEL_REPRESENTATION))
+    sources: List[list] = [[context] for _ in _LEVEL_KEYS]
+    for tag, entry in found.items():  # in the data set's order
+        index = _TAG_LEVEL.get(tag)
+        if index is not None:
+            sources[index].append(data[entry[1]:entry[3]])
+    for index, keys in enumerate(_LEVEL_KEYS):
+        source = sources[index]
+        last = _LAST_DUMPED[index]
+        if last is not None and last[0] == source:
+            levels.append(last[1])
+            continue
         level = {}
         for tag, key in keys:
             entry = entries.get(tag)
             if entry is not None:
                 level[key] = entry
-        levels.append(M.dump_level(level))
+        text = M.dump_level(level)
+        _LAST_DUMPED[index] = (source, text)
+        levels.append(text)
     metadata = M.ObjectMetadata(patient_json=levels[0], study_json=levels[1], series_json=levels[2],
                                 instance_json=levels[3], **columns)
     return metadata, header_length + pixel_offset, data[pixel_offset:pixel_offset + 12]
+
+
+#: per level, the last [what decoding its elements depends on, their bytes...] and its JSON text: the objects of a
+#: series arrive one after another with the same patient, study and series elements, and comparing bytes costs
+#: less than encoding again.  Each slot holds a tuple replaced whole (threads scan at once).
+_LAST_DUMPED: List[Optional[Tuple[list, str]]] = [None] * len(_LEVEL_KEYS)
+_TAG_LEVEL: Dict[int, int] = {tag: index for index, keys in enumerate(_LEVEL_KEYS) for tag, _ in keys}
+
+
+def _element_bytes(data, found, tag: int) -> Optional[bytes]:
+    entry = found.get(tag)
+    return None if entry is None else bytes(data[entry[1]:entry[3]])
 
 
 def scan(data: bytes, header_length: int, transfer_syntax: str):
