@@ -290,7 +290,8 @@ def fragment(context_id: int, is_command: bool, data: bytes, max_pdu: int, last:
         final = offset >= total
         header = header_base | (0x02 if final and last else 0)
         length = len(chunk) + 2
-        yield struct.pack(">BxLLBB", P.PDUType.P_DATA_TF, length + 4, length, context_id, header) + bytes(chunk)
+        # one copy of the chunk into the PDU (bytes(chunk) + header copied it twice)
+        yield b"".join((struct.pack(">BxLLBB", P.PDUType.P_DATA_TF, length + 4, length, context_id, header), chunk))
         if final:
             return
 
