@@ -18,7 +18,7 @@ What it does:
   2 s, ``MOVESCP`` and ``MEMORY_SERVER`` in its ``DicomModalities``) and ONE
   appliance (twistd) with its Disk-Server, its Memory-Server
   (``memory_limit`` 2 GiB by default, every other key the shipped default:
-  ``max_pdu`` 16384, the transfer syntax priority) and its web API, whose
+  ``max_pdu`` a MiB, the transfer syntax priority) and its web API, whose
   configuration names its own Disk-Server (``[devices.disk_server]``), its own
   Memory-Server (``[devices.memory_server]``: the Disk-Server resolves the
   C-MOVE destination with it), storescp (``[devices.movescp]``) and Orthanc
@@ -70,9 +70,10 @@ What it does:
 
 ``--max-pdu N`` makes both receivers announce another maximum PDU length
 (the Memory-Server's ``max_pdu`` and storescp's ``--max-pdu``, 4096 to
-131072), to see what the PDU size costs.  ``--profile DIR`` runs the
-appliance under twistd's cProfile (reactor thread only: the Memory-Server's
-checks on worker threads are not in it) and prints its top functions at the
+131072), to see what the PDU size costs; ``--memory-server-max-pdu N`` sets
+the Memory-Server's alone.  ``--profile DIR`` runs the appliance under
+twistd's cProfile (reactor thread only: the Memory-Server's checks of
+objects over a MiB, on worker threads, are not in it) and prints its top functions at the
 end; ``--py-spy DIR`` records the appliance with py-spy (``pip install
 py-spy``; every thread, 250 samples/s, raw stacks in DIR) during each timed
 load and prints, per path and thread, the milliseconds per load busy and the
@@ -721,7 +722,8 @@ def main(argv=None) -> int:
                         help=f"the Memory-Server's memory_limit (default {DEFAULT_MEMORY_LIMIT!r})")
     parser.add_argument("--max-pdu", type=int, default=None,
                         help="maximum PDU length the receivers announce, the Memory-Server's max_pdu and storescp's "
-                             "--max-pdu alike (4096 to 131072; default: their own default, 16384)")
+                             "--max-pdu alike (4096 to 131072; default: each its own, storescp 16384, the "
+                             "Memory-Server a MiB)")
     parser.add_argument("--memory-server-max-pdu", type=int, default=None,
                         help="the Memory-Server's max_pdu alone (default: --max-pdu, else its configured default)")
     parser.add_argument("--workdir", default=None, help="where the servers' temporary storage goes (default $TMPDIR)")
@@ -763,8 +765,8 @@ def _run(args) -> int:
         "versions": sb.versions(tools),
         "config": {"repeat": args.repeat, "memory_limit": args.memory_limit,
                    "profiled": bool(args.profile) or bool(args.py_spy),
-                   "receivers_max_pdu": args.max_pdu or 16384,
-                   "memory_server_max_pdu": args.memory_server_max_pdu or args.max_pdu,
+                   "storescp_max_pdu": args.max_pdu or 16384,
+                   "memory_server_max_pdu": args.memory_server_max_pdu or args.max_pdu or 1 << 20,
                    "paths": {name: label for name, (label, _, _) in PATHS.items()},
                    "load": "POST /api/loads {device, study}, then GET /api/loads/N?wait=30 until done; "
                            "one kept-alive HTTP connection",
