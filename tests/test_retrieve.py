@@ -643,6 +643,32 @@ class CancelTests(SynchronousTestCase):
         self.assertEqual(harness.archive.pins.counts, {})
         self.assertIn("0xFE00", [text for level, text in harness.log if level == "info"][0])
 
+    def test_next_object_opened_while_one_is_sent_and_closed_when_not_needed(self):
+        """Each sub-operation's file is opened while the one before it is sent; cancelled after the second, the
+        third, opened already, is closed, and every file opened is closed."""
+        events, opened = [], []
+        real_open = retrieve.open_stored_data_set
+
+        def tracked_open(path):
+            handle, length = real_open(path)
+            opened.append(handle)
+            events.append(("open", len(opened)))
+            return handle, length
+
+        def stored(number):
+            events.append(("stored", number))
+            if number == 2:
+                command = D.Command(CommandField=D.CommandField.C_CANCEL_RQ, MessageIDBeingRespondedTo=7)
+                harness.protocol.dataReceived(message_pdus(1, command))
+
+        self.patch(retrieve, "open_stored_data_set", tracked_open)
+        harness = MoveHarness(self, on_store=stored)
+        harness.fill()
+        final, _ = harness.move(identifier("STUDY", STUDY))[-1]
+        self.assertEqual((final.Status, counts(final)), (S.CANCEL, (1, 2, 0, 0)))
+        self.assertEqual(events, [("open", 1), ("open", 2), ("stored", 1), ("open", 3), ("stored", 2)])
+        self.assertEqual([handle.closed for handle in opened], [True, True, True])
+
     def test_cancel_while_connecting(self):
         """A C-CANCEL before the sub-association is up: nothing is sent, FE00 with every instance remaining."""
         harness = MoveHarness(self)

@@ -557,46 +557,57 @@ class RetrieveService:
             raise
 
     async def _sub_operations(self, move: _Move, device: DeviceConfig, association) -> None:
-        for index, row in enumerate(move.rows):
-            if move.cancelled or not self._still_wanted(move):
-                break
-            try:
-                response = await self._store(move, association, row)
-            except _SubOperationFailed as error:
-                move.failed += 1
-                move.failed_uids.append(row.sop_uid)
-                _log.warn("C-MOVE to {destination}: sub-operation for {sop} failed: {why}",
-                          destination=device.ae_title, sop=row.sop_uid, why=error)
+        rows = move.rows
+        #: the next sub-operation's object, opened on an I/O thread while the current one is sent (the hand-off
+        #: to a thread and back no longer waits between two sub-operations)
+        following: Optional[defer.Deferred] = None
+        try:
+            for index, row in enumerate(rows):
+                if move.cancelled or not self._still_wanted(move):
+                    break
+                opening, following = following or self._open(association, row), None
+                if index + 1 < len(rows):
+                    following = self._open(association, rows[index + 1])
+                try:
+                    response = await self._store(move, association, row, opening)
+                except _SubOperationFailed as error:
+                    move.failed += 1
+                    move.failed_uids.append(row.sop_uid)
+                    _log.warn("C-MOVE to {destination}: sub-operation for {sop} failed: {why}",
+                              destination=device.ae_title, sop=row.sop_uid, why=error)
+                    self._maybe_pending(move)
+                    continue
+                except requestor.AssociationError as error:
+                    move.failed += 1
+                    move.failed_uids.append(row.sop_uid)
+                    self._fail_all(move, rows[index + 1:])
+                    _log.warn("C-MOVE to {destination}: sub-association lost during the C-STORE of {sop}: {error}",
+                              destination=device.ae_title, sop=row.sop_uid, error=error)
+                    await self._end(association, device)  # in case it is still open
+                    self._finish(move, S.SUBOPERATIONS_FAILED, f"sub-association to {device.ae_title} lost: {error}")
+                    return
+                category = S.category(response.status)
+                if category == "success":
+                    move.completed += 1
+                elif category == "warning":
+                    move.warning += 1
+                else:
+                    move.failed += 1
+                    move.failed_uids.append(row.sop_uid)
+                    self._fail_all(move, rows[index + 1:])
+                    comment = response.command.ErrorComment
+                    _log.warn("C-MOVE to {destination}: C-STORE of {sop} answered {status}{comment}; "
+                              "sub-association ended, {rest} remaining sub-operations failed",
+                              destination=device.ae_title, sop=row.sop_uid, status=S.describe(response.status),
+                              comment=f" ({comment})" if comment else "", rest=len(rows) - index - 1)
+                    await self._end(association, device)
+                    self._finish(move, S.SUBOPERATIONS_FAILED,
+                                 f"{device.ae_title} answered a C-STORE 0x{response.status:04X}; sub-association ended")
+                    return
                 self._maybe_pending(move)
-                continue
-            except requestor.AssociationError as error:
-                move.failed += 1
-                move.failed_uids.append(row.sop_uid)
-                self._fail_all(move, move.rows[index + 1:])
-                _log.warn("C-MOVE to {destination}: sub-association lost during the C-STORE of {sop}: {error}",
-                          destination=device.ae_title, sop=row.sop_uid, error=error)
-                await self._end(association, device)  # in case it is still open
-                self._finish(move, S.SUBOPERATIONS_FAILED, f"sub-association to {device.ae_title} lost: {error}")
-                return
-            category = S.category(response.status)
-            if category == "success":
-                move.completed += 1
-            elif category == "warning":
-                move.warning += 1
-            else:
-                move.failed += 1
-                move.failed_uids.append(row.sop_uid)
-                self._fail_all(move, move.rows[index + 1:])
-                comment = response.command.ErrorComment
-                _log.warn("C-MOVE to {destination}: C-STORE of {sop} answered {status}{comment}; "
-                          "sub-association ended, {rest} remaining sub-operations failed",
-                          destination=device.ae_title, sop=row.sop_uid, status=S.describe(response.status),
-                          comment=f" ({comment})" if comment else "", rest=len(move.rows) - index - 1)
-                await self._end(association, device)
-                self._finish(move, S.SUBOPERATIONS_FAILED,
-                             f"{device.ae_title} answered a C-STORE 0x{response.status:04X}; sub-association ended")
-                return
-            self._maybe_pending(move)
+        finally:
+            if following is not None:  # opened for a sub-operation that will not be: closed
+                following.addCallbacks(lambda opened: opened[0].close(), lambda failure: None)
         await self._end(association, device)
         if move.cancelled:
             self._finish(move, S.CANCEL, None)
@@ -607,26 +618,39 @@ class RetrieveService:
         else:
             self._finish(move, S.SUCCESS, None)
 
-    async def _store(self, move: _Move, association, row: InstanceRow) -> requestor.Response:
-        """One C-STORE sub-operation; raises _SubOperationFailed when it cannot be attempted."""
+    def _open(self, association, row: InstanceRow) -> defer.Deferred:
+        """The object of one sub-operation opened (converted if the destination needs another syntax) on an I/O
+        thread: fires with (file, length, transfer syntax), or fails with _SubOperationFailed."""
         choice = choose_context(association.negotiated, row.sop_class, row.transfer_syntax)
         if choice is None:
             compressed = row.transfer_syntax not in UNCOMPRESSED_TRANSFER_SYNTAXES
-            raise _SubOperationFailed(
+            return defer.fail(_SubOperationFailed(
                 f"the destination accepted no context for {row.sop_class} in {row.transfer_syntax}"
                 + (" (compressed, never decoded: only its own syntax will do)" if compressed
                    else " or another uncompressed syntax")
-            )
+            ))
         transfer_syntax, convert = choice
         try:
             path = self.archive.store.absolute(row.path)
-            if convert:
-                source, length = await self.archive.io(convert_stored_data_set, path, row.transfer_syntax,
-                                                       transfer_syntax, self.archive.store.tmp)
-            else:
-                source, length = await self.archive.io(open_stored_data_set, path)
         except Exception as error:
-            raise _SubOperationFailed(f"cannot read the stored object: {type(error).__name__}: {error}") from None
+            return defer.fail(_SubOperationFailed(f"cannot read the stored object: {type(error).__name__}: {error}"))
+        if convert:
+            opening = self.archive.io(convert_stored_data_set, path, row.transfer_syntax, transfer_syntax,
+                                      self.archive.store.tmp)
+        else:
+            opening = self.archive.io(open_stored_data_set, path)
+
+        def failed(failure):
+            raise _SubOperationFailed(f"cannot read the stored object: {failure.type.__name__}: "
+                                      f"{failure.getErrorMessage()}")
+
+        return opening.addCallbacks(lambda opened: (opened[0], opened[1], transfer_syntax), failed)
+
+    async def _store(self, move: _Move, association, row: InstanceRow, opening: defer.Deferred
+                     ) -> requestor.Response:
+        """One C-STORE sub-operation of the object ``opening`` gives; raises _SubOperationFailed when it cannot be
+        attempted."""
+        source, length, transfer_syntax = await opening
         request = move.request
         command = D.Command(
             CommandField=D.CommandField.C_STORE_RQ,
