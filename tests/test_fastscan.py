@@ -11,6 +11,7 @@ byte for the edge cases.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import struct
@@ -252,6 +253,31 @@ class CorpusTests(Differential, SynchronousTestCase):
         print("\nfast path taken (files / of readable files):",
               ", ".join(f"{label}: {fast}/{total}" for label, (total, fast) in counts.items()),
               f"; with attributes handed to pydicom: {', '.join(sorted(delegating)) or 'none'}")
+
+    def test_study_level_only(self):
+        """Asked for the study level only (the Memory-Server), the scan gives pydicom's columns, pixel offset and
+        study level exactly, the other levels None, wherever it answers; it answers wherever the full scan does."""
+        study_only = frozenset({"study"})
+        answered = 0
+        for name, label, data, syntax in corpus():
+            full = fast_path(data, syntax)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                light = fastscan.scan(data, 0, syntax, study_only)
+            if full is not None:
+                self.assertIsNotNone(light, (name, label))
+            if light is None:
+                continue
+            answered += 1
+            expected = pydicom_path(data, syntax)
+            self.assertFalse(isinstance(expected, str), f"{name} ({label}): pydicom gives {expected}")
+            metadata, offset, header = light
+            self.assertEqual((offset, header), expected[1:], (name, label))
+            self.assertEqual((metadata.patient_json, metadata.series_json, metadata.instance_json),
+                             (None, None, None))
+            wanted = dataclasses.replace(expected[0], patient_json=None, series_json=None, instance_json=None)
+            self.assertEqual(metadata, wanted, (name, label))
+        self.assertGreaterEqual(answered, MIN_FAST_PER_SYNTAX)
 
     def test_mutated_corpus_files(self):
         """Truncated and corrupted copies of corpus files: the fast path never raises, and never disagrees."""

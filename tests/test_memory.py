@@ -370,6 +370,9 @@ class ArrivalTests(SynchronousTestCase):
             self.assertEqual(writer.chunks, [])
             self.assertIsInstance(self.successResultOf(self.arrive(writer, data[16 * KIB:])), Kept)
             self.assertEqual(self.held(sop).data, data)
+            metadata = self.held(sop).metadata  # the study level (the listing shows it), not the archive's others
+            self.assertIn('"00080020"', metadata.study_json)
+            self.assertEqual((metadata.patient_json, metadata.series_json, metadata.instance_json), (None,) * 3)
             total += len(data) + OBJECT_OVERHEAD
         self.assertEqual((self.store.reserved, self.store.size), (0, total))
 

@@ -31,7 +31,7 @@ from ..dicom.uids import (
 )
 from . import structure
 from .deflate import DEFLATED, InflateLimits, NotInflatable, TooLarge, read_deflated
-from .fastscan import scan
+from .fastscan import ALL_LEVELS, scan
 from .metadata import ObjectMetadata, extract
 
 __all__ = [
@@ -222,12 +222,14 @@ def inspect_prefix(prefix: bytes, header_length: int, sop_class_uid: str, sop_in
     return None if inspected is None else inspected[:2]
 
 
-def inspect_head(prefix: bytes, header_length: int, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
-                 ) -> Optional[Tuple[ObjectMetadata, Optional[Coercion], int, Optional[int]]]:
+def inspect_head(prefix: bytes, header_length: int, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                 levels: frozenset = ALL_LEVELS) -> Optional[Tuple[ObjectMetadata, Optional[Coercion], int,
+                                                                   Optional[int]]]:
     """:func:`inspect_prefix`, and where its Pixel Data element starts and where the data set ends if it ends
     with that element (the end its header declares; None for undefined length): how large it will likely be.
-    Both count from the start of ``prefix`` plus ``header_length``.  Wholeness is not checked here."""
-    fast = scan(prefix, header_length, transfer_syntax)
+    Both count from the start of ``prefix`` plus ``header_length``.  ``levels``: the metadata's levels to
+    build (:func:`.fastscan.scan`).  Wholeness is not checked here."""
+    fast = scan(prefix, header_length, transfer_syntax, levels)
     if fast is None:
         return None
     metadata, offset, pixel_header = fast

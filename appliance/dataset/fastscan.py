@@ -58,7 +58,7 @@ from .. import compat
 from . import metadata as M
 from .metadata import normalize_name
 
-__all__ = ["scan", "Unsupported"]
+__all__ = ["scan", "Unsupported", "LEVELS", "ALL_LEVELS"]
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
@@ -153,6 +153,9 @@ _LEVELS = (M.PATIENT_KEYWORDS, M.STUDY_KEYWORDS, M.SERIES_KEYWORDS, M.INSTANCE_K
 _LEVEL_KEYS: Tuple[Tuple[Tuple[int, str], ...], ...] = tuple(
     tuple((tag, f"{tag:08X}") for _, tag in M.level_tags(keywords)) for keywords in _LEVELS
 )
+#: The levels by name, in _LEVEL_KEYS's order; scan() builds all of them unless told which.
+LEVELS = ("patient", "study", "series", "instance")
+ALL_LEVELS = frozenset(LEVELS)
 #: Every kept attribute and its dictionary VR (the VR of its implicit VR encoding).
 _KEPT: Dict[int, str] = {tag: str(dictionary_VR(tag)) for keys in _LEVEL_KEYS for tag, _ in keys}
 #: What the walk records: the kept attributes and the context pydicom consults converting them.
@@ -687,7 +690,7 @@ def _by_pydicom(data: bytes, found, tags: List[int], syntax: _Syntax):
         raise Unsupported from None
 
 
-def _scan(data: bytes, header_length: int, transfer_syntax: str):
+def _scan(data: bytes, header_length: int, transfer_syntax: str, levels: frozenset = ALL_LEVELS):
     """:func:`scan`, raising :class:`Unsupported` instead of answering None."""
     syntax = _syntax_for(transfer_syntax)
     if not compat.pydicom_reads_by_default():
@@ -699,10 +702,11 @@ def _scan(data: bytes, header_length: int, transfer_syntax: str):
     entries: Dict[int, Optional[dict]] = {}
     scalars: Dict[int, object] = {}
     delegated: List[int] = []
+    decoded = _decoded_tags(levels)
     for tag, (vr_bytes, _, start, end, undefined) in found.items():
         vr = _KEPT.get(tag)
-        if vr is None:
-            continue  # context only
+        if vr is None or tag not in decoded:
+            continue  # context only, or of a level not asked for
         if vr_bytes is not None:
             vr = vr_bytes.decode("ascii")
         try:
@@ -755,7 +759,7 @@ def _scan(data: bytes, header_length: int, transfer_syntax: str):
             raise Unsupported  # extract() refuses it: say so the pydicom way
     columns["patient_name"] = normalize_name(columns["patient_name"])
 
-    levels = []
+    levels_json: List[Optional[str]] = []
     context = (transfer_syntax, codec, _element_bytes(data, found, _CHARSET),
                _element_bytes(data, found, _PIXEL_REPRESENTATION))
     sources: List[list] = [[context] for _ in _LEVEL_KEYS]
@@ -764,10 +768,13 @@ def _scan(data: bytes, header_length: int, transfer_syntax: str):
         if index is not None:
             sources[index].append(data[entry[1]:entry[3]])
     for index, keys in enumerate(_LEVEL_KEYS):
+        if LEVELS[index] not in levels:
+            levels_json.append(None)
+            continue
         source = sources[index]
         last = _LAST_DUMPED[index]
         if last is not None and last[0] == source:
-            levels.append(last[1])
+            levels_json.append(last[1])
             continue
         level = {}
         for tag, key in keys:
@@ -776,9 +783,9 @@ def _scan(data: bytes, header_length: int, transfer_syntax: str):
                 level[key] = entry
         text = M.dump_level(level)
         _LAST_DUMPED[index] = (source, text)
-        levels.append(text)
-    metadata = M.ObjectMetadata(patient_json=levels[0], study_json=levels[1], series_json=levels[2],
-                                instance_json=levels[3], **columns)
+        levels_json.append(text)
+    metadata = M.ObjectMetadata(patient_json=levels_json[0], study_json=levels_json[1],
+                                series_json=levels_json[2], instance_json=levels_json[3], **columns)
     return metadata, header_length + pixel_offset, data[pixel_offset:pixel_offset + 12]
 
 
@@ -789,22 +796,37 @@ _LAST_DUMPED: List[Optional[Tuple[list, str]]] = [None] * len(_LEVEL_KEYS)
 _TAG_LEVEL: Dict[int, int] = {tag: index for index, keys in enumerate(_LEVEL_KEYS) for tag, _ in keys}
 
 
+#: for a selection of levels, the kept attributes to decode: its levels' and the columns'
+_DECODED: Dict[frozenset, frozenset] = {}
+
+
+def _decoded_tags(levels: frozenset) -> frozenset:
+    tags = _DECODED.get(levels)
+    if tags is None:
+        tags = frozenset(tag for index, keys in enumerate(_LEVEL_KEYS) if LEVELS[index] in levels for tag, _ in keys)
+        tags |= {tag for _, _, tag in _TEXT_COLUMN_TAGS} | {tag for _, _, tag in _INTEGER_COLUMN_TAGS}
+        _DECODED[levels] = tags = frozenset(tags)
+    return tags
+
+
 def _element_bytes(data, found, tag: int) -> Optional[bytes]:
     entry = found.get(tag)
     return None if entry is None else bytes(data[entry[1]:entry[3]])
 
 
-def scan(data: bytes, header_length: int, transfer_syntax: str):
+def scan(data: bytes, header_length: int, transfer_syntax: str, levels: frozenset = ALL_LEVELS):
     """``(ObjectMetadata, pixel data offset, 12 bytes at it)`` of a data set in memory, or None.
 
     Exactly what storage's pydicom path (``read_dataset`` up to Pixel Data,
     :func:`.metadata.extract`, ``header_length`` + the offset) gives, for
     the common case; None whenever that cannot be vouched for (including
     every data set pydicom would refuse), and the caller parses with pydicom.
-    Never raises.
+    ``levels`` (names of :data:`LEVELS`) says which levels' JSON to build:
+    the others are None, and their attributes are not decoded (nor vouched
+    for).  Never raises.
     """
     try:
-        return _scan(data, header_length, transfer_syntax)
+        return _scan(data, header_length, transfer_syntax, levels)
     except Unsupported:
         return None
     except Exception:  # a case this module did not foresee: pydicom decides

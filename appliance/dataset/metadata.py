@@ -109,10 +109,12 @@ class ObjectMetadata:
     series_number: Optional[int]
     instance_number: Optional[int]
     bits_allocated: Optional[int]
-    patient_json: str
-    study_json: str
-    series_json: str
-    instance_json: str
+    #: each level's attributes as the index stores them (dump_level); None for a level not built (the
+    #: Memory-Server's scan builds only the study's: the others serve the archive's index and C-FIND)
+    patient_json: Optional[str]
+    study_json: Optional[str]
+    series_json: Optional[str]
+    instance_json: Optional[str]
 
 
 def normalize_name(name: str) -> str:

@@ -43,6 +43,10 @@ Runner = Callable[..., defer.Deferred]
 #: a deflated object always goes to the runner (it may inflate to ``memory_limit``).
 INLINE_CHECK_LIMIT = 1 << 20
 
+#: The metadata levels the Memory-Server builds for the objects it checks as they arrive: the study's, which its
+#: listing shows (with the columns); the patient, series and instance levels serve the archive's index and C-FIND.
+MEMORY_LEVELS = frozenset({"study"})
+
 #: The head of a data set (what precedes its Pixel Data) is looked for in its first fragments, this many times
 #: at most (it is usually within the first).
 HEAD_TRIES = 4
@@ -190,7 +194,7 @@ class MemoryWriter:
         description = self.description
         try:
             head = inspect_head(prefix, 0, description.sop_class_uid, description.sop_instance_uid,
-                                description.transfer_syntax)
+                                description.transfer_syntax, MEMORY_LEVELS)
         except Refused as refusal:  # the UIDs are not the command's: no need to wait for the rest
             self.refusal = refusal
             self._release()
