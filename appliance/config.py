@@ -34,6 +34,7 @@ __all__ = [
     "TLS_VERSIONS",
     "BCP195_CIPHERS",
     "LEGACY_CIPHERS",
+    "LOCAL_ARCHIVE",
 ]
 
 #: The shipped configuration, used when no --config is given.
@@ -210,11 +211,15 @@ class ManagerConfig:
 
 @dataclass(frozen=True)
 class WebConfig:
-    """The HTTP server of the local JSON API ([web])."""
+    """The HTTP server of the web pages and their API ([web]), and the Web Software-Server's C-FIND SCU."""
 
     interface: str = "127.0.0.1"
     #: 0 disables it
     port: int = 8080
+    #: calling AE title of the queries (C-FIND) and C-ECHOs the pages send to devices
+    ae_title: str = "WEB_SERVER"
+    #: matches one query takes from a device before it cancels the rest (C-FIND has no paging)
+    max_results: int = 500
 
 
 @dataclass(frozen=True)
@@ -243,6 +248,19 @@ class ApplianceConfig:
     @property
     def memory_server(self) -> ListenerConfig:
         return self.listeners["memory_server"]
+
+    @property
+    def local_archive(self) -> Optional[DeviceConfig]:
+        """The appliance's own Disk-Server as a device the pages query (named :data:`LOCAL_ARCHIVE`), reached on
+        the loopback interface; None when its plain port is off."""
+        disk = self.disk_server
+        if not disk.port:
+            return None
+        host = "::1" if ":" in disk.interface else "127.0.0.1"
+        if disk.interface not in ("0.0.0.0", "::"):
+            host = disk.interface
+        return DeviceConfig(name=LOCAL_ARCHIVE, ae_title=disk.ae_title, host=host, port=disk.port,
+                            max_pdu=disk.max_pdu, timeout=disk.timeout)
 
     def device(self, name: str) -> DeviceConfig:
         try:
@@ -490,6 +508,10 @@ class ListenerSpec:
     max_pdu: int = 16384
 
 
+#: The name of the appliance's own Disk-Server among the devices the web pages query ("Local archive"); no
+#: [devices.*] may take it.
+LOCAL_ARCHIVE = "local"
+
 #: The appliance's listening AEs, in the order they start: the one table configuration, TLS and the
 #: composition root (appliance/tap.py) read.  A new listener is an entry here and a builder there.
 LISTENERS: Tuple[ListenerSpec, ...] = (
@@ -721,6 +743,8 @@ def _web(path: str, table: Any) -> WebConfig:
     web = WebConfig(
         interface=section.get("interface", _text, "127.0.0.1"),
         port=section.get("port", _integer(0, 65535), 8080),
+        ae_title=section.get("ae_title", ae_title, "WEB_SERVER"),
+        max_results=section.get("max_results", _integer(1, 100000), 500),
     )
     section.done()
     if web.port and not _is_loopback(web.interface):
@@ -771,6 +795,9 @@ def parse(data: Mapping[str, Any], path: str) -> ApplianceConfig:
     devices_table = data.get("devices", {})
     if not isinstance(devices_table, dict):
         raise ConfigError(path, "[devices]", "must be a table of [devices.NAME] tables")
+    if LOCAL_ARCHIVE in devices_table:
+        raise ConfigError(path, f"[devices.{LOCAL_ARCHIVE}]", f"the name {LOCAL_ARCHIVE!r} is the appliance's own "
+                          "Disk-Server (the pages' \"Local archive\"): give this device another name")
     devices = {name: _device(path, name, table, tls=tls, base=base) for name, table in devices_table.items()}
     manager = _manager(path, data.get("memory_manager", {}))
     web = _web(path, data.get("web", {}))

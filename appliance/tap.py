@@ -26,6 +26,7 @@ from .ae.listeners import acceptor_factory, disk_server_services, memory_server_
 from .archive.archive import Archive
 from .dataset.deflate import InflateLimits
 from .ae.manager import MemoryManager
+from .ae.web_queries import WebQueries
 from .memory.store import MemoryStore
 from .net.requestor import MessageIds, connect_device
 from .web.api import ApiResource
@@ -213,7 +214,11 @@ def makeService(options, reactor=None) -> MultiService:
         tls.TLSService(contexts, reactor).setServiceParent(root)
     memory = MemoryStore(config.memory.memory_limit, reactor, config.memory.retention)
     MemoryService(memory, reactor).setServiceParent(root)
-    manager = MemoryManager(config, memory, reactor, partial(_connect_device, reactor, config, contexts, MessageIds()))
+    manager = MemoryManager(config, memory, reactor, partial(_connect_device, reactor, config, contexts,
+                                                             config.manager.ae_title, MessageIds()))
+    # the Web Software-Server: the pages' C-FIND and C-ECHO
+    queries = WebQueries(config, reactor, partial(_connect_device, reactor, config, contexts, config.web.ae_title,
+                                                  MessageIds()))
     # the Memory-Server's sink: C-STOREs from C-MOVE sub-associations, and the Memory-Manager's C-GETs
     manager.sink = memory_sink(config, memory, check.runner, loads=manager)
     # one builder per listening AE of configuration.LISTENERS: its services
@@ -238,7 +243,7 @@ def makeService(options, reactor=None) -> MultiService:
             service.setName(f"{section}_tls")
             service.setServiceParent(root)
     if config.web.port:
-        site = ApplianceSite(ApiResource(config, manager, memory, web.runner, _renderer()), reactor)
+        site = ApplianceSite(ApiResource(config, manager, memory, web.runner, _renderer(), queries), reactor)
         endpoint_class = TCP6ServerEndpoint if ":" in config.web.interface else TCP4ServerEndpoint
         endpoint = endpoint_class(reactor, config.web.port, backlog=64, interface=config.web.interface)
         service = StreamServerEndpointService(endpoint, site)
@@ -247,10 +252,11 @@ def makeService(options, reactor=None) -> MultiService:
     return root
 
 
-def _connect_device(reactor, config: configuration.ApplianceConfig, contexts: tls.TLSContexts, message_ids: MessageIds,
-                    device: configuration.DeviceConfig, presentation_contexts, **options):
-    """An association of the Memory-Manager to ``device``: its AE title, Message IDs and TLS contexts."""
-    return connect_device(reactor, device, config.manager.ae_title, presentation_contexts,
+def _connect_device(reactor, config: configuration.ApplianceConfig, contexts: tls.TLSContexts, calling: str,
+                    message_ids: MessageIds, device: configuration.DeviceConfig, presentation_contexts, **options):
+    """An association of one of the appliance's SCUs (the Memory-Manager, the Web Software-Server) to ``device``:
+    its calling AE title, Message IDs and the TLS contexts."""
+    return connect_device(reactor, device, calling, presentation_contexts,
                           implementation_class_uid=config.implementation_class_uid,
                           implementation_version_name=config.implementation_version_name, tls=contexts,
                           message_ids=message_ids, **options)

@@ -89,8 +89,8 @@ class LoadApiTests(SynchronousTestCase):
     def test_devices(self):
         reply = self.h.request("GET", "/api/devices")
         self.assertEqual(reply.status, 200)
-        self.assertEqual(reply.json()["devices"], [{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5",
-                                                    "port": 104, "tls": False, "retrieve": "move"}])
+        self.assertEqual(reply.json()["devices"], [{"name": "pacs", "label": "pacs", "ae_title": "PACS",
+                                                    "host": "10.0.0.5", "port": 104, "tls": False, "retrieve": "move"}])
 
     def test_create_follow_cancel(self):
         reply = self.h.post_load({"device": "pacs", "study": STUDY})
@@ -339,6 +339,28 @@ class ConfigTests(SynchronousTestCase):
             self.assertIn("loopback", str(raised.exception))
         self.assertEqual(self.parse({"web": {"interface": "::1", "port": 8081}}).web.interface, "::1")
         self.assertEqual(self.parse({"web": {"interface": "0.0.0.0", "port": 0}}).web.port, 0)
+
+    def test_query_keys_and_the_local_archive(self):
+        from appliance.config import LOCAL_ARCHIVE, ConfigError
+
+        config = self.parse({})
+        self.assertEqual((config.web.ae_title, config.web.max_results), ("WEB_SERVER", 500))
+        local = config.local_archive
+        self.assertEqual((local.name, local.ae_title, local.host, local.port, local.max_pdu, local.tls),
+                         (LOCAL_ARCHIVE, "DISK_SERVER", "127.0.0.1", 11112, 16384, None))
+        self.assertEqual(self.parse({"disk_server": {"interface": "::", "port": 4242}}).local_archive.host, "::1")
+        self.assertEqual(self.parse({"disk_server": {"interface": "10.1.2.3"}}).local_archive.host, "10.1.2.3")
+        self.assertIsNone(self.parse({"disk_server": {"port": 0}}).local_archive)
+        config = self.parse({"web": {"ae_title": "BROWSER", "max_results": 50}})
+        self.assertEqual((config.web.ae_title, config.web.max_results), ("BROWSER", 50))
+        for web, key in (({"max_results": 0}, "[web] max_results"), ({"ae_title": "x\\y"}, "[web] ae_title")):
+            with self.assertRaises(ConfigError) as raised:
+                self.parse({"web": web})
+            self.assertIn(key, str(raised.exception))
+        with self.assertRaises(ConfigError) as raised:
+            self.parse({"devices": {"local": {"ae_title": "X", "host": "h", "port": 104}}})
+        self.assertIn("[devices.local]", str(raised.exception))
+        self.assertIn("own Disk-Server", str(raised.exception))
 
     def test_web_port_conflicts(self):
         from appliance.config import ConfigError

@@ -2,7 +2,11 @@
 
 ::
 
-    GET    /api/devices                                   the configured devices
+    GET    /api/devices                                   the devices: the Local archive and [devices.*]
+    POST   /api/devices/{name}/echo                       C-ECHO: status and round trip
+    GET    /api/devices/{name}/studies                    C-FIND, QIDO-RS shaped (PS3.18 10.6): application/dicom+json
+    GET    /api/devices/{name}/studies/{study}/series
+    GET    /api/devices/{name}/studies/{study}/series/{series}/instances
     GET    /api/loads                                     every load, newest last
     POST   /api/loads                                     {"device", "study", "series"?, "instance"?} -> 202
     GET    /api/loads/{id}
@@ -34,11 +38,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from ..ae.manager import MemoryManager, UnknownDevice, UnknownLoad
-from ..config import ApplianceConfig
+from ..ae.web_queries import DeviceFailure, WebQueries
+from ..ae.web_queries import UnknownDevice as UnknownQueryDevice
+from ..config import LOCAL_ARCHIVE, ApplianceConfig
+from ..dicom import status as S
 from ..dataset.part10 import part10_header
 from ..dicom.uids import is_valid_uid
 from ..logs import logger
 from ..memory.store import HeldObject, HeldStudy, MemoryStore
+from .qido import QueryError, parse_query, to_json
 
 __all__ = ["ApiResource", "HTTPError"]
 
@@ -56,11 +64,14 @@ _JSON = "application/json"
 
 
 class HTTPError(Exception):
-    def __init__(self, code: int, reason: str, headers: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, code: int, reason: str, headers: Optional[Dict[str, str]] = None,
+                 details: Optional[dict] = None) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
         self.headers = headers or {}
+        #: more of the answer's JSON object beside "error" (a device's status, the kind of failure)
+        self.details = details or {}
 
 
 def json_bytes(value) -> bytes:
@@ -83,17 +94,23 @@ class ApiResource(Resource):
     isLeaf = True
 
     def __init__(self, config: ApplianceConfig, manager: MemoryManager, store: MemoryStore,
-                 runner: Callable[..., defer.Deferred], render=None) -> None:
+                 runner: Callable[..., defer.Deferred], render=None, queries: Optional[WebQueries] = None) -> None:
         super().__init__()
         self.config = config
         self.manager = manager
         self.store = store
+        #: the Web Software-Server's C-FIND and C-ECHO (None: the query routes answer 503)
+        self.queries = queries
         #: where parsing and rendering run (a worker thread in the appliance)
         self.runner = runner
         #: render(data, transfer_syntax, frame, window) -> PNG bytes (appliance.dataset.render.render_png)
         self.renderer = render
         self.routes: List[Tuple[Tuple[str, ...], Dict[bytes, Callable]]] = [
             (("api", "devices"), {b"GET": self.list_devices}),
+            (("api", "devices", "*", "echo"), {b"POST": self.echo_device}),
+            (("api", "devices", "*", "studies"), {b"GET": self.find_studies}),
+            (("api", "devices", "*", "studies", "*", "series"), {b"GET": self.find_series}),
+            (("api", "devices", "*", "studies", "*", "series", "*", "instances"), {b"GET": self.find_instances}),
             (("api", "loads"), {b"GET": self.list_loads, b"POST": self.create_load}),
             (("api", "loads", "*"), {b"GET": self.show_load, b"DELETE": self.cancel_load}),
             (("api", "memory", "studies"), {b"GET": self.list_studies}),
@@ -173,7 +190,7 @@ class ApiResource(Resource):
         request.setResponseCode(error.code)
         for name, value in error.headers.items():
             request.setHeader(name.encode("ascii"), value.encode("ascii"))
-        body = json_bytes({"error": error.reason})
+        body = json_bytes({"error": error.reason, **error.details})
         request.setHeader(b"content-type", _JSON.encode("ascii"))
         request.setHeader(b"content-length", str(len(body)).encode("ascii"))
         return body
@@ -181,9 +198,88 @@ class ApiResource(Resource):
     # --- devices and loads --------------------------------------------------------------------------------
 
     def list_devices(self, request):
+        devices = self.queries.devices() if self.queries is not None else list(self.config.devices.values())
         return http.OK, {"devices": [
-            {"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port, "tls": d.tls is not None,
-             "retrieve": d.retrieve} for d in self.config.devices.values()]}
+            {"name": d.name, "label": "Local archive" if d.name == LOCAL_ARCHIVE else d.name, "ae_title": d.ae_title,
+             "host": d.host, "port": d.port, "tls": d.tls is not None, "retrieve": d.retrieve} for d in devices]}
+
+    # --- the Web Software-Server: C-ECHO and C-FIND to a device -------------------------------------------------
+
+    def _queries(self, name: str) -> WebQueries:
+        if not _DEVICE_NAME.match(name):
+            raise HTTPError(http.BAD_REQUEST, "a device name is letters, digits, '.', '_' and '-' (1-64)")
+        if self.queries is None:
+            raise HTTPError(http.SERVICE_UNAVAILABLE, "queries are not available")
+        try:
+            self.queries.device(name)
+        except UnknownQueryDevice as error:
+            raise HTTPError(http.NOT_FOUND, str(error)) from None
+        return self.queries
+
+    def echo_device(self, request, name: str):
+        queries = self._queries(name)
+        if request.args:
+            raise HTTPError(http.BAD_REQUEST, "an echo takes no parameters")
+        d = queries.echo(name)
+
+        def answered(echoed):
+            return http.OK, {"device": name, "status": f"0x{echoed.status:04X}", "ok": echoed.status == 0,
+                             "meaning": S.describe(echoed.status), "milliseconds": round(echoed.seconds * 1000, 1)}
+
+        return d.addCallbacks(answered, _device_failed)
+
+    def find_studies(self, request, name: str):
+        return self._find(request, name, "STUDY", {})
+
+    def find_series(self, request, name: str, study: str):
+        return self._find(request, name, "SERIES", {"StudyInstanceUID": _uid(study, "the study")})
+
+    def find_instances(self, request, name: str, study: str, series: str):
+        return self._find(request, name, "IMAGE", {"StudyInstanceUID": _uid(study, "the study"),
+                                                   "SeriesInstanceUID": _uid(series, "the series")})
+
+    def _find(self, request, name: str, level: str, fixed: Dict[str, str]):
+        """QIDO-RS shaped (PS3.18 10.6): the matches as application/dicom+json; a Warning header when more
+        matched than [web] max_results (the query was cancelled there) or a parameter was not honoured."""
+        queries = self._queries(name)
+        try:
+            arguments = {key.decode("utf-8"): [value.decode("utf-8") for value in values]
+                         for key, values in request.args.items()}
+        except UnicodeDecodeError:
+            raise HTTPError(http.BAD_REQUEST, "query parameters must be UTF-8") from None
+        try:
+            query = parse_query(arguments, level, fixed, queries.max_results)
+        except QueryError as error:
+            raise HTTPError(http.BAD_REQUEST, str(error)) from None
+        wanted = query.offset + query.limit if query.limit is not None else queries.max_results
+        d = queries.find(name, query.identifier, wanted)
+
+        def found(result):
+            warnings = list(query.warnings)
+            if result.truncated and len(result.matches) >= queries.max_results:
+                warnings.append(f"more than {len(result.matches)} matches: the query was cancelled there "
+                                f"([web] max_results = {queries.max_results}); narrow it")
+            elif result.truncated:
+                warnings.append(f"there may be more matches: ask again with offset={len(result.matches)}")
+            if result.undecodable:
+                warnings.append(f"{result.undecodable} answers could not be decoded and are left out")
+            shown = result.matches[query.offset:]
+            if query.limit is not None:
+                shown = shown[:query.limit]
+            return self.runner(_dicom_json, shown).addCallback(answer, result, warnings)
+
+        def answer(body, result, warnings):
+            if request.finished or getattr(request, "_disconnected", False):
+                return None
+            request.setHeader(b"x-matches", str(len(result.matches)).encode("ascii"))
+            request.setHeader(b"x-query-milliseconds", str(round(result.seconds * 1000)).encode("ascii"))
+            if result.truncated:
+                request.setHeader(b"x-truncated", b"true")
+            for text in warnings:
+                request.responseHeaders.addRawHeader(b"warning", f'299 appliance "{text}"'.encode("ascii", "replace"))
+            return http.OK, "application/dicom+json", body
+
+        return d.addCallbacks(found, _device_failed)
 
     def list_loads(self, request):
         return http.OK, {"loads": [load.as_json() for load in self.manager.loads.values()]}
@@ -356,6 +452,25 @@ def _render_parameters(args) -> Tuple[int, Optional[Tuple[float, float]]]:
             raise HTTPError(http.BAD_REQUEST, "window width must be above 0 (and both values finite)")
         window = (center, width)
     return frame, window
+
+
+def _device_failed(failure):
+    """A device that could not answer: 502 with what happened (its status and Error Comment when it answered
+    one), 504 for a timeout."""
+    failure.trap(DeviceFailure)
+    error = failure.value
+    details = {"kind": error.kind}
+    if error.status is not None:
+        details["status"] = f"0x{error.status:04X}"
+    if error.comment:
+        details["comment"] = error.comment
+    code = http.GATEWAY_TIMEOUT if error.kind == "timeout" else http.BAD_GATEWAY
+    raise HTTPError(code, error.reason, details=details)
+
+
+def _dicom_json(matches) -> bytes:
+    """Worker thread: the matches as a DICOM JSON array."""
+    return json_bytes([to_json(match) for match in matches])
 
 
 def _study_json(study: HeldStudy) -> dict:

@@ -1,0 +1,212 @@
+"""The Web Software-Server's SCU side (statement 2.2.3, 3.3): Study Root C-FIND and C-ECHO to a configured device,
+for the pages.
+
+* One association per device at a time (statement 3.3.1.2): queries and echoes to one device wait for each
+  other in order; different devices are queried in parallel.
+* A query takes at most ``max_results`` matches (``[web] max_results``) and then sends C-CANCEL: C-FIND has no
+  paging, so a query that matches too much says so (``truncated``) instead of fetching a whole archive.
+* Every failure is a :class:`DeviceFailure` in words: unreachable, the TLS handshake, the association
+  rejected (PS3.8's reason), no Study Root C-FIND context accepted, a timeout, an abort, or the device's
+  failure status and Error Comment.
+
+The devices are ``[devices.*]`` and the appliance's own Disk-Server (:data:`appliance.config.LOCAL_ARCHIVE`).
+The clock and the way to open an association are passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from pydicom.dataset import Dataset
+from twisted.internet import defer
+
+from ..compat import decode_dataset
+from ..config import ApplianceConfig, DeviceConfig
+from ..dicom import status as S
+from ..dicom.uids import STUDY_ROOT_FIND, UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATION
+from ..logs import logger
+from ..net import requestor
+
+__all__ = ["WebQueries", "DeviceFailure", "UnknownDevice", "Found", "Echoed"]
+
+_log = logger("appliance.web.queries")
+
+#: ``connect(device, contexts) -> Deferred[Association]``: an association to a device, calling as the Web
+#: Software-Server (appliance.net.requestor.connect_device with the reactor, TLS contexts and AE title bound).
+Connect = Callable[[DeviceConfig, List[Tuple[str, Tuple[str, ...]]]], defer.Deferred]
+
+
+class UnknownDevice(KeyError):
+    """No device of that name (the API answers 404)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class DeviceFailure(Exception):
+    """The device could not answer: ``kind`` (unreachable, tls, rejected, timeout, aborted, refused, status) and the
+    reason in words; a failure status with its Error Comment."""
+
+    def __init__(self, kind: str, reason: str, status: Optional[int] = None, comment: Optional[str] = None) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.status = status
+        self.comment = comment
+
+
+@dataclass
+class Found:
+    """A query's answers, as the device gave them (pydicom data sets), in the order they came."""
+
+    matches: List[Dataset] = field(default_factory=list)
+    #: more matched than were taken: the query was cancelled after ``max_results``
+    truncated: bool = False
+    #: matches whose identifier could not be decoded (left out)
+    undecodable: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Echoed:
+    device: str
+    status: int
+    seconds: float
+
+
+def _failure(error: Exception, device: DeviceConfig) -> DeviceFailure:
+    """A requestor's error as the pages say it."""
+    where = f"{device.ae_title} at {device.host}:{device.port}"
+    if isinstance(error, requestor.AssociationRejected):
+        return DeviceFailure("rejected", f"{where}: {error}")
+    if isinstance(error, requestor.AssociationTimeout):
+        return DeviceFailure("timeout", f"{where}: {error}")
+    if isinstance(error, requestor.ConnectionFailed):
+        text = str(error)
+        kind = "tls" if "TLS" in text or "certificate" in text else "unreachable"
+        return DeviceFailure(kind, f"{where}: {text}")
+    if isinstance(error, requestor.AssociationAborted):
+        return DeviceFailure("aborted", f"{where}: {error}")
+    return DeviceFailure("failed", f"{where}: {error}")
+
+
+class WebQueries:
+    """The pages' C-FIND and C-ECHO, one association per device at a time."""
+
+    def __init__(self, config: ApplianceConfig, clock, connect: Connect) -> None:
+        self.config = config
+        self.clock = clock
+        self.connect = connect
+        self.max_results = config.web.max_results
+        self._locks: Dict[str, defer.DeferredLock] = {}
+
+    def devices(self) -> List[DeviceConfig]:
+        """The appliance's own Disk-Server first (when it listens), then [devices.*] in their order."""
+        local = self.config.local_archive
+        return ([local] if local is not None else []) + list(self.config.devices.values())
+
+    def device(self, name: str) -> DeviceConfig:
+        for device in self.devices():
+            if device.name == name:
+                return device
+        raise UnknownDevice(f"no device {name!r} (configured: {', '.join(d.name for d in self.devices()) or 'none'})")
+
+    def waiting(self, name: str) -> int:
+        """Requests to that device waiting for its association (the one running not counted)."""
+        lock = self._locks.get(name)
+        return len(lock.waiting) if lock is not None else 0
+
+    def _run(self, device: DeviceConfig, work) -> defer.Deferred:
+        lock = self._locks.setdefault(device.name, defer.DeferredLock())
+        return lock.run(lambda: defer.ensureDeferred(work()))
+
+    # --- C-ECHO -------------------------------------------------------------------------------------------------
+
+    def echo(self, name: str) -> defer.Deferred:
+        """Fires with an :class:`Echoed` (any status: the caller says what a non-success means), or fails with a
+        :class:`DeviceFailure`."""
+        device = self.device(name)
+
+        async def work():
+            started = self.clock.seconds()
+            association = await self._associate(device, [(VERIFICATION, UNCOMPRESSED_TRANSFER_SYNTAXES)],
+                                                VERIFICATION, "the Verification SOP class")
+            try:
+                status = await association.echo()
+            except requestor.AssociationError as error:
+                raise _failure(error, device) from None
+            except defer.CancelledError:
+                association.abort("the echo's HTTP request was cancelled")
+                raise
+            seconds = self.clock.seconds() - started
+            await _release(association)
+            return Echoed(device.name, status, seconds)
+
+        return self._run(device, work)
+
+    # --- C-FIND -------------------------------------------------------------------------------------------------
+
+    def find(self, name: str, identifier: Dataset, wanted: Optional[int] = None) -> defer.Deferred:
+        """Fires with a :class:`Found` of at most ``wanted`` (default and at most ``max_results``) matches, or
+        fails with a :class:`DeviceFailure`."""
+        device = self.device(name)
+        limit = min(wanted or self.max_results, self.max_results)
+
+        async def work():
+            started = self.clock.seconds()
+            association = await self._associate(device, [(STUDY_ROOT_FIND, UNCOMPRESSED_TRANSFER_SYNTAXES)],
+                                                STUDY_ROOT_FIND, "Study Root C-FIND")
+            found = Found()
+            try:
+                syntax = association.negotiated.context_for(STUDY_ROOT_FIND).transfer_syntax
+                stream = association.find(identifier)
+                final = None
+                async for response in stream:
+                    if not response.pending:
+                        final = response
+                        break
+                    if found.truncated:
+                        continue  # after our C-CANCEL: what was on its way
+                    if response.data is not None:
+                        try:
+                            found.matches.append(decode_dataset(response.data, syntax))
+                        except Exception:  # pydicom raises many kinds on garbage: one match lost, said so
+                            found.undecodable += 1
+                    if len(found.matches) >= limit:
+                        found.truncated = True
+                        stream.cancel()
+            except requestor.AssociationError as error:
+                raise _failure(error, device) from None
+            except defer.CancelledError:  # the page went away: nobody wants the rest
+                association.abort("the query's HTTP request was cancelled")
+                raise
+            await _release(association)
+            found.seconds = self.clock.seconds() - started
+            status = final.status if final is not None else None
+            if status is not None and S.category(status) == "failure":
+                comment = final.command.ErrorComment
+                raise DeviceFailure("status", f"{device.ae_title} answered the query {S.describe(status)}"
+                                    + (f": {comment}" if comment else ""), status, comment)
+            if status == S.CANCEL and not found.truncated:
+                raise DeviceFailure("status", f"{device.ae_title} ended the query as cancelled (FE00)", status)
+            return found
+
+        return self._run(device, work)
+
+    async def _associate(self, device: DeviceConfig, contexts, abstract_syntax: str, what: str):
+        try:
+            association = await self.connect(device, contexts)
+        except requestor.AssociationError as error:
+            raise _failure(error, device) from None
+        if association.negotiated.context_for(abstract_syntax) is None:
+            association.abort(f"no {what} context accepted")
+            raise DeviceFailure("refused", f"{device.ae_title} accepted the association but not {what}")
+        return association
+
+
+async def _release(association) -> None:
+    try:
+        await association.release()
+    except requestor.AssociationError:
+        pass  # the answers are in; a peer that will not release costs nothing more
