@@ -76,7 +76,7 @@ class Appliance:
     """The whole appliance in-process on free ports, from a configuration file; its API through HTTP."""
 
     def __init__(self, testcase: unittest.TestCase, devices: Optional[Dict[str, dict]] = None,
-                 memory: Optional[dict] = None, manager: Optional[dict] = None) -> None:
+                 memory: Optional[dict] = None, manager: Optional[dict] = None, web: Optional[dict] = None) -> None:
         self.testcase = testcase
         self.root = os.path.abspath(testcase.mktemp())
         os.makedirs(self.root)
@@ -86,7 +86,7 @@ class Appliance:
             "disk_server": {"interface": "127.0.0.1", "port": self.disk_port, "min_free_space": 0, "timeout": 20},
             "memory_server": dict({"interface": "127.0.0.1", "port": self.memory_port, "timeout": 20}, **(memory or {})),
             "memory_manager": manager or {},
-            "web": {"interface": "127.0.0.1", "port": self.web_port},
+            "web": dict({"interface": "127.0.0.1", "port": self.web_port}, **(web or {})),
             "devices": dict({
                 "disk_server": {"ae_title": "DISK_SERVER", "host": "127.0.0.1", "port": self.disk_port, "timeout": 20},
                 "memory_server": {"ae_title": "MEMORY_SERVER", "host": "127.0.0.1", "port": self.memory_port,
