@@ -262,6 +262,12 @@ class ApplianceConfig:
         return DeviceConfig(name=LOCAL_ARCHIVE, ae_title=disk.ae_title, host=host, port=disk.port,
                             max_pdu=disk.max_pdu, timeout=disk.timeout)
 
+    @property
+    def remote_devices(self) -> Mapping[str, DeviceConfig]:
+        """The devices the pages query and the Memory-Manager loads from: the Local archive, then [devices.*]."""
+        local = self.local_archive
+        return {**({LOCAL_ARCHIVE: local} if local is not None else {}), **self.devices}
+
     def device(self, name: str) -> DeviceConfig:
         try:
             return self.devices[name]

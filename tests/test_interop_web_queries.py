@@ -111,3 +111,15 @@ class QueryInteropTests(unittest.TestCase):
             # the device is free again: the cancelled query ended its association
             code, _, one = await appliance.get(f"/api/devices/{device}/studies?StudyInstanceUID={STUDIES[0]}")
             self.assertEqual((code, len(one)), (200, 1), device)
+
+    @deferred_test
+    async def test_load_from_the_local_archive(self):
+        """What the pages do: find a study on the Local archive, load it by the same device name, see it held."""
+        appliance, _ = await self.appliance()
+        code, _, studies = await appliance.get(f"/api/devices/local/studies?StudyInstanceUID={STUDIES[2]}")
+        self.assertEqual(code, 200)
+        load = await appliance.load("local", values(studies[0], "0020000D")[0])
+        ended = await appliance.ended(load["id"])
+        self.assertEqual((ended["state"], ended["completed"], ended["received"]), ("done", 4, 4), ended)
+        self.assertEqual(len(appliance.held(STUDIES[2])), 4)
+

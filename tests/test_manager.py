@@ -196,6 +196,12 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(heard[3:], [(3, LoadState.DONE)], "the end at once, the counts' call cancelled")
         self.assertEqual(self.h.clock.getDelayedCalls(), [])
 
+    def test_load_from_the_local_archive(self):
+        """The appliance's own Disk-Server is a device to load from, by its name "local"."""
+        load = self.manager.submit("local", STUDY)
+        (device, contexts, _), = self.h.connections
+        self.assertEqual((device, load.device_ae_title), ("local", "DISK_SERVER"))
+
     def test_loaded_again_completes_at_once(self):
         load = self.manager.submit("pacs", STUDY)
         association = self.h.establish()
@@ -250,7 +256,7 @@ class LoadTests(SynchronousTestCase):
     def test_unknown_device_and_load(self):
         with self.assertRaises(UnknownDevice) as raised:
             self.manager.submit("nowhere", STUDY)
-        self.assertIn("configured: pacs", str(raised.exception))
+        self.assertIn("configured: local, pacs", str(raised.exception))
         with self.assertRaises(UnknownLoad):
             self.manager.get(99)
 

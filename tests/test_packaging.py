@@ -25,3 +25,14 @@ class PackagesTests(SynchronousTestCase):
         self.assertEqual(listed - {"twisted.plugins"}, found)
         self.assertIn("twisted.plugins", listed)
         self.assertFalse(os.path.exists(os.path.join(ROOT, "twisted", "plugins", "__init__.py")))
+
+    def test_the_pages_are_package_data(self):
+        """The web pages' files are installed with appliance.web (setup.cfg's package_data)."""
+        parser = configparser.ConfigParser()
+        parser.read(os.path.join(ROOT, "setup.cfg"))
+        self.assertEqual(parser["options.package_data"]["appliance.web"].strip(), "static/*")
+        static = os.path.join(ROOT, "appliance", "web", "static")
+        self.assertIn("index.html", os.listdir(static))
+        self.assertFalse([name for name in os.listdir(static) if os.path.isdir(os.path.join(static, name))],
+                         "static/* would not take a folder's files")
+

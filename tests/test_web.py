@@ -4,6 +4,7 @@ serving objects, and hostile requests (bodies too large, bad JSON, bad UIDs, unk
 from __future__ import annotations
 
 import json
+import re
 from io import BytesIO
 from typing import Dict, Optional, Tuple
 
@@ -195,7 +196,8 @@ class LoadApiTests(SynchronousTestCase):
         self.assertEqual(reply.headers["content-type"], "application/json")
         self.assertNotIn(b"<", reply.body)  # JSON, never markup
         self.assertEqual(reply.json()["error"], "no such resource: /api/nothing/<b>here</b>")
-        self.assertEqual(self.h.request("GET", "/").status, 404)
+        self.assertEqual(self.h.request("GET", "/").status, 200)  # the pages
+        self.assertEqual(self.h.request("GET", "/nothing").status, 404)
         self.assertEqual(self.h.request("GET", "/api/loads/").status, 200)
 
     def test_unexpected_error_is_500_without_traceback(self):
@@ -380,3 +382,55 @@ class ConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as raised:
                 self.parse({"memory_manager": {key: value}})
             self.assertIn(f"[memory_manager] {key}", str(raised.exception))
+
+
+class PagesTests(SynchronousTestCase):
+    """The pages' files: served by exact name, with the security headers on every answer."""
+
+    def setUp(self):
+        self.h = WebHarness(self)
+
+    def test_index_and_modules(self):
+        reply = self.h.request("GET", "/")
+        self.assertEqual((reply.status, reply.headers["content-type"]), (200, "text/html; charset=utf-8"))
+        self.assertIn(b'<script type="module" src="/static/app.js"></script>', reply.body)
+        for name, content_type in (("app.js", "text/javascript; charset=utf-8"), ("query.js", "text/javascript; "
+                                   "charset=utf-8"), ("app.css", "text/css; charset=utf-8")):
+            reply = self.h.request("GET", f"/static/{name}")
+            self.assertEqual((reply.status, reply.headers["content-type"]), (200, content_type), name)
+
+    def test_security_headers_everywhere(self):
+        for path in ("/", "/static/app.js", "/api/devices", "/api/nothing", "/static/../setup.cfg"):
+            reply = self.h.request("GET", path)
+            csp = reply.headers["content-security-policy"]
+            self.assertIn("script-src 'self'", csp, path)
+            self.assertIn("default-src 'none'", csp, path)
+            self.assertIn("frame-ancestors 'none'", csp, path)
+            self.assertNotIn("unsafe-inline", csp, path)
+            self.assertEqual((reply.headers["x-content-type-options"], reply.headers["x-frame-options"]),
+                             ("nosniff", "DENY"), path)
+
+    def test_only_the_files_by_name(self):
+        for path in ("/static/../setup.cfg", "/static/%2e%2e%2fsetup.cfg", "/static/", "/static/a/b.js",
+                     "/static/missing.js", "/static/pages.py", "/index.html"):
+            reply = self.h.request("GET", path)
+            self.assertEqual(reply.status, 404, path)
+            self.assertNotIn(b"[metadata]", reply.body)
+        self.assertEqual(self.h.request("POST", "/", b"{}").status, 405)
+
+    def test_pages_never_write_markup(self):
+        """The modules build elements with text nodes: no innerHTML, outerHTML, insertAdjacentHTML, document.write
+        or eval anywhere, and no inline script or style in the HTML."""
+        from appliance.web.pages import Pages
+
+        pages = Pages()
+        for name, (content_type, body) in pages.files.items():
+            text = body.decode("utf-8")
+            for forbidden in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                              "new Function", "setAttribute(\"on"):
+                self.assertNotIn(forbidden, text, name)
+            if name.endswith(".html"):
+                self.assertNotIn("<script>", text)
+                self.assertNotIn("style=", text)
+                self.assertIsNone(re.search(r"<[^>]*\son[a-z]+\s*=", text), name)  # no inline event handler
+

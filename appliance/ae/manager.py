@@ -167,10 +167,10 @@ class MemoryManager:
 
     def submit(self, device: str, study: str, series: Optional[str] = None, instance: Optional[str] = None) -> Load:
         """A new load (UIDs already checked by the caller); UnknownDevice if ``device`` is not configured."""
-        configured = self.config.devices.get(device)
+        configured = self.config.remote_devices.get(device)
         if configured is None:
             raise UnknownDevice(f"no device {device!r} in {self.config.path} (configured: "
-                                f"{', '.join(sorted(self.config.devices)) or 'none'})")
+                                f"{', '.join(self.config.remote_devices) or 'none'})")
         if instance is not None and series is None:
             raise ValueError("an instance is loaded with its series")
         load = Load(next(self._ids), device, study, series, instance, created=self.clock.seconds(),
@@ -289,7 +289,7 @@ class MemoryManager:
 
     async def _run(self, load: Load) -> None:
         self._set_state(load, LoadState.RUNNING)
-        device = self.config.devices[load.device]
+        device = self.config.remote_devices[load.device]
         load.started = self.clock.seconds()
         self.store.pin(load.study)
         timeout = self.config.manager.load_timeout

@@ -103,8 +103,7 @@ class WebQueries:
 
     def devices(self) -> List[DeviceConfig]:
         """The appliance's own Disk-Server first (when it listens), then [devices.*] in their order."""
-        local = self.config.local_archive
-        return ([local] if local is not None else []) + list(self.config.devices.values())
+        return list(self.config.remote_devices.values())
 
     def device(self, name: str) -> DeviceConfig:
         for device in self.devices():

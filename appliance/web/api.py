@@ -46,6 +46,7 @@ from ..dataset.part10 import part10_header
 from ..dicom.uids import is_valid_uid
 from ..logs import logger
 from ..memory.store import HeldObject, HeldStudy, MemoryStore
+from .pages import SECURITY_HEADERS, Pages
 from .qido import QueryError, parse_query, to_json
 
 __all__ = ["ApiResource", "HTTPError"]
@@ -101,6 +102,8 @@ class ApiResource(Resource):
         self.store = store
         #: the Web Software-Server's C-FIND and C-ECHO (None: the query routes answer 503)
         self.queries = queries
+        #: the web pages' files
+        self.pages = Pages()
         #: where parsing and rendering run (a worker thread in the appliance)
         self.runner = runner
         #: render(data, transfer_syntax, frame, window) -> PNG bytes (appliance.dataset.render.render_png)
@@ -123,7 +126,8 @@ class ApiResource(Resource):
     # --- dispatch -----------------------------------------------------------------------------------------
 
     def render(self, request):  # noqa: C901 (one dispatch)
-        request.setHeader(b"x-content-type-options", b"nosniff")
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
         request.setHeader(b"cache-control", b"no-store")
         try:
             segments = [segment.decode("utf-8") for segment in request.postpath]
@@ -131,6 +135,8 @@ class ApiResource(Resource):
             return self._error(request, HTTPError(http.BAD_REQUEST, "the path is not UTF-8"))
         if segments and segments[-1] == "":
             segments.pop()  # a trailing slash
+        if not segments or segments[0] == "static":
+            return self._page(request, segments)
         for pattern, methods in self.routes:
             if len(pattern) == len(segments) and all(p == "*" or p == s for p, s in zip(pattern, segments)):
                 handler = methods.get(request.method)
@@ -150,6 +156,22 @@ class ApiResource(Resource):
                     return NOT_DONE_YET
                 return self._finish(request, result)
         return self._error(request, HTTPError(http.NOT_FOUND, f"no such resource: /{'/'.join(segments)}"[:200]))
+
+    def _page(self, request, segments):
+        """The pages' files: ``/`` is index.html, ``/static/NAME`` one of the others, by exact name."""
+        if request.method not in (b"GET", b"HEAD"):
+            return self._error(request, HTTPError(http.NOT_ALLOWED, "the pages are only read (GET)", {"Allow": "GET"}))
+        if not segments:
+            found = self.pages.index
+        elif len(segments) == 2:
+            found = self.pages.get(segments[1])
+        else:
+            found = None
+        if found is None:
+            return self._error(request, HTTPError(http.NOT_FOUND, "no such page"))
+        content_type, body = found
+        request.setHeader(b"cache-control", b"no-cache")
+        return self._finish(request, (http.OK, content_type, body))
 
     def _failed(self, failure, request):
         if failure.check(HTTPError):
