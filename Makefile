@@ -9,11 +9,13 @@ VENV ?= .venv
 CONFIG ?= etc/appliance.toml
 export PYTHONPATH := $(CURDIR)
 
-# Debian packages: DCMTK for the interoperability tests, and the Python
-# libraries as Debian ships them, so the suite also runs on those versions.
+# Debian packages: DCMTK for the interoperability tests, Chromium and its driver for the
+# web pages' browser test, and the Python libraries as Debian ships them, so the suite
+# also runs on those versions.
 DEBIAN_PACKAGES := dcmtk python3-twisted python3-pydicom python3-openssl \
 	python3-service-identity python3-zope.interface python3-hypothesis \
-	python3-cryptography python3-numpy python3-pil python3-venv
+	python3-cryptography python3-numpy python3-pil python3-venv \
+	chromium chromium-driver python3-selenium
 
 .PHONY: run test test-pypi test-debian system-packages venv clean
 

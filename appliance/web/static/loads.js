@@ -1,5 +1,5 @@
 // Loads into memory (the Memory-Manager) with their progress, and the studies in memory.
-import { api, bytes } from "./api.js";
+import { api, bytes, formatDate } from "./api.js";
 import { h, replace } from "./dom.js";
 
 export function loadButton(device, study, series = undefined) {
@@ -72,7 +72,7 @@ export function loadedPage() {
         });
         body.append(h("tr", { dataset: { study: study.study } },
           h("td", {}, h("a", { href: `#/viewer/${study.study}` }, study.patient_name || "(no name)")),
-          h("td", {}, study.patient_id), h("td", {}, study.study_date), h("td", {}, study.description),
+          h("td", {}, study.patient_id), h("td", {}, formatDate(study.study_date)), h("td", {}, study.description),
           h("td", {}, study.modalities.join(", ")), h("td", {}, String(study.series_count)),
           h("td", {}, String(study.instance_count)), h("td", {}, bytes(study.bytes)), h("td", {}, free)));
       }

@@ -1,5 +1,5 @@
 // The viewer of a loaded series: rendered PNGs from the memory API, one image at a time.
-import { api, text, values } from "./api.js";
+import { api, formatDate, text, values } from "./api.js";
 import { h, replace } from "./dom.js";
 
 const PRESETS = [["Default", null], ["Soft tissue", [40, 400]], ["Lung", [-600, 1500]], ["Bone", [400, 1800]],
@@ -118,7 +118,7 @@ export function viewerPage(study, seriesUid) {
       seriesChoice.append(h("option", { value: series.series }, `${series.modality || "?"} series ${series.series} (${series.instances.length})`));
     }
     if (seriesUid) seriesChoice.value = seriesUid;
-    replace(title, held.patient_name || "(no name)", " ", h("span", { class: "muted" }, `${held.study_date} ${held.description}`));
+    replace(title, held.patient_name || "(no name)", " ", h("span", { class: "muted" }, `${formatDate(held.study_date)} ${held.description}`));
     choose(seriesChoice.value);
   }).catch((error) => replace(message, `${error.message}. Load the study first.`));
 
