@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -220,6 +221,10 @@ class WebConfig:
     ae_title: str = "WEB_SERVER"
     #: matches one query takes from a device before it cancels the rest (C-FIND has no paging)
     max_results: int = 500
+    #: who may sign in ([web.users]: name -> scrypt hash made by appliance-passwd); none: the pages are open
+    users: Mapping[str, str] = field(default_factory=dict)
+    #: seconds a session lasts after sign-in
+    session_lifetime: float = 8 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -751,12 +756,37 @@ def _web(path: str, table: Any) -> WebConfig:
         port=section.get("port", _integer(0, 65535), 8080),
         ae_title=section.get("ae_title", ae_title, "WEB_SERVER"),
         max_results=section.get("max_results", _integer(1, 100000), 500),
+        users=_web_users(path, section.get("users", lambda value: value, {})),
+        session_lifetime=section.get("session_lifetime", _duration, 8 * 3600.0),
     )
+    if section.get("tls", _boolean, False):
+        raise ConfigError(path, "[web] tls", "HTTPS for the web pages is not available yet: leave tls = false "
+                          "(the pages then listen on a loopback interface only)")
     section.done()
     if web.port and not _is_loopback(web.interface):
-        raise ConfigError(path, "[web] interface", f"{web.interface!r} is not a loopback address: until the web "
-                          f"server signs users in, it listens only on 127.0.0.1 or ::1 (or set port = 0)")
+        raise ConfigError(path, "[web] interface", f"{web.interface!r} is not a loopback address: the pages listen "
+                          f"only on 127.0.0.1 or ::1 until they are served over HTTPS, so that passwords and "
+                          f"sessions never cross a network in clear (or set port = 0)")
     return web
+
+
+def _web_users(path: str, table: Any) -> Dict[str, str]:
+    """[web.users]: NAME = "scrypt$..." (appliance-passwd's line), each checked."""
+    from .web.auth import BadHash, parse_hash
+
+    if not isinstance(table, dict):
+        raise ConfigError(path, "[web.users]", "must be a table of NAME = \"hash made by appliance-passwd\"")
+    users = {}
+    for name, stored in table.items():
+        if not re.match(r"^[A-Za-z0-9_.@-]{1,64}$", name):
+            raise ConfigError(path, f"[web.users] {name[:64]}", "a user name is 1-64 letters, digits, '.', '_', "
+                              "'@' or '-'")
+        try:
+            parse_hash(stored)
+        except BadHash as error:
+            raise ConfigError(path, f"[web.users] {name}", str(error)) from None
+        users[name] = stored
+    return users
 
 
 def _is_loopback(interface: str) -> bool:

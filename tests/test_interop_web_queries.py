@@ -22,7 +22,9 @@ STUDIES = ("1.2.826.0.1.3680043.10.21", "1.2.826.0.1.3680043.10.22", "1.2.826.0.
 class QueryAppliance(Appliance):
     async def get(self, path: str, method: bytes = b"GET") -> Tuple[int, dict, object]:
         """(status, headers by lower-case name, parsed JSON body)."""
-        response = await self.agent.request(method, f"http://127.0.0.1:{self.web_port}{path}".encode())
+        from twisted.web.http_headers import Headers
+        response = await self.agent.request(method, f"http://127.0.0.1:{self.web_port}{path}".encode(),
+                                            Headers({b"content-type": [b"application/json"]}))
         body = await readBody(response)
         headers = {name.decode().lower(): b", ".join(values).decode() for name, values in
                    response.headers.getAllRawHeaders()}

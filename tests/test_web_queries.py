@@ -413,7 +413,7 @@ class QueryApiTests(SynchronousTestCase):
         transport = StringTransport()
         channel_transport.makeConnection(transport)
         channel_transport.dataReceived(b"POST /api/devices/local/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
-                                       b"Connection: close\r\n\r\n")
+                                       b"Content-Type: application/json\r\nConnection: close\r\n\r\n")
         association = self.h.establish()
         self.h.clock.advance(0.003)
         association.echo_answer.callback(0)

@@ -26,6 +26,7 @@ objects with known keys.  Parsing and rendering run on worker threads.
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 from io import BytesIO
@@ -46,6 +47,7 @@ from ..dataset.part10 import part10_header
 from ..dicom.uids import is_valid_uid
 from ..logs import logger
 from ..memory.store import HeldObject, HeldStudy, MemoryStore
+from .auth import Session, Sessions, SignInLimiter, check_password, hash_password
 from .pages import SECURITY_HEADERS, Pages
 from .qido import QueryError, parse_query, to_json
 
@@ -62,6 +64,11 @@ MAX_WAIT = 60
 _LOAD_KEYS = {"device", "study", "series", "instance"}
 _DEVICE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _JSON = "application/json"
+TOO_MANY_REQUESTS = 429  # RFC 6585 (twisted.web.http has no name for it)
+#: The session cookie's name.
+SESSION_COOKIE = b"appliance_session"
+#: Checked against when the user is unknown, so that a sign-in takes as long whoever it names.
+_DECOY_HASH = hash_password("not a password", salt=b"decoy salt 16 b.")
 
 
 class HTTPError(Exception):
@@ -95,11 +102,17 @@ class ApiResource(Resource):
     isLeaf = True
 
     def __init__(self, config: ApplianceConfig, manager: MemoryManager, store: MemoryStore,
-                 runner: Callable[..., defer.Deferred], render=None, queries: Optional[WebQueries] = None) -> None:
+                 runner: Callable[..., defer.Deferred], render=None, queries: Optional[WebQueries] = None,
+                 clock=None) -> None:
         super().__init__()
         self.config = config
         self.manager = manager
         self.store = store
+        clock = clock if clock is not None else manager.clock
+        #: [web.users]; empty: the pages are open (on a loopback interface)
+        self.users = dict(config.web.users)
+        self.sessions = Sessions(clock, config.web.session_lifetime)
+        self.limiter = SignInLimiter(clock)
         #: the Web Software-Server's C-FIND and C-ECHO (None: the query routes answer 503)
         self.queries = queries
         #: the web pages' files
@@ -109,6 +122,7 @@ class ApiResource(Resource):
         #: render(data, transfer_syntax, frame, window) -> PNG bytes (appliance.dataset.render.render_png)
         self.renderer = render
         self.routes: List[Tuple[Tuple[str, ...], Dict[bytes, Callable]]] = [
+            (("api", "session"), {b"GET": self.show_session, b"POST": self.sign_in, b"DELETE": self.sign_out}),
             (("api", "devices"), {b"GET": self.list_devices}),
             (("api", "devices", "*", "echo"), {b"POST": self.echo_device}),
             (("api", "devices", "*", "studies"), {b"GET": self.find_studies}),
@@ -147,6 +161,7 @@ class ApiResource(Resource):
                                                           {"Allow": allowed}))
                 arguments = [s for p, s in zip(pattern, segments) if p == "*"]
                 try:
+                    self._guard(request, pattern)
                     result = handler(request, *arguments)
                 except HTTPError as error:
                     return self._error(request, error)
@@ -218,6 +233,88 @@ class ApiResource(Resource):
         return body
 
     # --- devices and loads --------------------------------------------------------------------------------
+
+    # --- who may ask: sessions, CSRF, origins ----------------------------------------------------------------
+
+    def _guard(self, request, pattern) -> None:
+        """Refuse what may not be done: a cross-origin change, a change without JSON (open pages) or without the
+        session's CSRF token, anything but the session itself without a session when users are configured."""
+        changes = request.method not in (b"GET", b"HEAD")
+        if changes:
+            origin = request.getHeader(b"origin")
+            if origin is not None and not _same_origin(origin, request.getHeader(b"host")):
+                raise HTTPError(http.FORBIDDEN, "a request from another origin is refused")
+        if pattern == ("api", "session"):
+            return
+        session = self._session(request)
+        if self.users and session is None:
+            raise HTTPError(http.UNAUTHORIZED, "sign in first (POST /api/session)")
+        if not changes:
+            return
+        if session is not None:
+            token = request.getHeader(b"x-csrf-token") or b""
+            if not hmac.compare_digest(token.encode("ascii", "replace") if isinstance(token, str) else token,
+                                       session.csrf.encode("ascii")):
+                raise HTTPError(http.FORBIDDEN, "missing or wrong X-CSRF-Token (GET /api/session gives it)")
+        elif request.method == b"POST" and _content_type(request) != b"application/json":
+            # a page of another site can POST a form or text/plain, never JSON (that needs a CORS preflight, as
+            # DELETE does)
+            raise HTTPError(http.UNSUPPORTED_MEDIA_TYPE, "send changes as application/json")
+
+    def _session(self, request) -> Optional[Session]:
+        cookie = request.getCookie(SESSION_COOKIE)
+        return self.sessions.get(cookie.decode("ascii", "replace")) if cookie else None
+
+    def show_session(self, request):
+        session = self._session(request)
+        return http.OK, {"users": bool(self.users), "user": session.user if session else None,
+                         "csrf": session.csrf if session else None}
+
+    def sign_in(self, request):
+        if _content_type(request) != b"application/json":
+            raise HTTPError(http.UNSUPPORTED_MEDIA_TYPE, "sign in with application/json")
+        if not self.users:
+            raise HTTPError(http.CONFLICT, "no users are configured: the pages are open")
+        address = getattr(request.getClientAddress(), "host", "?")
+        wait = self.limiter.retry_after(address)
+        if wait is not None:
+            seconds = max(1, int(wait + 0.999))
+            raise HTTPError(TOO_MANY_REQUESTS, f"too many failed sign-ins from {address}: try again in "
+                            f"{seconds} s", {"Retry-After": str(seconds)})
+        body = _json_object(request, {"user", "password"})
+        user, password = body.get("user"), body.get("password")
+        if not isinstance(user, str) or not isinstance(password, str) or len(user) > 64 or len(password) > 1024:
+            raise HTTPError(http.BAD_REQUEST, "give user and password as strings")
+        # an unknown user costs the same work as a known one: the answer's time does not say who exists
+        stored = self.users.get(user, _DECOY_HASH)
+        checking = self.runner(check_password, password, stored)
+
+        def checked(matches):
+            if not matches or user not in self.users:
+                self.limiter.failed(address)
+                _log.warn("web sign-in refused for {user!r} from {address}", user=user[:64], address=address)
+                raise HTTPError(http.UNAUTHORIZED, "wrong user or password")
+            self.limiter.succeeded(address)
+            token, session = self.sessions.create(user)
+            request.addCookie(SESSION_COOKIE, token.encode("ascii"), path=b"/", httpOnly=True, sameSite="strict",
+                              max_age=str(int(self.sessions.lifetime)).encode("ascii"),
+                              secure=request.isSecure())
+            _log.info("web sign-in of {user} from {address}", user=user, address=address)
+            return http.OK, {"users": True, "user": user, "csrf": session.csrf}
+
+        return checking.addCallback(checked)
+
+    def sign_out(self, request):
+        session = self._session(request)
+        if session is not None:
+            token = request.getHeader(b"x-csrf-token") or ""
+            if not hmac.compare_digest(token.encode("ascii", "replace") if isinstance(token, str) else token,
+                                       session.csrf.encode("ascii")):
+                raise HTTPError(http.FORBIDDEN, "missing or wrong X-CSRF-Token (GET /api/session gives it)")
+            self.sessions.end(request.getCookie(SESSION_COOKIE).decode("ascii", "replace"))
+        request.addCookie(SESSION_COOKIE, b"", path=b"/", httpOnly=True, sameSite="strict", max_age=b"0",
+                          secure=request.isSecure())
+        return http.OK, {"users": bool(self.users), "user": None, "csrf": None}
 
     def list_devices(self, request):
         devices = self.queries.devices() if self.queries is not None else list(self.config.devices.values())
@@ -474,6 +571,29 @@ def _render_parameters(args) -> Tuple[int, Optional[Tuple[float, float]]]:
             raise HTTPError(http.BAD_REQUEST, "window width must be above 0 (and both values finite)")
         window = (center, width)
     return frame, window
+
+
+def _content_type(request) -> bytes:
+    return (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+
+
+def _same_origin(origin: bytes, host: Optional[bytes]) -> bool:
+    """Whether an Origin header names this server (scheme aside: the host and port the request was sent to)."""
+    text = origin.decode("ascii", "replace")
+    return host is not None and text.split("://", 1)[-1].rstrip("/") == host.decode("ascii", "replace")
+
+
+def _json_object(request, keys) -> dict:
+    try:
+        body = json.loads(request.content.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise HTTPError(http.BAD_REQUEST, f"the body is not JSON: {error}"[:200]) from None
+    if not isinstance(body, dict):
+        raise HTTPError(http.BAD_REQUEST, "the body must be a JSON object")
+    unknown = sorted(str(key)[:40] for key in body if key not in keys)
+    if unknown:
+        raise HTTPError(http.BAD_REQUEST, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(keys))})")
+    return body
 
 
 def _device_failed(failure):

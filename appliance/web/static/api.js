@@ -8,13 +8,24 @@ export class ApiError extends Error {
   }
 }
 
+let csrf = null;
+
+export function setCsrf(token) {
+  csrf = token;
+}
+
 export async function api(method, path, body = undefined, options = {}) {
   const init = { method, headers: {}, signal: options.signal, credentials: "same-origin" };
-  if (body !== undefined) {
+  if (method !== "GET") {
+    // changes are JSON, and carry the session's CSRF token (what another site's page cannot send)
     init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
+    if (csrf) init.headers["X-CSRF-Token"] = csrf;
+    if (body !== undefined) init.body = JSON.stringify(body);
   }
   const response = await fetch(path, init);
+  if (response.status === 401 && options.signIn !== false && !path.startsWith("/api/session")) {
+    window.dispatchEvent(new CustomEvent("sign-in-needed"));
+  }
   const text = await response.text();
   let value = null;
   try {
