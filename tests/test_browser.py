@@ -29,6 +29,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 STUDY = "1.2.826.0.1.3680043.10.91"
 HOSTILE_NAME = "<img src=x onerror=alert(1)>^<script>alert(2)</script>"
+PASSWORD = "a long enough password"
 #: Seconds the browser waits for one thing to appear.
 WAIT = 20
 
@@ -173,3 +174,65 @@ class BrowserTests(unittest.TestCase):
         self.assertIsNone(seen["alert"])
         self.assertEqual(sorted(os.listdir(artefacts)), ["1-devices.png", "2-query.png", "3-expanded.png",
                                                          "4-loaded.png", "5-viewer.png"])
+
+    @deferred_test
+    async def test_sign_in_first_when_users_are_configured(self):
+        from appliance.web.auth import hash_password
+
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        _, _, web_port = await self.start_appliance(root, web={"users": {"alice": hash_password(PASSWORD)}})
+        artefacts = os.path.join(root, "screenshots")
+        os.makedirs(artefacts)
+        seen = await threads.deferToThread(sign_in, f"http://127.0.0.1:{web_port}/", artefacts)
+        self.assertEqual(seen["first page"], "Sign in")
+        self.assertEqual(seen["devices before"], 0, "nothing shown before signing in")
+        self.assertIn("wrong user or password", seen["refused"])
+        self.assertEqual(seen["after"], "Devices")
+        self.assertIn("reachable", seen["local status"])
+        self.assertEqual(seen["signed out"], "Sign in")
+
+
+def sign_in(url: str, artefacts: str) -> Dict[str, object]:
+    """Thread: refused with a wrong password, let in with the right one, signed out."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1200,800", "--no-first-run"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    wait = WebDriverWait(driver, WAIT)
+    seen: Dict[str, object] = {}
+    try:
+        driver.get(url + "#/devices")
+        form = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "form.signin")))
+        seen["first page"] = driver.find_element(By.TAG_NAME, "h1").text
+        seen["devices before"] = len(driver.find_elements(By.CSS_SELECTOR, "table.devices"))
+        form.find_element(By.NAME, "user").send_keys("alice")
+        form.find_element(By.NAME, "password").send_keys("not the password")
+        form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "section p.error").text)
+        seen["refused"] = driver.find_element(By.CSS_SELECTOR, "section p.error").text
+        driver.save_screenshot(os.path.join(artefacts, "1-refused.png"))
+        form.find_element(By.NAME, "password").send_keys(PASSWORD)
+        form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "tr[data-device='local'] td.ok")))
+        seen["after"] = driver.find_element(By.TAG_NAME, "h1").text
+        seen["local status"] = driver.find_element(By.CSS_SELECTOR, "tr[data-device='local'] td.ok").text
+        driver.save_screenshot(os.path.join(artefacts, "2-signed-in.png"))
+        driver.find_element(By.ID, "signout").click()
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "form.signin")))
+        seen["signed out"] = driver.find_element(By.TAG_NAME, "h1").text
+    except Exception:
+        driver.save_screenshot(os.path.join(artefacts, "failed.png"))
+        raise
+    finally:
+        driver.quit()
+    return seen
+

@@ -178,9 +178,9 @@ class MemoryBoundTests(unittest.TestCase):
     timeout = 120
     skip = _need(STORESCU)
 
-    async def start_appliance(self, root: str) -> Tuple[ApplianceProcess, int, int]:
-        """twistd -n appliance on free ports; returns once its three ports listen and its archive check logged
-        (a port taken meanwhile: retried with others)."""
+    async def start_appliance(self, root: str, web: Optional[dict] = None) -> Tuple[ApplianceProcess, int, int]:
+        """twistd -n appliance on free ports (``web``: more [web] keys); returns once its three ports listen and its
+        archive check logged (a port taken meanwhile: retried with others)."""
         problem = ""
         for attempt in range(3):
             disk_port, memory_port, web_port = free_port(), free_port(), free_port()
@@ -190,7 +190,7 @@ class MemoryBoundTests(unittest.TestCase):
                                 "timeout": 20},
                 "memory_server": {"interface": "127.0.0.1", "port": memory_port, "tls_port": 0, "timeout": 20,
                                   "memory_limit": "64 MiB"},
-                "web": {"interface": "127.0.0.1", "port": web_port},
+                "web": dict({"interface": "127.0.0.1", "port": web_port}, **(web or {})),
                 "devices": {
                     "disk_server": {"ae_title": "DISK_SERVER", "host": "127.0.0.1", "port": disk_port,
                                     "timeout": 20},
