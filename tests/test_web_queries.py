@@ -277,17 +277,43 @@ class WebQueriesTests(SynchronousTestCase):
         association.abort("the device went away")
         self.assertEqual(self.failureResultOf(found, DeviceFailure).value.kind, "aborted")
 
-    def test_cancelled_request_aborts(self):
+    def test_cancelled_find_stops_with_c_cancel(self):
         found = self.queries.find("pacs", study_query())
         association = self.h.establish()
         association.match(StudyInstanceUID=STUDY)
         found.cancel()
         self.failureResultOf(found, defer.CancelledError)
-        self.assertIn("cancelled", association.aborted)
+        self.assertEqual(association.cancels, [association.stream.message_id])
+        self.assertIsNone(association.aborted)
         following = self.queries.find("pacs", study_query())
-        self.assertEqual(len(self.h.connections), 2, "the device is free again")
+        self.assertEqual(len(self.h.connections), 1, "the device is busy until it answers the C-CANCEL")
+        association.match(StudyInstanceUID=STUDY + ".2")  # on its way before the cancel: dropped
+        association.end(0xFE00)
+        self.assertTrue(association.released)
+        self.assertEqual(len(self.h.connections), 2)
         self.h.establish().end()
         self.successResultOf(following)
+
+    def test_stopped_while_waiting_asks_nothing(self):
+        first = self.queries.find("pacs", study_query())
+        run = self.queries.start("pacs", study_query(PatientID="2"))
+        run.stop()
+        self.h.establish(0).end()
+        self.successResultOf(first)
+        result = self.successResultOf(run.done)
+        self.assertTrue(result.stopped)
+        self.assertEqual(len(self.h.connections), 1, "no association for a query stopped before its turn")
+
+    def test_matches_as_they_arrive(self):
+        seen = []
+        run = self.queries.start("pacs", study_query(), on_match=lambda match: seen.append(match.StudyInstanceUID))
+        association = self.h.establish()
+        association.match(StudyInstanceUID=STUDY)
+        self.assertEqual(seen, [STUDY])
+        association.match(StudyInstanceUID=STUDY + ".2")
+        self.assertEqual(seen, [STUDY, STUDY + ".2"])
+        association.end()
+        self.assertEqual(len(self.successResultOf(run.done).matches), 2)
 
     def test_echo(self):
         echoed = self.queries.echo("local")
@@ -306,6 +332,7 @@ class QueryHarness(WebHarness):
         self.queries = WebQueries(self.config, self.clock, self.connect)
         self.api = ApiResource(self.config, self.manager, self.store, self.runner, None, self.queries)
         self.site = ApplianceSite(self.api, self.clock)
+        self.channels = []
 
     @staticmethod
     def runner(f, *args):
@@ -318,6 +345,7 @@ class QueryHarness(WebHarness):
         transport = StringTransport()
         channel.makeConnection(transport)
         channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        self.channels.append(channel)
         return transport
 
     def establish(self, index: int = -1, association=None):
@@ -422,3 +450,52 @@ class QueryApiTests(SynchronousTestCase):
         body = reply.json()
         self.assertEqual((body["device"], body["status"], body["ok"], body["milliseconds"]), ("local", "0x0000", True, 3.0))
         json.dumps(body)
+
+    def test_streamed_as_ndjson(self):
+        from twisted.internet.testing import StringTransport
+
+        channel = self.h.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /api/devices/pacs/studies?offset=1 HTTP/1.1\r\nHost: x\r\n"
+                             b"Accept: application/x-ndjson\r\nConnection: close\r\n\r\n")
+        association = self.h.establish()
+        association.match(StudyInstanceUID=STUDY)
+        self.assertEqual(transport.value(), b"", "nothing before the first match shown (offset 1)")
+        association.match(StudyInstanceUID=STUDY + ".2", PatientName="<b>x</b>")
+        self.assertIn(b'"0020000D"', transport.value(), "a match is written as soon as it arrives")
+        self.assertNotIn(b"<b>", transport.value())
+        association.end()
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertIn(b"application/x-ndjson", head)
+        decoded = b"".join(line for line in body.split(b"\r\n") if line.startswith(b"{") or line.startswith(b'"'))
+        lines = [json.loads(line) for line in decoded.split(b"\n") if line.strip()]
+        self.assertEqual(lines[0]["0020000D"]["Value"], [STUDY + ".2"])
+        self.assertEqual(lines[-1]["end"]["count"], 1)
+        self.assertEqual(lines[-1]["end"]["matches"], 2)
+
+    def test_streamed_failure_before_any_match_is_502(self):
+        from twisted.internet.testing import StringTransport
+
+        channel = self.h.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /api/devices/pacs/studies HTTP/1.1\r\nHost: x\r\n"
+                             b"Accept: application/x-ndjson\r\nConnection: close\r\n\r\n")
+        self.h.establish().end(0xA700, "full")
+        reply = Reply(transport.value())
+        self.assertEqual((reply.status, reply.json()["status"]), (502, "0xA700"))
+
+    def test_client_going_away_stops_with_c_cancel(self):
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.h.begin("/api/devices/pacs/studies")
+        association = self.h.establish()
+        association.match(StudyInstanceUID=STUDY)
+        self.h.channels[-1].connectionLost(Failure(ConnectionDone("the page went away")))
+        self.assertEqual(association.cancels, [association.stream.message_id])
+        association.end(0xFE00)
+        self.assertTrue(association.released)
+        self.assertIsNone(association.aborted)
+

@@ -28,7 +28,7 @@ from ..dicom.uids import STUDY_ROOT_FIND, UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFI
 from ..logs import logger
 from ..net import requestor
 
-__all__ = ["WebQueries", "DeviceFailure", "UnknownDevice", "Found", "Echoed"]
+__all__ = ["WebQueries", "QueryRun", "DeviceFailure", "UnknownDevice", "Found", "Echoed"]
 
 _log = logger("appliance.web.queries")
 
@@ -63,9 +63,68 @@ class Found:
     matches: List[Dataset] = field(default_factory=list)
     #: more matched than were taken: the query was cancelled after ``max_results``
     truncated: bool = False
+    #: stopped by the one who asked (C-CANCEL)
+    stopped: bool = False
     #: matches whose identifier could not be decoded (left out)
     undecodable: int = 0
     seconds: float = 0.0
+
+
+class QueryRun:
+    """One C-FIND under way (:meth:`WebQueries.start`)."""
+
+    def __init__(self, limit: int, on_match: Optional[Callable[[Dataset], None]]) -> None:
+        self.limit = limit
+        self.on_match = on_match
+        self.found = Found()
+        self.stream = None
+        self.stopped = False
+        #: fires with the Found, or fails with a DeviceFailure
+        self.done: Optional[defer.Deferred] = None
+
+    def answer(self) -> defer.Deferred:
+        """A Deferred of the outcome whose cancellation stops the query (C-CANCEL) rather than breaking it off:
+        the device's association is released once it has answered the cancel."""
+        answered = defer.Deferred(lambda _: self.stop())
+
+        def forward(result):
+            if not answered.called:  # not cancelled meanwhile
+                answered.callback(result)
+
+        self.done.addBoth(forward)
+        return answered
+
+    def stop(self) -> None:
+        """End the query: C-CANCEL if it is under way (the device's answer ends it), nothing asked if not yet."""
+        if self.stopped or self.found.truncated:
+            return
+        self.stopped = True
+        self.found.stopped = True
+        if self.stream is not None:
+            self.stream.cancel()
+
+    async def collect(self, syntax: str):
+        """The matches as they come, until the final response (returned)."""
+        found = self.found
+        async for response in self.stream:
+            if not response.pending:
+                return response
+            if found.truncated or self.stopped:
+                continue  # after our C-CANCEL: what was on its way
+            if response.data is None:
+                continue
+            try:
+                match = decode_dataset(response.data, syntax)
+            except Exception:  # pydicom raises many kinds on garbage: one match lost, said so
+                found.undecodable += 1
+                continue
+            found.matches.append(match)
+            if self.on_match is not None:
+                self.on_match(match)
+            if len(found.matches) >= self.limit:
+                found.truncated = True
+                self.stream.cancel()
+        return None
 
 
 @dataclass
@@ -148,50 +207,44 @@ class WebQueries:
 
     def find(self, name: str, identifier: Dataset, wanted: Optional[int] = None) -> defer.Deferred:
         """Fires with a :class:`Found` of at most ``wanted`` (default and at most ``max_results``) matches, or
-        fails with a :class:`DeviceFailure`."""
+        fails with a :class:`DeviceFailure`; cancelling it stops the query (C-CANCEL)."""
+        return self.start(name, identifier, wanted).answer()
+
+    def start(self, name: str, identifier: Dataset, wanted: Optional[int] = None,
+              on_match: Optional[Callable[[Dataset], None]] = None) -> "QueryRun":
+        """A query under way: ``on_match`` gets each match as it arrives (and :class:`Found` keeps them too),
+        ``run.stop()`` ends it early with C-CANCEL, ``run.done`` fires as :meth:`find`'s Deferred does."""
         device = self.device(name)
-        limit = min(wanted or self.max_results, self.max_results)
+        run = QueryRun(min(wanted or self.max_results, self.max_results), on_match)
 
         async def work():
+            if run.stopped:  # stopped while it waited for the device: nothing is asked
+                return Found(stopped=True)
             started = self.clock.seconds()
             association = await self._associate(device, [(STUDY_ROOT_FIND, UNCOMPRESSED_TRANSFER_SYNTAXES)],
                                                 STUDY_ROOT_FIND, "Study Root C-FIND")
-            found = Found()
             try:
                 syntax = association.negotiated.context_for(STUDY_ROOT_FIND).transfer_syntax
-                stream = association.find(identifier)
-                final = None
-                async for response in stream:
-                    if not response.pending:
-                        final = response
-                        break
-                    if found.truncated:
-                        continue  # after our C-CANCEL: what was on its way
-                    if response.data is not None:
-                        try:
-                            found.matches.append(decode_dataset(response.data, syntax))
-                        except Exception:  # pydicom raises many kinds on garbage: one match lost, said so
-                            found.undecodable += 1
-                    if len(found.matches) >= limit:
-                        found.truncated = True
-                        stream.cancel()
+                run.stream = association.find(identifier)
+                if run.stopped:
+                    run.stream.cancel()
+                final = await run.collect(syntax)
             except requestor.AssociationError as error:
                 raise _failure(error, device) from None
-            except defer.CancelledError:  # the page went away: nobody wants the rest
-                association.abort("the query's HTTP request was cancelled")
-                raise
             await _release(association)
+            found = run.found
             found.seconds = self.clock.seconds() - started
             status = final.status if final is not None else None
             if status is not None and S.category(status) == "failure":
                 comment = final.command.ErrorComment
                 raise DeviceFailure("status", f"{device.ae_title} answered the query {S.describe(status)}"
                                     + (f": {comment}" if comment else ""), status, comment)
-            if status == S.CANCEL and not found.truncated:
+            if status == S.CANCEL and not (found.truncated or found.stopped):
                 raise DeviceFailure("status", f"{device.ae_title} ended the query as cancelled (FE00)", status)
             return found
 
-        return self._run(device, work)
+        run.done = self._run(device, work)
+        return run
 
     async def _associate(self, device: DeviceConfig, contexts, abstract_syntax: str, what: str):
         try:

@@ -359,7 +359,9 @@ class ApiResource(Resource):
 
     def _find(self, request, name: str, level: str, fixed: Dict[str, str]):
         """QIDO-RS shaped (PS3.18 10.6): the matches as application/dicom+json; a Warning header when more
-        matched than [web] max_results (the query was cancelled there) or a parameter was not honoured."""
+        matched than [web] max_results (the query was cancelled there) or a parameter was not honoured.  With
+        ``Accept: application/x-ndjson`` the matches are streamed as they arrive, one JSON object a line, and a
+        last line says how it ended.  A client that goes away stops the query (C-CANCEL)."""
         queries = self._queries(name)
         try:
             arguments = {key.decode("utf-8"): [value.decode("utf-8") for value in values]
@@ -371,34 +373,28 @@ class ApiResource(Resource):
         except QueryError as error:
             raise HTTPError(http.BAD_REQUEST, str(error)) from None
         wanted = query.offset + query.limit if query.limit is not None else queries.max_results
-        d = queries.find(name, query.identifier, wanted)
+        if b"application/x-ndjson" in (request.getHeader(b"accept") or b""):
+            return lambda req: _QueryStream(req, queries, name, query, wanted).start()
+        answered = queries.start(name, query.identifier, wanted).answer()  # the client gone: C-CANCEL, not an abort
 
         def found(result):
-            warnings = list(query.warnings)
-            if result.truncated and len(result.matches) >= queries.max_results:
-                warnings.append(f"more than {len(result.matches)} matches: the query was cancelled there "
-                                f"([web] max_results = {queries.max_results}); narrow it")
-            elif result.truncated:
-                warnings.append(f"there may be more matches: ask again with offset={len(result.matches)}")
-            if result.undecodable:
-                warnings.append(f"{result.undecodable} answers could not be decoded and are left out")
             shown = result.matches[query.offset:]
             if query.limit is not None:
                 shown = shown[:query.limit]
-            return self.runner(_dicom_json, shown).addCallback(answer, result, warnings)
+            return self.runner(_dicom_json, shown).addCallback(answer, result)
 
-        def answer(body, result, warnings):
+        def answer(body, result):
             if request.finished or getattr(request, "_disconnected", False):
                 return None
             request.setHeader(b"x-matches", str(len(result.matches)).encode("ascii"))
             request.setHeader(b"x-query-milliseconds", str(round(result.seconds * 1000)).encode("ascii"))
             if result.truncated:
                 request.setHeader(b"x-truncated", b"true")
-            for text in warnings:
+            for text in _warnings(query, result, queries.max_results):
                 request.responseHeaders.addRawHeader(b"warning", f'299 appliance "{text}"'.encode("ascii", "replace"))
             return http.OK, "application/dicom+json", body
 
-        return d.addCallbacks(found, _device_failed)
+        return answered.addCallbacks(found, _device_failed)
 
     def list_loads(self, request):
         return http.OK, {"loads": [load.as_json() for load in self.manager.loads.values()]}
@@ -594,6 +590,89 @@ def _json_object(request, keys) -> dict:
     if unknown:
         raise HTTPError(http.BAD_REQUEST, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(keys))})")
     return body
+
+
+def _warnings(query, result, max_results: int) -> List[str]:
+    warnings = list(query.warnings)
+    if result.truncated and len(result.matches) >= max_results:
+        warnings.append(f"more than {len(result.matches)} matches: the query was cancelled there "
+                        f"([web] max_results = {max_results}); narrow it")
+    elif result.truncated:
+        warnings.append(f"there may be more matches: ask again with offset={len(result.matches)}")
+    if result.undecodable:
+        warnings.append(f"{result.undecodable} answers could not be decoded and are left out")
+    return warnings
+
+
+class _QueryStream:
+    """A query's matches written as they arrive (application/x-ndjson): one DICOM JSON object a line, then a
+    line ``{"end": ...}`` with the count, whether it was cut or stopped, warnings, or the device's failure.
+    Nothing is written before the first match, so a device that fails at once is answered 502 as usual."""
+
+    def __init__(self, request, queries: WebQueries, name: str, query, wanted: int) -> None:
+        self.request = request
+        self.queries = queries
+        self.query = query
+        self.skipped = 0
+        self.sent = 0
+        self.writing = False
+        self.run = queries.start(name, query.identifier, wanted, self._match)
+
+    def start(self) -> None:
+        self.request.notifyFinish().addErrback(lambda _: self.run.stop())
+        self.run.done.addCallbacks(self._ended, self._failed)
+
+    def _gone(self) -> bool:
+        return self.request.finished or getattr(self.request, "_disconnected", False)
+
+    def _begin(self) -> None:
+        if not self.writing:
+            self.writing = True
+            self.request.setResponseCode(http.OK)
+            self.request.setHeader(b"content-type", b"application/x-ndjson")
+
+    def _match(self, match) -> None:
+        if self._gone():
+            return
+        if self.skipped < self.query.offset:
+            self.skipped += 1
+            return
+        if self.query.limit is not None and self.sent >= self.query.limit:
+            return
+        self._begin()
+        self.sent += 1
+        self.request.write(json_bytes(to_json(match)) + b"\n")
+
+    def _ended(self, result) -> None:
+        if self._gone():
+            return
+        self._begin()
+        end = {"count": self.sent, "matches": len(result.matches), "truncated": result.truncated,
+               "stopped": result.stopped, "milliseconds": round(result.seconds * 1000),
+               "warnings": _warnings(self.query, result, self.queries.max_results)}
+        self.request.write(json_bytes({"end": end}) + b"\n")
+        self.request.finish()
+
+    def _failed(self, failure) -> None:
+        if self._gone():
+            return None
+        try:
+            _device_failed(failure)
+        except HTTPError as error:
+            if not self.writing:  # nothing sent yet: a plain error answer
+                body = ApiResource._error(self.request, error)
+                self.request.write(body)
+            else:
+                self.request.write(json_bytes({"end": {"error": error.reason, **error.details}}) + b"\n")
+            self.request.finish()
+            return None
+        except Exception:
+            _log.failure("a streamed query failed", failure)
+            if not self.writing:
+                self.request.write(ApiResource._error(self.request, HTTPError(http.INTERNAL_SERVER_ERROR,
+                                                                              "internal error (logged)")))
+            self.request.finish()
+        return None
 
 
 def _device_failed(failure):

@@ -39,6 +39,43 @@ export async function api(method, path, body = undefined, options = {}) {
   return options.withHeaders ? { value, headers: response.headers } : value;
 }
 
+export async function stream(path, onItem, signal) {
+  // a streamed answer (application/x-ndjson): each line's object to onItem as it arrives; returns the last
+  // line's {"end": ...}; an error answer (before anything was streamed) is thrown as an ApiError
+  const response = await fetch(path, { headers: { Accept: "application/x-ndjson" }, signal, credentials: "same-origin" });
+  if (!response.ok) {
+    let value = {};
+    try {
+      value = await response.json();
+    } catch (error) {
+      value = {};
+    }
+    if (response.status === 401) window.dispatchEvent(new CustomEvent("sign-in-needed"));
+    throw new ApiError(value.error || `HTTP ${response.status}`, response.status, value);
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let end = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
+    let newline;
+    while ((newline = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, newline);
+      buffer = buffer.slice(newline + 1);
+      if (!line.trim()) continue;
+      const item = JSON.parse(line);
+      if (item && item.end) end = item.end;
+      else onItem(item);
+    }
+    if (done) break;
+  }
+  if (!end) throw new ApiError("the answer ended early", response.status, {});
+  if (end.error) throw new ApiError(end.error, 502, end);
+  return end;
+}
+
 export function values(item, tag) {
   const element = item && item[tag];
   return element && Array.isArray(element.Value) ? element.Value : [];

@@ -1,5 +1,5 @@
 // Query: studies on one device, then a study's series, then a series' images (Study Root C-FIND through the API).
-import { api, ApiError, dicomDate, text, values } from "./api.js";
+import { api, ApiError, dicomDate, stream, text, values } from "./api.js";
 import { h, replace } from "./dom.js";
 import { loadButton } from "./loads.js";
 
@@ -78,18 +78,20 @@ export function queryPage(device) {
     replace(status, "Querying…");
     replace(body);
     rows = [];
+    sorted = null;
+    for (const th of head.children) th.classList.remove("sorted-up", "sorted-down");
     try {
-      const { value, headers } = await api("GET", `/api/devices/${device}/studies?${parameters()}`, undefined,
-        { signal: controller.signal, withHeaders: true });
+      const end = await stream(`/api/devices/${device}/studies?${parameters()}`, (study) => {
+        rows.push(study);
+        body.append(studyRow(device, study));
+        replace(status, `${rows.length} so far…`);
+      }, controller.signal);
       const seconds = ((performance.now() - started) / 1000).toFixed(2);
-      rows = value;
-      render();
-      replace(status, `${value.length} ${value.length === 1 ? "study" : "studies"} in ${seconds} s`);
-      const warning = headers.get("Warning");
-      if (warning) replace(message, h("span", { class: "warning" }, warning.replace(/^299 \S+ "|"$/g, "")));
+      replace(status, `${rows.length} ${rows.length === 1 ? "study" : "studies"} in ${seconds} s`);
+      if (end.warnings && end.warnings.length) replace(message, h("span", { class: "warning" }, end.warnings.join(" ")));
     } catch (error) {
       if (error.name === "AbortError") {
-        replace(status, "Stopped.");
+        replace(status, `Stopped after ${rows.length} ${rows.length === 1 ? "study" : "studies"}.`);
       } else {
         replace(status);
         replace(message, describe(error));
