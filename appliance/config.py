@@ -225,6 +225,9 @@ class WebConfig:
     users: Mapping[str, str] = field(default_factory=dict)
     #: seconds a session lasts after sign-in
     session_lifetime: float = 8 * 3600.0
+    #: HTTPS ([web] tls = true): the [tls] certificate and key, TLS version and ciphers; browsers present no
+    #: certificate, so none is asked for.  None: plain HTTP (loopback only)
+    tls: Optional[TLSConfig] = None
 
 
 @dataclass(frozen=True)
@@ -749,7 +752,7 @@ def _manager(path: str, table: Any) -> ManagerConfig:
     return manager
 
 
-def _web(path: str, table: Any) -> WebConfig:
+def _web(path: str, table: Any, tls: Optional[TLSConfig] = None) -> WebConfig:
     section = _Section(path, "web", table)
     web = WebConfig(
         interface=section.get("interface", _text, "127.0.0.1"),
@@ -760,13 +763,18 @@ def _web(path: str, table: Any) -> WebConfig:
         session_lifetime=section.get("session_lifetime", _duration, 8 * 3600.0),
     )
     if section.get("tls", _boolean, False):
-        raise ConfigError(path, "[web] tls", "HTTPS for the web pages is not available yet: leave tls = false "
-                          "(the pages then listen on a loopback interface only)")
+        inherited = tls if tls is not None else TLSConfig()
+        if inherited.certificate is None:
+            raise ConfigError(path, "[web] tls", "HTTPS needs a certificate: set certificate and private_key in [tls]")
+        web = replace(web, tls=replace(inherited, require_client_certificate=False, bind_aet_to_certificate=False))
+        _check_tls(path, web.tls, server=True)
     section.done()
     if web.port and not _is_loopback(web.interface):
-        raise ConfigError(path, "[web] interface", f"{web.interface!r} is not a loopback address: the pages listen "
-                          f"only on 127.0.0.1 or ::1 until they are served over HTTPS, so that passwords and "
-                          f"sessions never cross a network in clear (or set port = 0)")
+        if web.tls is None or not web.users:
+            raise ConfigError(path, "[web] interface", f"{web.interface!r} is not a loopback address: the pages "
+                              f"listen on another interface only over HTTPS ([web] tls = true) and with users to sign "
+                              f"in ([web.users]), so that nobody uses them unasked and passwords and sessions never "
+                              f"cross a network in clear (or set port = 0)")
     return web
 
 
@@ -836,7 +844,7 @@ def parse(data: Mapping[str, Any], path: str) -> ApplianceConfig:
                           "Disk-Server (the pages' \"Local archive\"): give this device another name")
     devices = {name: _device(path, name, table, tls=tls, base=base) for name, table in devices_table.items()}
     manager = _manager(path, data.get("memory_manager", {}))
-    web = _web(path, data.get("web", {}))
+    web = _web(path, data.get("web", {}), tls)
     _check_port_conflicts(path, listening_ports(listeners, web))
     return ApplianceConfig(listeners=listeners, archive=extras["disk_server"], memory=extras["memory_server"],
                            manager=manager, web=web, devices=devices, tls=tls, **config_values)

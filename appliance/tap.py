@@ -244,6 +244,8 @@ def makeService(options, reactor=None) -> MultiService:
             service.setServiceParent(root)
     if config.web.port:
         site = ApplianceSite(ApiResource(config, manager, memory, web.runner, _renderer(), queries), reactor)
+        if config.web.tls is not None:  # HTTPS with the [tls] certificate (swapped on reload like the others)
+            site = tls.server_factory(contexts.servers[tls.WEB], site)
         endpoint_class = TCP6ServerEndpoint if ":" in config.web.interface else TCP4ServerEndpoint
         endpoint = endpoint_class(reactor, config.web.port, backlog=64, interface=config.web.interface)
         service = StreamServerEndpointService(endpoint, site)

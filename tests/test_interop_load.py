@@ -76,7 +76,8 @@ class Appliance:
     """The whole appliance in-process on free ports, from a configuration file; its API through HTTP."""
 
     def __init__(self, testcase: unittest.TestCase, devices: Optional[Dict[str, dict]] = None,
-                 memory: Optional[dict] = None, manager: Optional[dict] = None, web: Optional[dict] = None) -> None:
+                 memory: Optional[dict] = None, manager: Optional[dict] = None, web: Optional[dict] = None,
+                 tls: Optional[dict] = None) -> None:
         self.testcase = testcase
         self.root = os.path.abspath(testcase.mktemp())
         os.makedirs(self.root)
@@ -93,6 +94,9 @@ class Appliance:
                                   "timeout": 20},
             }, **(devices or {})),
         }
+        if tls is not None:  # a [tls] table: for the web pages' HTTPS, the DICOM ports staying plain
+            tables["tls"] = tls
+            tables["disk_server"]["tls_port"] = tables["memory_server"]["tls_port"] = 0
         self.start(tables)
 
     def start(self, tables: dict) -> None:
@@ -103,7 +107,8 @@ class Appliance:
         self.service = tap.makeService(options, reactor)
         self.service.startService()
         self.testcase.addCleanup(lambda: defer.ensureDeferred(self._stop()))
-        site = self.service.getServiceNamed("web").factory
+        factory = self.service.getServiceNamed("web").factory
+        site = getattr(factory, "wrappedFactory", factory)  # behind TLS under HTTPS
         self.manager = site.resource.manager
         self.store = site.resource.store
         self.agent = Agent(reactor)

@@ -374,6 +374,10 @@ class _Built:
     warnings: List[str] = field(default_factory=list)
 
 
+#: The name of the web pages' HTTPS context among TLSContexts.servers.
+WEB = "web"
+
+
 class TLSContexts:
     """Every TLS context the configuration asks for: one per TLS listener, one per device with ``tls = true``.
 
@@ -391,6 +395,8 @@ class TLSContexts:
             for name, listener in config.listeners.items():
                 if listener.tls is not None and listener.tls_port:
                     self.listener_configs[name] = listener.tls
+            if config.web.tls is not None and config.web.port:
+                self.listener_configs[WEB] = config.web.tls  # HTTPS for the pages
         wanted = set(config.devices) if devices is None else set(devices)
         self.devices: Dict[str, DeviceConfig] = {
             name: device for name, device in config.devices.items() if name in wanted and device.tls is not None
@@ -414,10 +420,19 @@ class TLSContexts:
         cache: dict = {}
         built = _Built()
         for name, tls in self.listener_configs.items():
-            listener = getattr(self.config, name)
             material = load_material(tls, self.config, now, cache)
             built.servers[name] = build_context(tls, material, self.config, server=True)
             built.warnings.extend(material.warnings)
+            if name == WEB:
+                web = self.config.web
+                built.summaries.append(
+                    f"[web] HTTPS on {web.interface}:{web.port}: certificate {_subject(material.certificate)} "
+                    f"(expires {certificate_validity(material.certificate)[1]:%Y-%m-%d}), TLS {tls.minimum_version} "
+                    "or later")
+                if tls.legacy:
+                    built.warnings.append(_legacy_warning(tls, "the web pages' HTTPS"))
+                continue
+            listener = getattr(self.config, name)
             built.summaries.append(
                 f"[{name}] DICOM over TLS on {listener.interface}:{listener.tls_port} for {listener.ae_title}: "
                 f"certificate {_subject(material.certificate)} (expires "
