@@ -21,7 +21,8 @@ from twisted.trial import unittest
 from appliance.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN
 
 from . import test_memory_bound
-from .support import deferred_test, run_program
+from . import test_interop_load
+from .support import deferred_test, free_port, run_program
 from .support_data import make_dataset, write_part10
 from .test_interop_load import STORESCU
 
@@ -39,7 +40,7 @@ def _missing() -> str:
         import selenium  # noqa: F401
     except ImportError:
         return "selenium is not installed (make test installs it)"
-    for program in (CHROMIUM, CHROMEDRIVER, STORESCU):
+    for program in (CHROMIUM, CHROMEDRIVER, STORESCU, test_interop_load.DCMQRSCP, test_interop_load.DCMQRIDX):
         if not os.path.exists(program):
             return f"{program} is not installed (make test installs it)"
     return None
@@ -59,6 +60,19 @@ def _study(folder: str) -> List[str]:
         ds.StudyDescription = "<b>bold</b> & more"
         paths.append(write_part10(os.path.join(folder, f"{number}.dcm"), ds, EXPLICIT_VR_LITTLE_ENDIAN))
     return paths
+
+
+GREEK_STUDY = "1.2.826.0.1.3680043.10.92"
+GREEK_NAME = "Διονυσίου^Γιώργος"
+
+
+def _greek_study(folder: str) -> List[str]:
+    """A study whose patient's name is in Greek, in UTF-8 (ISO_IR 192)."""
+    os.makedirs(folder)
+    ds = make_dataset(patient=GREEK_NAME, patient_id="BROWSER2", study=GREEK_STUDY, series=f"{GREEK_STUDY}.1",
+                      sop=f"{GREEK_STUDY}.1.1")
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    return [write_part10(os.path.join(folder, "1.dcm"), ds, EXPLICIT_VR_LITTLE_ENDIAN)]
 
 
 def browse(url: str, artefacts: str) -> Dict[str, object]:
@@ -95,7 +109,9 @@ def browse(url: str, artefacts: str) -> Dict[str, object]:
         seen["study row"] = row.text
         seen["markup in the results"] = len(driver.find_elements(By.CSS_SELECTOR, "table.results img, "
                                                                  "table.results script, table.results b"))
+        wait.until(lambda d: "studies in" in d.find_element(By.CSS_SELECTOR, ".actions .status").text)
         seen["status"] = driver.find_element(By.CSS_SELECTOR, ".actions .status").text
+        seen["greek row"] = driver.find_element(By.CSS_SELECTOR, f"tr.study[data-study='{GREEK_STUDY}']").text
         shot("2-query")
         row.find_element(By.CSS_SELECTOR, "button[title='Series']").click()
         series = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, f"tr.series[data-series='{STUDY}.1']")))
@@ -124,6 +140,19 @@ def browse(url: str, artefacts: str) -> Dict[str, object]:
         seen["markup in the viewer"] = len(driver.find_elements(By.CSS_SELECTOR, "main img:not(.viewer img), "
                                                                 "main script, main b"))
         shot("5-viewer")
+        # a remote archive that answers few keys: DCMTK's dcmqrscp
+        driver.get(url + "#/devices")
+        wait.until(EC.presence_of_element_located((By.LINK_TEXT, "qrscp"))).click()
+        box = wait.until(EC.presence_of_element_located((By.NAME, "q")))
+        box.send_keys("*", Keys.ENTER)
+        wait.until(lambda d: "studies in" in d.find_element(By.CSS_SELECTOR, ".actions .status").text)
+        seen["remote status"] = driver.find_element(By.CSS_SELECTOR, ".actions .status").text
+        remote = driver.find_element(By.CSS_SELECTOR, f"tr.study[data-study='{STUDY}']")
+        remote.find_element(By.CSS_SELECTOR, "button[title='Series']").click()
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, f"tr.series[data-series='{STUDY}.1']")))
+        seen["remote markup"] = len(driver.find_elements(By.CSS_SELECTOR, "table.results img, table.results script"))
+        seen["remote error"] = driver.find_element(By.CSS_SELECTOR, "section p.error").text
+        shot("6-remote")
         try:
             seen["alert"] = driver.switch_to.alert.text
         except Exception:  # no alert: nothing was run
@@ -143,15 +172,19 @@ class BrowserTests(unittest.TestCase):
     timeout = 180
     skip = _missing()
     start_appliance = test_memory_bound.MemoryBoundTests.start_appliance
+    start_dcmqrscp = test_interop_load.DcmqrscpTests.start_dcmqrscp
 
     @deferred_test
     async def test_find_load_and_view_in_a_browser(self):
         root = os.path.abspath(self.mktemp())
         os.makedirs(root)
-        appliance, disk_port, web_port = await self.start_appliance(root)
-        files = _study(os.path.join(root, "study"))
+        qrscp_port = free_port()
+        appliance, disk_port, web_port = await self.start_appliance(root, devices={
+            "qrscp": {"ae_title": "QRSCP", "host": "127.0.0.1", "port": qrscp_port, "timeout": 20}})
+        files = _study(os.path.join(root, "study")) + _greek_study(os.path.join(root, "greek"))
         out, err, code = await run_program(STORESCU, ["-aec", "DISK_SERVER", "127.0.0.1", str(disk_port), *files])
         self.assertEqual(code, 0, out + err)
+        await self.start_dcmqrscp(qrscp_port, files, None)
         artefacts = os.path.join(root, "screenshots")
         os.makedirs(artefacts)
         seen = await threads.deferToThread(browse, f"http://127.0.0.1:{web_port}/", artefacts)
@@ -159,7 +192,10 @@ class BrowserTests(unittest.TestCase):
         self.assertIn("<img src", seen["study row"])  # shown as text
         self.assertIn("<b>bold</b> & more", seen["study row"])
         self.assertEqual(seen["markup in the results"], 0)
-        self.assertIn("1 study", seen["status"])
+        self.assertIn("2 studies", seen["status"])
+        self.assertIn(GREEK_NAME, seen["greek row"])
+        self.assertIn("2 studies", seen["remote status"])
+        self.assertEqual((seen["remote markup"], seen["remote error"]), (0, ""))
         value, maximum = seen["progress"]
         self.assertEqual((value, maximum), ("4", "4"))
         self.assertEqual(seen["natural size"], [64, 64])
@@ -173,7 +209,7 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual(seen["markup in the viewer"], 0)
         self.assertIsNone(seen["alert"])
         self.assertEqual(sorted(os.listdir(artefacts)), ["1-devices.png", "2-query.png", "3-expanded.png",
-                                                         "4-loaded.png", "5-viewer.png"])
+                                                         "4-loaded.png", "5-viewer.png", "6-remote.png"])
 
     @deferred_test
     async def test_sign_in_first_when_users_are_configured(self):

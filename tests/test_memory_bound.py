@@ -178,9 +178,10 @@ class MemoryBoundTests(unittest.TestCase):
     timeout = 120
     skip = _need(STORESCU)
 
-    async def start_appliance(self, root: str, web: Optional[dict] = None) -> Tuple[ApplianceProcess, int, int]:
-        """twistd -n appliance on free ports (``web``: more [web] keys); returns once its three ports listen and its
-        archive check logged (a port taken meanwhile: retried with others)."""
+    async def start_appliance(self, root: str, web: Optional[dict] = None,
+                              devices: Optional[dict] = None) -> Tuple[ApplianceProcess, int, int]:
+        """twistd -n appliance on free ports (``web``: more [web] keys, ``devices``: more devices); returns once its
+        three ports listen and its archive check logged (a port taken meanwhile: retried with others)."""
         problem = ""
         for attempt in range(3):
             disk_port, memory_port, web_port = free_port(), free_port(), free_port()
@@ -191,12 +192,12 @@ class MemoryBoundTests(unittest.TestCase):
                 "memory_server": {"interface": "127.0.0.1", "port": memory_port, "tls_port": 0, "timeout": 20,
                                   "memory_limit": "64 MiB"},
                 "web": dict({"interface": "127.0.0.1", "port": web_port}, **(web or {})),
-                "devices": {
+                "devices": dict({
                     "disk_server": {"ae_title": "DISK_SERVER", "host": "127.0.0.1", "port": disk_port,
                                     "timeout": 20},
                     "memory_server": {"ae_title": "MEMORY_SERVER", "host": "127.0.0.1", "port": memory_port,
                                       "timeout": 20},
-                },
+                }, **(devices or {})),
             }
             config = os.path.join(root, f"appliance-{attempt}.toml")
             with open(config, "w", encoding="utf-8") as handle:
