@@ -338,13 +338,14 @@ class QueryHarness(WebHarness):
     def runner(f, *args):
         return defer.maybeDeferred(f, *args)
 
-    def begin(self, path: str):
-        """Send a GET without waiting for its answer: (transport, channel)."""
+    def begin(self, path: str, method: str = "GET", headers: str = ""):
+        """Send a request without waiting for its answer: its transport (``headers``: more header lines)."""
         from twisted.internet.testing import StringTransport
         channel = self.site.buildProtocol(None)
         transport = StringTransport()
         channel.makeConnection(transport)
-        channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        channel.dataReceived(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n"
+                             .encode())
         self.channels.append(channel)
         return transport
 
@@ -436,12 +437,8 @@ class QueryApiTests(SynchronousTestCase):
         self.assertEqual(self.h.request("DELETE", "/api/devices/pacs/studies").status, 405)
 
     def test_echo(self):
-        channel_transport = self.h.site.buildProtocol(None)
-        from twisted.internet.testing import StringTransport
-        transport = StringTransport()
-        channel_transport.makeConnection(transport)
-        channel_transport.dataReceived(b"POST /api/devices/local/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
-                                       b"Content-Type: application/json\r\nConnection: close\r\n\r\n")
+        transport = self.h.begin("/api/devices/local/echo", "POST",
+                                 "Content-Length: 0\r\nContent-Type: application/json\r\n")
         association = self.h.establish()
         self.h.clock.advance(0.003)
         association.echo_answer.callback(0)
@@ -452,13 +449,7 @@ class QueryApiTests(SynchronousTestCase):
         json.dumps(body)
 
     def test_streamed_as_ndjson(self):
-        from twisted.internet.testing import StringTransport
-
-        channel = self.h.site.buildProtocol(None)
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        channel.dataReceived(b"GET /api/devices/pacs/studies?offset=1 HTTP/1.1\r\nHost: x\r\n"
-                             b"Accept: application/x-ndjson\r\nConnection: close\r\n\r\n")
+        transport = self.h.begin("/api/devices/pacs/studies?offset=1", headers="Accept: application/x-ndjson\r\n")
         association = self.h.establish()
         association.match(StudyInstanceUID=STUDY)
         self.assertEqual(transport.value(), b"", "nothing before the first match shown (offset 1)")
@@ -475,13 +466,7 @@ class QueryApiTests(SynchronousTestCase):
         self.assertEqual(lines[-1]["end"]["matches"], 2)
 
     def test_streamed_failure_before_any_match_is_502(self):
-        from twisted.internet.testing import StringTransport
-
-        channel = self.h.site.buildProtocol(None)
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        channel.dataReceived(b"GET /api/devices/pacs/studies HTTP/1.1\r\nHost: x\r\n"
-                             b"Accept: application/x-ndjson\r\nConnection: close\r\n\r\n")
+        transport = self.h.begin("/api/devices/pacs/studies", headers="Accept: application/x-ndjson\r\n")
         self.h.establish().end(0xA700, "full")
         reply = Reply(transport.value())
         self.assertEqual((reply.status, reply.json()["status"]), (502, "0xA700"))

@@ -252,10 +252,7 @@ class ApiResource(Resource):
         if not changes:
             return
         if session is not None:
-            token = request.getHeader(b"x-csrf-token") or b""
-            if not hmac.compare_digest(token.encode("ascii", "replace") if isinstance(token, str) else token,
-                                       session.csrf.encode("ascii")):
-                raise HTTPError(http.FORBIDDEN, "missing or wrong X-CSRF-Token (GET /api/session gives it)")
+            _check_csrf(request, session)
         elif request.method == b"POST" and _content_type(request) != b"application/json":
             # a page of another site can POST a form or text/plain, never JSON (that needs a CORS preflight, as
             # DELETE does)
@@ -307,10 +304,7 @@ class ApiResource(Resource):
     def sign_out(self, request):
         session = self._session(request)
         if session is not None:
-            token = request.getHeader(b"x-csrf-token") or ""
-            if not hmac.compare_digest(token.encode("ascii", "replace") if isinstance(token, str) else token,
-                                       session.csrf.encode("ascii")):
-                raise HTTPError(http.FORBIDDEN, "missing or wrong X-CSRF-Token (GET /api/session gives it)")
+            _check_csrf(request, session)
             self.sessions.end(request.getCookie(SESSION_COOKIE).decode("ascii", "replace"))
         request.addCookie(SESSION_COOKIE, b"", path=b"/", httpOnly=True, sameSite="strict", max_age=b"0",
                           secure=request.isSecure())
@@ -400,18 +394,9 @@ class ApiResource(Resource):
         return http.OK, {"loads": [load.as_json() for load in self.manager.loads.values()]}
 
     def create_load(self, request):
-        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        if content_type != b"application/json":
+        if _content_type(request) != b"application/json":
             raise HTTPError(http.UNSUPPORTED_MEDIA_TYPE, "send the load as application/json")
-        try:
-            body = json.loads(request.content.read().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as error:
-            raise HTTPError(http.BAD_REQUEST, f"the body is not JSON: {error}"[:200]) from None
-        if not isinstance(body, dict):
-            raise HTTPError(http.BAD_REQUEST, "the body must be a JSON object")
-        unknown = sorted(str(key)[:40] for key in body if key not in _LOAD_KEYS)
-        if unknown:
-            raise HTTPError(http.BAD_REQUEST, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_LOAD_KEYS))})")
+        body = _json_object(request, _LOAD_KEYS)
         device = body.get("device")
         if not isinstance(device, str) or not _DEVICE_NAME.match(device):
             raise HTTPError(http.BAD_REQUEST, "device must be the name of a configured device ([devices.NAME])")
@@ -577,6 +562,14 @@ def _same_origin(origin: bytes, host: Optional[bytes]) -> bool:
     """Whether an Origin header names this server (scheme aside: the host and port the request was sent to)."""
     text = origin.decode("ascii", "replace")
     return host is not None and text.split("://", 1)[-1].rstrip("/") == host.decode("ascii", "replace")
+
+
+def _check_csrf(request, session: Session) -> None:
+    token = request.getHeader(b"x-csrf-token") or b""
+    if isinstance(token, str):
+        token = token.encode("ascii", "replace")
+    if not hmac.compare_digest(token, session.csrf.encode("ascii")):
+        raise HTTPError(http.FORBIDDEN, "missing or wrong X-CSRF-Token (GET /api/session gives it)")
 
 
 def _json_object(request, keys) -> dict:

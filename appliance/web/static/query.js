@@ -122,6 +122,8 @@ export function queryPage(device) {
   return { element, leave: () => controller && controller.abort() };
 }
 
+const COLUMNS = STUDY_COLUMNS.length + 1;
+
 function studyRow(device, study) {
   const uid = values(study, "0020000D")[0];
   const expand = h("button", { type: "button", title: "Series" }, "▸");
@@ -129,27 +131,10 @@ function studyRow(device, study) {
     STUDY_COLUMNS.map(([, tag]) => h("td", {}, text(study, tag))),
     h("td", {}, uid ? loadButton(device, uid) : ""));
   row.firstChild.prepend(expand, " ");
-  let children = null;
-  expand.addEventListener("click", async () => {
-    if (children) {
-      children.forEach((child) => child.remove());
-      children = null;
-      replace(expand, "▸");
-      return;
-    }
-    replace(expand, "▾");
-    children = [h("tr", { class: "child" }, h("td", { colspan: STUDY_COLUMNS.length + 1, class: "status" }, "Querying the series…"))];
-    row.after(...children);
-    try {
-      const series = await api("GET", `/api/devices/${device}/studies/${uid}/series`);
-      series.sort((a, b) => compare(text(a, "00200011"), text(b, "00200011")));
-      const made = series.map((item) => seriesRow(device, uid, item));
-      children[0].replaceWith(...made.flat());
-      children = made.flat();
-    } catch (error) {
-      replace(children[0].firstChild, describe(error));
-      children[0].firstChild.className = "error";
-    }
+  expander(expand, row, "child", "Querying the series…", async () => {
+    const series = await api("GET", `/api/devices/${device}/studies/${uid}/series`);
+    series.sort((a, b) => compare(text(a, "00200011"), text(b, "00200011")));
+    return series.map((item) => seriesRow(device, uid, item));
   });
   return row;
 }
@@ -164,33 +149,51 @@ function seriesRow(device, study, series) {
     h("td", { colspan: 3 }, text(series, "00180015")),
     h("td", {}, text(series, "00201209")),
     h("td", {}, uid ? loadButton(device, study, uid) : ""));
+  row.collapse = expander(expand, row, "grandchild", "Querying the images…", async () => {
+    const images = await api("GET", `/api/devices/${device}/studies/${study}/series/${uid}/instances`);
+    images.sort((a, b) => compare(text(a, "00200013"), text(b, "00200013")));
+    return images.map((image) => h("tr", { class: "grandchild image" },
+      h("td", { colspan: 3 }, `Image ${text(image, "00200013")}`),
+      h("td", { colspan: 4 }, text(image, "00080016")),
+      h("td", { colspan: 3 }, [text(image, "00280010"), text(image, "00280011")].filter((v) => v).join(" × "))));
+  });
+  return row;
+}
+
+function expander(button, row, rowClass, waiting, fetchRows) {
+  // the rows below ``row`` that ``button`` shows and hides (a query each time it opens); returns the hiding
   let children = null;
-  expand.addEventListener("click", async () => {
+  const collapse = () => {
+    if (!children) return;
+    for (const child of children) {
+      if (child.collapse) child.collapse();
+      child.remove();
+    }
+    children = null;
+    replace(button, "▸");
+  };
+  button.addEventListener("click", async () => {
     if (children) {
-      children.forEach((child) => child.remove());
-      children = null;
-      replace(expand, "▸");
+      collapse();
       return;
     }
-    replace(expand, "▾");
-    children = [h("tr", { class: "grandchild" }, h("td", { colspan: 10, class: "status" }, "Querying the images…"))];
-    row.after(...children);
+    replace(button, "▾");
+    const placeholder = h("tr", { class: rowClass }, h("td", { colspan: COLUMNS, class: "status" }, waiting));
+    children = [placeholder];
+    row.after(placeholder);
     try {
-      const images = await api("GET", `/api/devices/${device}/studies/${study}/series/${uid}/instances`);
-      images.sort((a, b) => compare(text(a, "00200013"), text(b, "00200013")));
-      const made = images.map((image) => h("tr", { class: "grandchild image" },
-        h("td", { colspan: 3 }, `Image ${text(image, "00200013")}`),
-        h("td", { colspan: 4 }, text(image, "00080016")),
-        h("td", { colspan: 3 }, [text(image, "00280010"), text(image, "00280011")].filter((v) => v).join(" × "))));
-      if (!made.length) made.push(h("tr", { class: "grandchild" }, h("td", { colspan: 10, class: "status" }, "No images.")));
-      children[0].replaceWith(...made);
-      children = made;
+      const made = await fetchRows();
+      if (!made.length) made.push(h("tr", { class: rowClass }, h("td", { colspan: COLUMNS, class: "status" }, "Nothing found.")));
+      if (children && children[0] === placeholder) {
+        placeholder.replaceWith(...made);
+        children = made;
+      }
     } catch (error) {
-      replace(children[0].firstChild, describe(error));
-      children[0].firstChild.className = "error";
+      replace(placeholder.firstChild, describe(error));
+      placeholder.firstChild.className = "error";
     }
   });
-  return [row];
+  return collapse;
 }
 
 export function describe(error) {
