@@ -39,12 +39,26 @@ __all__ = [
 ]
 
 #: The shipped configuration, used when no --config is given.
-DEFAULT_CONFIG_PATH = os.environ.get(
-    "APPLIANCE_CONFIG",
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "appliance.toml"),
-)
-if not os.path.exists(DEFAULT_CONFIG_PATH) and os.path.exists("/etc/appliance/appliance.toml"):
-    DEFAULT_CONFIG_PATH = "/etc/appliance/appliance.toml"
+#: Where an installed appliance reads its configuration (the Debian package's conffile).
+INSTALLED_CONFIG_PATH = "/etc/dicom-appliance/appliance.toml"
+
+
+def default_config_path(environ=os.environ) -> str:
+    """The configuration read when none is named: ``$APPLIANCE_CONFIG``; in a checkout (``setup.cfg`` beside the
+    package) its ``etc/appliance.toml``; installed, :data:`INSTALLED_CONFIG_PATH`."""
+    if environ.get("APPLIANCE_CONFIG"):
+        return environ["APPLIANCE_CONFIG"]
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.exists(os.path.join(checkout, "setup.cfg")) and os.path.exists(os.path.join(checkout, "etc",
+                                                                                             "appliance.toml")):
+        return os.path.join(checkout, "etc", "appliance.toml")
+    return INSTALLED_CONFIG_PATH
+
+
+DEFAULT_CONFIG_PATH = default_config_path()
+
+#: Folders where data must never go: a data directory under one is refused, naming the key.
+SYSTEM_FOLDERS = ("/etc", "/usr")
 
 MIN_PDU = 2048
 MAX_PDU = 4 * 1024 * 1024
@@ -814,9 +828,15 @@ def parse(data: Mapping[str, Any], path: str) -> ApplianceConfig:
     base = os.path.dirname(os.path.abspath(path))
     appliance = _Section(path, "appliance", data.get("appliance", {}))
     data_dir = appliance.get("data_dir", _text, "var")
+    data_dir = os.path.normpath(os.path.join(base, data_dir))
+    for folder in SYSTEM_FOLDERS:
+        if data_dir == folder or data_dir.startswith(folder + os.sep):
+            raise ConfigError(path, "[appliance] data_dir", f"{data_dir} is under {folder}, which holds no data "
+                              f"(a relative path resolves against the configuration's folder, {base}): give an "
+                              "absolute path such as /var/lib/dicom-appliance")
     config_values = dict(
         path=path,
-        data_dir=os.path.normpath(os.path.join(base, data_dir)),
+        data_dir=data_dir,
         ae_title=appliance.get("ae_title", ae_title, "APPLIANCE"),
         implementation_class_uid=appliance.get("implementation_class_uid", _uid, IMPLEMENTATION_CLASS_UID),
         implementation_version_name=appliance.get(

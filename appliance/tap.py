@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import sys
 import tempfile
+from typing import Optional
 from functools import partial
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -81,6 +82,35 @@ def _not_writable(folder: str) -> str:
             return ""
     except OSError as error:
         return f"; {folder} is not writable: {error.strerror}"
+
+
+def data_owner_problem(data_dir: str, euid: Optional[int] = None) -> Optional[str]:
+    """Why the appliance may not use ``data_dir`` as the user it runs as (its owner must be that user), or None.
+
+    twistd's ``--uid`` switches user only after makeService, where the archive's folders and index are created
+    and opened: started as root for another user, everything would be created as root.  So the appliance runs
+    as the data directory's owner from the start (the systemd unit's User=), and says so otherwise."""
+    euid = os.geteuid() if euid is None else euid
+    try:
+        owner = os.stat(data_dir).st_uid
+    except FileNotFoundError:
+        return None  # created now, by whoever runs it
+    except OSError as error:
+        return f"cannot look at {data_dir}: {error.strerror}"
+    if owner == euid:
+        return None
+    return (f"{data_dir} belongs to {_user_name(owner)} (uid {owner}) and the appliance runs as {_user_name(euid)} "
+            f"(uid {euid}): run it as {_user_name(owner)} (the systemd unit does); twistd --uid switches user only "
+            f"after the archive is opened, so its files would belong to {_user_name(euid)}")
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"user {uid}"
 
 
 class ArchiveService(Service):
@@ -201,6 +231,9 @@ def makeService(options, reactor=None) -> MultiService:
     web = ThreadPoolService(reactor, "web-work", max_threads=2)  # the web API's parsing and rendering
     for pool in (io, db, read, check, web):
         pool.setServiceParent(root)
+    problem = data_owner_problem(config.data_dir)
+    if problem is not None:
+        startup_failed(options, f"{config.path}: [appliance] data_dir: {problem}")
     try:
         archive = Archive(config.archive.path, config.archive.limits, config.archive.on_duplicate, reactor,
                           io.runner, db.runner, InflateLimits(config.archive.max_object_size,

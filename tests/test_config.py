@@ -439,8 +439,8 @@ class FileErrorTests(unittest.SynchronousTestCase):
     def test_parse_names_given_path(self):
         """parse() reports the path it was given, for documents that did not come from load()."""
         with self.assertRaises(ConfigError) as caught:
-            configuration.parse({"disk_server": {"port": "x"}}, "/etc/appliance/appliance.toml")
-        self.assertTrue(str(caught.exception).startswith("/etc/appliance/appliance.toml: [disk_server] port: "))
+            configuration.parse({"disk_server": {"port": "x"}}, "/srv/appliance/appliance.toml")
+        self.assertTrue(str(caught.exception).startswith("/srv/appliance/appliance.toml: [disk_server] port: "))
 
 
 class LogLevelTests(unittest.SynchronousTestCase):

@@ -300,3 +300,55 @@ class ArchiveServiceTests(unittest.SynchronousTestCase):
         self.assertEqual(jobs, [archive.close], "the close is a job of the index's thread")
         reconciling.callback(type("Result", (), {})())
         self.assertEqual(jobs, [archive.close], "a check ending after the stop queues nothing more")
+
+
+class InstalledSystemTests(unittest.SynchronousTestCase):
+    """What an installed appliance needs: its configuration where the package puts it, data outside /etc and
+    /usr, and its data directory used only by its owner."""
+
+    def test_default_configuration_path(self):
+        self.assertEqual(configuration.default_config_path({"APPLIANCE_CONFIG": "/tmp/x.toml"}), "/tmp/x.toml")
+        self.assertEqual(configuration.default_config_path({}), os.path.join(ROOT, "etc", "appliance.toml"),
+                         "in a checkout: its own etc/appliance.toml")
+        self.assertEqual(configuration.INSTALLED_CONFIG_PATH, "/etc/dicom-appliance/appliance.toml")
+
+    def test_data_under_etc_or_usr_refused(self):
+        for tables, where in (({"appliance": {"data_dir": "../var"}}, "/etc/var"),
+                              ({"appliance": {"data_dir": "/usr/share/appliance"}}, "/usr/share/appliance"),
+                              ({"appliance": {"data_dir": "/etc"}}, "/etc")):
+            with self.assertRaises(configuration.ConfigError) as raised:
+                configuration.parse(tables, "/etc/dicom-appliance/appliance.toml")
+            self.assertEqual(raised.exception.key, "[appliance] data_dir")
+            self.assertIn(where, str(raised.exception))
+        config = configuration.parse({"appliance": {"data_dir": "/var/lib/dicom-appliance"}},
+                                     "/etc/dicom-appliance/appliance.toml")
+        self.assertEqual(config.data_dir, "/var/lib/dicom-appliance")
+        self.assertEqual(configuration.parse({}, "/srv/x/appliance.toml").data_dir, "/srv/x/var")
+
+    def test_data_directory_of_another_user_refused(self):
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        self.assertIsNone(tap.data_owner_problem(folder))
+        self.assertIsNone(tap.data_owner_problem(os.path.join(folder, "not yet")))
+        owner = os.stat(folder).st_uid
+        problem = tap.data_owner_problem(folder, euid=owner + 4242)
+        self.assertIn(f"uid {owner}", problem)
+        self.assertIn(f"uid {owner + 4242}", problem)
+        self.assertIn("twistd --uid switches user only after the archive is opened", problem)
+
+    def test_makeservice_refuses_a_data_directory_of_another_user(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("giving a folder to another user needs root")
+        root = os.path.abspath(self.mktemp())
+        data = os.path.join(root, "var")
+        os.makedirs(data)
+        os.chown(data, 4242, 4242)
+        path = write_file(self, f'[appliance]\ndata_dir = "{data}"\n[disk_server]\nport = 0\n[memory_server]\n'
+                                f"port = 0\n[web]\nport = 0\n")
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        with self.assertRaises(usage.UsageError) as raised:
+            tap.makeService(options, MemoryReactorClock())
+        self.assertIn("[appliance] data_dir", str(raised.exception))
+        self.assertIn("uid 4242", str(raised.exception))
+        self.assertEqual(os.listdir(data), [], "nothing was created in it")

@@ -329,7 +329,7 @@ class ConfigTests(SynchronousTestCase):
     def parse(self, data):
         from appliance import config as configuration
 
-        return configuration.parse(data, "/etc/appliance.toml")
+        return configuration.parse(data, "/srv/appliance.toml")
 
     def test_web_only_on_loopback(self):
         from appliance.config import ConfigError

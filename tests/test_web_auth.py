@@ -61,7 +61,7 @@ class PasswdTests(SynchronousTestCase):
         self.assertEqual(name, "alice")
         stored = json.loads(value)
         self.assertTrue(auth.check_password(PASSWORD, stored))
-        config = configuration.parse({"web": {"users": {"alice": stored}}}, "/etc/appliance.toml")
+        config = configuration.parse({"web": {"users": {"alice": stored}}}, "/srv/appliance.toml")
         self.assertEqual(list(config.web.users), ["alice"])
 
     def test_refusals(self):

@@ -29,7 +29,7 @@ class ConfigTests(unittest.SynchronousTestCase):
         self.pki = Certificates(os.path.abspath(self.mktemp()))
 
     def parse(self, tables):
-        return configuration.parse(tables, "/etc/appliance.toml")
+        return configuration.parse(tables, "/srv/appliance.toml")
 
     def test_a_certificate_is_needed(self):
         with self.assertRaises(configuration.ConfigError) as raised:
