@@ -113,3 +113,19 @@ bench: bench-packages $(VENV)/.installed
 	$(MAKE) --no-print-directory bench-query || status=1; \
 	$(MAKE) --no-print-directory bench-load || status=1; \
 	exit $$status
+
+# The Debian package, built from a clean copy of the committed tree (git archive of HEAD) into dist/:
+# dicom-appliance_VERSION_all.deb, then checked with lintian.  DEB_BUILD_PACKAGES are what building needs.
+DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	python3-wheel lintian fakeroot
+.PHONY: deb
+deb:
+	@$(MAKE) --no-print-directory system-packages DEBIAN_PACKAGES="$(DEB_BUILD_PACKAGES)"
+	rm -rf _deb_build && mkdir -p _deb_build/src dist
+	git archive HEAD | tar -x -C _deb_build/src
+	cd _deb_build/src && dpkg-buildpackage -us -uc -b --no-sign >../build.log 2>&1 || { tail -40 ../build.log; exit 1; }
+	cp _deb_build/*.deb dist/
+	lintian --fail-on error --suppress-tags-from-file debian/lintian-overrides-build _deb_build/*.changes 2>/dev/null || \
+		lintian --fail-on error _deb_build/*.deb
+	@ls -1 dist/*.deb
+
