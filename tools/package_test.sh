@@ -48,7 +48,7 @@ start() {  # the unit's ExecStart as the service user, the unit's one capability
         env -u PYTHONPATH $exec_start >"$work/appliance.log" 2>&1 &
     appliance_pid=$!
     for _ in $(seq 1 150); do
-        echoscu -to 2 127.0.0.1 104 >/dev/null 2>&1 && return 0
+        echoscu -to 2 -aec DISK_SERVER 127.0.0.1 104 >/dev/null 2>&1 && return 0
         kill -0 "$appliance_pid" 2>/dev/null || { cat "$work/appliance.log"; return 1; }
         sleep 0.2
     done
