@@ -17,7 +17,7 @@ DEBIAN_PACKAGES := dcmtk python3-twisted python3-pydicom python3-openssl \
 	python3-cryptography python3-numpy python3-pil python3-venv \
 	chromium chromium-driver python3-selenium
 
-.PHONY: run test test-pypi test-debian system-packages venv clean
+.PHONY: run test test-pypi test-debian test-package system-packages venv clean
 
 $(VENV)/.installed: setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -46,15 +46,21 @@ test-pypi: system-packages $(VENV)/.installed
 test-debian: system-packages
 	$(SYSTEM_PYTHON) -m twisted.trial --temp-directory=_trial_temp.debian tests | tee _trial_debian.log
 
+# The Debian package built, installed, run on port 104, upgraded and purged (tools/package_test.sh; root).
+test-package:
+	@$(MAKE) --no-print-directory system-packages DEBIAN_PACKAGES="$(DEB_BUILD_PACKAGES)"
+	@if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; $$SUDO bash tools/package_test.sh | tee _package.log
+
 test:
 	@status=0; \
 	$(MAKE) --no-print-directory test-pypi || status=1; \
 	$(MAKE) --no-print-directory test-debian || status=1; \
-	$(PYTHON) tools/trial_summary.py _trial_pypi.log _trial_debian.log || status=1; \
+	$(MAKE) --no-print-directory test-package || status=1; \
+	$(PYTHON) tools/trial_summary.py _trial_pypi.log _trial_debian.log _package.log || status=1; \
 	exit $$status
 
 clean:
-	rm -rf $(VENV) _trial_temp* _trial_*.log
+	rm -rf $(VENV) _trial_temp* _trial_*.log _package.log _deb_build dist
 
 # The crash-durability test at length (tools/torture.py; the suite runs 3 rounds):
 # storescu streams, kill -9, restart, check every acknowledged object, 50 times.

@@ -1,4 +1,4 @@
-"""Sum up trial logs into one closing line: 'total: N passed, N failed, N skipped'.
+"""Sum up trial logs (and the package test's) into one closing line: 'total: N passed, N failed, N skipped'.
 
 trial ends a run with 'PASSED (skips=2, successes=40)' or
 'FAILED (failures=1, errors=2, successes=37)'; a log without such a line
@@ -16,6 +16,9 @@ def summarize(path):
     except FileNotFoundError:
         return None
     for line in reversed(lines):
+        plain = re.match(r"^[\w-]+: (\d+) passed, (\d+) failed$", line.strip())  # tools/package_test.sh's line
+        if plain:
+            return int(plain.group(1)), int(plain.group(2)), 0
         match = re.match(r"^(PASSED|FAILED) \((.*)\)$", line.strip())
         if match:
             counts = dict((k, int(v)) for k, v in re.findall(r"(\w+)=(\d+)", match.group(2)))
