@@ -125,7 +125,8 @@ class GuardHarness(ManagerHarness):
         from twisted.internet import defer
         return defer.maybeDeferred(f, *args)
 
-    def request(self, method, path, body=None, headers=None, content_type="application/json") -> Reply:
+    def request(self, method, path, body=None, headers=None, content_type="application/json", answered=True):
+        """The reply (or, with ``answered=False``, the transport of a request still waiting for its answer)."""
         from twisted.internet.testing import StringTransport
 
         lines = [f"{method} {path} HTTP/1.1", "Host: appliance.test:8080", "Connection: close"]
@@ -138,7 +139,7 @@ class GuardHarness(ManagerHarness):
         transport = StringTransport()
         channel.makeConnection(transport)
         channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
-        return Reply(transport.value())
+        return Reply(transport.value()) if answered else transport
 
     def sign_in(self, user="alice", password=PASSWORD) -> Reply:
         return self.request("POST", "/api/session", json.dumps({"user": user, "password": password}).encode())
@@ -202,6 +203,23 @@ class GuardTests(SynchronousTestCase):
         self.assertEqual(reply.headers["retry-after"], str(int(auth.WINDOW)))
         self.h.clock.advance(auth.WINDOW)
         self.assertEqual(self.h.sign_in().status, 200)
+
+    def test_checks_at_once_bounded(self):
+        """Sign-ins whose checks are still running are bounded: past MAX_CHECKING the next waits outside (503)."""
+        from twisted.internet import defer
+
+        from appliance.web import api as web_api
+
+        pending = []
+        self.h.api.runner = lambda f, *args: pending.append(defer.Deferred()) or pending[-1]
+        body = json.dumps({"user": "alice", "password": PASSWORD}).encode()
+        for _ in range(web_api.MAX_CHECKING):
+            self.assertEqual(self.h.request("POST", "/api/session", body, answered=False).value(), b"")
+        reply = self.h.request("POST", "/api/session", body)
+        self.assertEqual((reply.status, reply.headers["retry-after"]), (503, "1"))
+        self.assertEqual(len(pending), web_api.MAX_CHECKING)
+        pending[0].callback(False)
+        self.assertEqual(self.h.api._checking, web_api.MAX_CHECKING - 1, "a finished check frees its place")
 
     def test_bad_sign_in_bodies(self):
         for body, status in ((b"user=alice", 415), (b"[]", 400), (b'{"user": 1, "password": "x"}', 400),

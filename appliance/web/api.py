@@ -65,6 +65,8 @@ _LOAD_KEYS = {"device", "study", "series", "instance"}
 _DEVICE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _JSON = "application/json"
 TOO_MANY_REQUESTS = 429  # RFC 6585 (twisted.web.http has no name for it)
+#: Password checks (scrypt, on a worker thread) under way at once, at most.
+MAX_CHECKING = 4
 #: The session cookie's name.
 SESSION_COOKIE = b"appliance_session"
 #: Checked against when the user is unknown, so that a sign-in takes as long whoever it names.
@@ -113,6 +115,8 @@ class ApiResource(Resource):
         self.users = dict(config.web.users)
         self.sessions = Sessions(clock, config.web.session_lifetime)
         self.limiter = SignInLimiter(clock)
+        #: sign-in checks under way (at most MAX_CHECKING)
+        self._checking = 0
         #: the Web Software-Server's C-FIND and C-ECHO (None: the query routes answer 503)
         self.queries = queries
         #: the web pages' files
@@ -282,9 +286,20 @@ class ApiResource(Resource):
         user, password = body.get("user"), body.get("password")
         if not isinstance(user, str) or not isinstance(password, str) or len(user) > 64 or len(password) > 1024:
             raise HTTPError(http.BAD_REQUEST, "give user and password as strings")
+        if self._checking >= MAX_CHECKING:
+            # each check costs scrypt's memory and ~50 ms of a worker: a flood waits outside, not in a queue
+            raise HTTPError(http.SERVICE_UNAVAILABLE, "too many sign-ins at once: try again in a second",
+                            {"Retry-After": "1"})
         # an unknown user costs the same work as a known one: the answer's time does not say who exists
         stored = self.users.get(user, _DECOY_HASH)
+        self._checking += 1
         checking = self.runner(check_password, password, stored)
+
+        def done(result):
+            self._checking -= 1
+            return result
+
+        checking.addBoth(done)
 
         def checked(matches):
             if not matches or user not in self.users:
