@@ -28,6 +28,40 @@ class Message(NamedTuple):
     data: Optional[bytes]
 
 
+class MessageReader:
+    """The whole DIMSE messages in what one side of an association wrote, fed as it comes; anything but a
+    P-DATA-TF PDU fails the test."""
+
+    def __init__(self, test, who: str) -> None:
+        self.test = test
+        self.who = who
+        self._framer = P.PDUFramer(1 << 24)
+        self._assembler = D.MessageAssembler()
+        self._partial: Optional[Tuple[int, D.Command, bytearray]] = None
+
+    def read(self, written: bytes) -> List[Message]:
+        self._framer.feed(written)
+        found: List[Message] = []
+        while True:
+            raw = self._framer.next_pdu()
+            if raw is None:
+                return found
+            pdu = P.decode_pdu(raw)
+            self.test.assertIsInstance(pdu, P.PDataTF, f"{self.who} sent {pdu!r}")
+            for event in self._assembler.receive(pdu.pdvs):
+                if isinstance(event, D.CommandReceived):
+                    if event.command.has_data_set:
+                        self._partial = (event.context_id, event.command, bytearray())
+                    else:
+                        found.append(Message(event.context_id, event.command, None))
+                else:
+                    context_id, command, data = self._partial
+                    data += event.data
+                    if event.is_last:
+                        found.append(Message(context_id, command, bytes(data)))
+                        self._partial = None
+
+
 class MemorySCU:
     """One association at a time with ``factory`` (an AcceptorFactory), all in memory."""
 
@@ -52,9 +86,7 @@ class MemorySCU:
         accept = P.decode_pdu(self.transport.value())
         self.transport.clear()
         self.test.assertIsInstance(accept, P.AssociateAC)
-        self._framer = P.PDUFramer(1 << 24)
-        self._assembler = D.MessageAssembler()
-        self._partial: Optional[Tuple[int, D.Command, bytearray]] = None
+        self._reader = MessageReader(self.test, "the acceptor")
         return accept
 
     def send(self, command: D.Command, data: Optional[bytes] = None, context_id: int = 1) -> None:
@@ -69,27 +101,9 @@ class MemorySCU:
 
     def messages(self) -> List[Message]:
         """Every whole DIMSE message written since the last call (only P-DATA-TF PDUs expected)."""
-        self._framer.feed(self.transport.value())
+        written = self.transport.value()
         self.transport.clear()
-        found: List[Message] = []
-        while True:
-            raw = self._framer.next_pdu()
-            if raw is None:
-                return found
-            pdu = P.decode_pdu(raw)
-            self.test.assertIsInstance(pdu, P.PDataTF, "the acceptor sent something else than P-DATA")
-            for event in self._assembler.receive(pdu.pdvs):
-                if isinstance(event, D.CommandReceived):
-                    if event.command.has_data_set:
-                        self._partial = (event.context_id, event.command, bytearray())
-                    else:
-                        found.append(Message(event.context_id, event.command, None))
-                else:
-                    context_id, command, data = self._partial
-                    data += event.data
-                    if event.is_last:
-                        found.append(Message(context_id, command, bytes(data)))
-                        self._partial = None
+        return self._reader.read(written)
 
     def request(self, command: D.Command, data: Optional[bytes] = None, context_id: int = 1) -> List[Message]:
         """Send a request and return the messages the acceptor wrote in answer (so far)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import struct
 from functools import partial
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from pydicom.dataset import Dataset
 from twisted.internet import defer, task
@@ -50,6 +50,7 @@ from appliance.net.requestor import AssociationAborted, AssociationError, Reques
 from appliance.net.threads import synchronous_runner
 
 from .support_data import CT_IMAGE_STORAGE, dataset_bytes, encode_dataset, make_dataset
+from .support_scu import RELEASE_RP, RELEASE_RQ, Message, MessageReader
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 MAX_PDU = 16384
@@ -67,18 +68,8 @@ CONTEXTS = [
 ]
 ROLES = {CT_IMAGE_STORAGE: (False, True), MR_IMAGE_STORAGE: (False, True)}
 GRANTED = (P.RoleSelection(CT_IMAGE_STORAGE, False, True), P.RoleSelection(MR_IMAGE_STORAGE, False, True))
-RELEASE_RQ = bytes((0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0))
-RELEASE_RP = bytes((0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0))
 PROTOCOL_ABORT = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6))  # provider source, invalid PDU parameter value
 USER_ABORT = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0))
-
-
-class Message(NamedTuple):
-    """One DIMSE message our requestor sent."""
-
-    context_id: int
-    command: D.Command
-    data: Optional[bytes]
 
 
 def study_identifier() -> Dataset:
@@ -112,9 +103,7 @@ class Peer:
         self.protocol.makeConnection(self.transport)
         self.sent_rq = P.decode_pdu(self.transport.value())
         self.transport.clear()
-        self._framer = P.PDUFramer(1 << 24)
-        self._assembler = D.MessageAssembler()
-        self._partial = None
+        self._reader = MessageReader(test, "the requestor")
 
     def accept(self, roles: Sequence[P.RoleSelection] = GRANTED):
         """Accept every context with its first syntax, answering ``roles``; returns our Association."""
@@ -164,27 +153,9 @@ class Peer:
 
     def messages(self) -> List[Message]:
         """Every whole DIMSE message written since the last call; anything but P-DATA fails the test."""
-        self._framer.feed(self.transport.value())
+        written = self.transport.value()
         self.transport.clear()
-        found: List[Message] = []
-        while True:
-            raw = self._framer.next_pdu()
-            if raw is None:
-                return found
-            pdu = P.decode_pdu(raw)
-            self.test.assertIsInstance(pdu, P.PDataTF, f"the requestor sent {pdu!r}")
-            for event in self._assembler.receive(pdu.pdvs):
-                if isinstance(event, D.CommandReceived):
-                    if event.command.has_data_set:
-                        self._partial = (event.context_id, event.command, bytearray())
-                    else:
-                        found.append(Message(event.context_id, event.command, None))
-                else:
-                    context_id, command, data = self._partial
-                    data += event.data
-                    if event.is_last:
-                        found.append(Message(context_id, command, bytes(data)))
-                        self._partial = None
+        return self._reader.read(written)
 
     def store_rsp(self) -> D.Command:
         """The one message sent since the last look, which must be a C-STORE-RSP without a data set."""
