@@ -16,13 +16,13 @@ import os
 import re
 import shutil
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from .support import ROOT, load_tool, deferred_test, free_port, run_python, subprocess_env
+from .support import ROOT, ApplianceProcess, load_tool, deferred_test, free_port, run_python, subprocess_env
 
 
 torture = load_tool("torture")
@@ -34,18 +34,13 @@ UMOUNT = shutil.which("umount")
 
 #: storescu -v's words for a C-STORE response of 0xA7xx.
 REFUSED_OUT_OF_RESOURCES = "Refused: OutOfResources"
-#: Polling: attempts of this many seconds.
-POLL = 0.1
-POLLS = 300
+#: How long the appliance may take to start, in seconds.
+START_LIMIT = 30.0
 
 
 def _decode(result):
     out, err, code = result
     return out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), code
-
-
-def _pause() -> defer.Deferred:
-    return task.deferLater(reactor, POLL, lambda: None)
 
 
 class TortureToolTests(unittest.TestCase):
@@ -106,41 +101,6 @@ class TortureToolTests(unittest.TestCase):
         self.assertRegex(out, r"appliance-archive verify: verified \d+ instances: 0 problems \(exit status 0\)")
 
 
-class _ApplianceProcess(protocol.ProcessProtocol):
-    """``twistd -n appliance`` for one test; its output gathered, its end awaited."""
-
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.status: Optional[object] = None
-        self._waiting: List[defer.Deferred] = []
-
-    def connectionMade(self) -> None:
-        self.transport.closeStdin()
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        self.output += data
-
-    def processEnded(self, reason) -> None:
-        self.status = reason.value
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(reason.value)
-
-    @property
-    def running(self) -> bool:
-        return self.status is None
-
-    def text(self) -> str:
-        return self.output.decode("utf-8", "replace")
-
-    def ended(self) -> defer.Deferred:
-        if self.status is not None:
-            return defer.succeed(self.status)
-        d = defer.Deferred()
-        self._waiting.append(d)
-        return d
-
-
 class DiskFullTests(unittest.TestCase):
     """A tmpfs as data_dir, filled for real by storescu against the appliance."""
 
@@ -180,36 +140,27 @@ class DiskFullTests(unittest.TestCase):
             port = free_port()
             config = torture.write_config(os.path.join(folder, f"appliance-{attempt}.toml"), data_dir, port,
                                           **disk_server)
-            appliance = _ApplianceProcess()
+            appliance = ApplianceProcess([rf"starting on {port}\b", torture.RECONCILED.pattern])
             reactor.spawnProcess(
                 appliance, sys.executable,
                 [sys.executable] + torture.TWISTD + ["-n", "--pidfile=", "appliance", "--config", config],
                 env=subprocess_env(PYTHONUNBUFFERED="1"), path=folder,
             )
             self.addCleanup(self.stop_appliance, appliance)
-            for _ in range(POLLS):
-                text = appliance.text()
-                if torture.RECONCILED.search(text) and f"starting on {port}" in text:
-                    return appliance, config, port
-                if not appliance.running:
-                    break
-                await _pause()
-            problem = appliance.text()
+            try:
+                await appliance.ready.addTimeout(START_LIMIT, reactor)
+                return appliance, config, port
+            except (AssertionError, defer.TimeoutError) as error:
+                problem = f"{error}\n{appliance.text()[-3000:]}"
             await self.stop_appliance(appliance)
             if "already in use" not in problem:
                 break
         self.fail(f"the appliance did not start:\n{problem}")
 
     @deferred_test
-    async def stop_appliance(self, appliance: _ApplianceProcess) -> None:
+    async def stop_appliance(self, appliance: ApplianceProcess) -> None:
         """SIGTERM, and SIGKILL after 20 s; returns once the process is gone."""
-        if not appliance.running:
-            return
-        appliance.transport.signalProcess("TERM")
-        kill = reactor.callLater(20, lambda: appliance.running and appliance.transport.signalProcess("KILL"))
-        await appliance.ended()
-        if kill.active():
-            kill.cancel()
+        await appliance.stop()
 
     async def storescu(self, port: int, paths: Sequence[str]) -> List:
         """storescu -v -nh (go on after a refusal) of ``paths``; (file, status) for each file, in order."""

@@ -20,9 +20,9 @@ import os
 import re
 import sys
 from io import BytesIO
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.logger import Logger
 from twisted.trial import unittest
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
@@ -30,7 +30,7 @@ from twisted.web.http_headers import Headers
 
 from appliance.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN
 
-from .support import load_tool, deferred_test, free_port, run_program, subprocess_env
+from .support import ApplianceProcess, load_tool, deferred_test, free_port, run_program, subprocess_env
 from .support_data import make_dataset, write_part10
 from .test_interop_load import STORESCU, _need, _toml
 
@@ -75,63 +75,6 @@ def reset_peak(pid: int) -> bool:
 
 def mib(size: int) -> str:
     return f"{size / MIB:.1f} MiB"
-
-
-class ApplianceProcess(protocol.ProcessProtocol):
-    """``twistd -n appliance`` in a child interpreter; its output gathered; ``ready`` fires once every line
-    in ``expected`` (regular expressions) has appeared in it."""
-
-    def __init__(self, expected: Sequence[str]) -> None:
-        self.output = bytearray()
-        self.expected = [re.compile(pattern) for pattern in expected]
-        self.ready: defer.Deferred = defer.Deferred()
-        self.status = None
-        self._ended: List[defer.Deferred] = []
-
-    @property
-    def pid(self) -> int:
-        return self.transport.pid
-
-    @property
-    def running(self) -> bool:
-        return self.status is None
-
-    def connectionMade(self) -> None:
-        self.transport.closeStdin()
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        self.output += data
-        if not self.ready.called and all(pattern.search(self.text()) for pattern in self.expected):
-            self.ready.callback(self)
-
-    def processEnded(self, reason) -> None:
-        self.status = reason.value
-        if not self.ready.called:
-            self.ready.errback(AssertionError(f"the appliance ended before it was ready ({reason.value}):\n"
-                                              f"{self.text()[-3000:]}"))
-        ended, self._ended = self._ended, []
-        for d in ended:
-            d.callback(reason.value)
-
-    def text(self) -> str:
-        return self.output.decode("utf-8", "replace")
-
-    def ended(self) -> defer.Deferred:
-        if self.status is not None:
-            return defer.succeed(self.status)
-        d = defer.Deferred()
-        self._ended.append(d)
-        return d
-
-    async def stop(self, limit: float = 20.0) -> None:
-        """SIGTERM (twistd stops cleanly), SIGKILL after ``limit`` seconds; returns once it is gone."""
-        if not self.running:
-            return
-        self.transport.signalProcess("TERM")
-        kill = reactor.callLater(limit, lambda: self.running and self.transport.signalProcess("KILL"))
-        await self.ended()
-        if kill.active():
-            kill.cancel()
 
 
 class HTTP:
