@@ -90,8 +90,11 @@ class LoadApiTests(SynchronousTestCase):
     def test_devices(self):
         reply = self.h.request("GET", "/api/devices")
         self.assertEqual(reply.status, 200)
-        self.assertEqual(reply.json()["devices"], [{"name": "pacs", "label": "pacs", "ae_title": "PACS",
-                                                    "host": "10.0.0.5", "port": 104, "tls": False, "retrieve": "move"}])
+        self.assertEqual(reply.json()["devices"], [
+            {"name": "local", "label": "Local archive", "ae_title": "DISK_SERVER", "host": "127.0.0.1", "port": 11112,
+             "tls": False, "retrieve": "move"},
+            {"name": "pacs", "label": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104, "tls": False,
+             "retrieve": "move"}])
 
     def test_create_follow_cancel(self):
         reply = self.h.post_load({"device": "pacs", "study": STUDY})

@@ -326,7 +326,7 @@ class ApiResource(Resource):
         return http.OK, {"users": bool(self.users), "user": None, "csrf": None}
 
     def list_devices(self, request):
-        devices = self.queries.devices() if self.queries is not None else list(self.config.devices.values())
+        devices = self.config.remote_devices.values()  # the Local archive first, as the queries see them
         return http.OK, {"devices": [
             {"name": d.name, "label": "Local archive" if d.name == LOCAL_ARCHIVE else d.name, "ae_title": d.ae_title,
              "host": d.host, "port": d.port, "tls": d.tls is not None, "retrieve": d.retrieve} for d in devices]}
