@@ -90,14 +90,25 @@ def load_tool(name: str):
     return module
 
 
+#: The ports free_port handed out in this process: never handed out twice, so that two ports chosen for one
+#: test before either is bound (a peer's, then the appliance's own) cannot be the same.
+_HANDED_OUT: set = set()
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on at the moment (bound to port 0, then closed: a small race)."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-    finally:
-        probe.close()
+    """A TCP port nothing listens on at the moment (bound to port 0, then closed: a small race with other
+    processes) and not handed out before in this process."""
+    for _ in range(100):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        finally:
+            probe.close()
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no port that was not handed out already")
 
 
 def track_connections(factory) -> List[defer.Deferred]:
