@@ -5,7 +5,8 @@ Usage (from the repository root; ``make bench`` runs it with the defaults, ``mak
 BENCH_ARGS="--repeat 3"`` passes options)::
 
     PYTHONPATH=. .venv/bin/python bench/store_bench.py [--repeat N] [--servers appliance,storescp,orthanc]
-                                                       [--corpora small,large] [--no-memory] [--profile DIR]
+                                                       [--corpora small,large] [--senders 1,2,4,8]
+                                                       [--large-senders 1] [--no-memory] [--profile DIR]
 
 What it does:
 
@@ -15,12 +16,17 @@ What it does:
   of 512x512 16-bit pixels (~0.5 MB) in 4 studies, and ``huge`` one object
   with ~100 MB of pixel data, all Explicit VR Little Endian Part 10 files
   with new UIDs;
-* for each repetition (``--repeat``, default 5), each corpus and each server,
-  starts the server afresh on an empty temporary storage folder and a free
-  port on 127.0.0.1, waits for it to answer C-ECHO (bounded number of
-  attempts), times one DCMTK ``storescu`` run sending the whole corpus on one
-  association (``time.perf_counter`` around the whole process,
-  ``TCP_NODELAY=1``), checks that the server holds every object, and kills it.
+* workloads: the ``small`` corpus sent by 1, 2, 4 and 8 senders at once
+  (``--senders``) and the ``large`` one by 1 (``--large-senders``); N senders
+  are N DCMTK ``storescu`` processes started together, each sending its own
+  consecutive 1/N of the corpus's files on one association of its own (as N
+  modalities would), timed from the first start to the last exit;
+* for each repetition (``--repeat``, default 5), each workload and each
+  server, starts the server afresh on an empty temporary storage folder and
+  a free port on 127.0.0.1 (so that nobody is timed on duplicates), waits for
+  it to answer C-ECHO (bounded number of attempts), times the senders
+  (``time.perf_counter``, ``TCP_NODELAY=1``), checks that the server holds
+  every object, and kills it.
   The servers' order rotates from one repetition to the next so that noise
   and order effects hit them all alike; ``sync`` runs between measurements;
 * servers: ``appliance`` (twistd, our Disk-Server), ``storescp`` (DCMTK,
@@ -35,7 +41,8 @@ What it does:
   end of every run, and in one more fresh appliance reads it when idle,
   after the small corpus and after one ~100 MB object, to show that memory
   stays flat as objects grow;
-* prints a table of medians (seconds, images/s, MB/s, ratio to storescp) and
+* prints a table of medians per workload (seconds, images/s, MB/s, ratios to
+  storescp and to Orthanc), the appliance's throughput as senders grow, and
   writes everything as JSON to ``bench/results/store-<timestamp>.json``.
 
 ``--profile DIR`` runs the appliance under twistd's cProfile (reactor thread
@@ -67,7 +74,7 @@ import tempfile
 import time
 import urllib.request
 from array import array
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -524,29 +531,60 @@ def stop_all() -> None:
 # --------------------------------------------------------------------------- measuring
 
 
-def store(tools: Dict[str, str], server: Server, corpus: dict) -> float:
-    """Send the corpus on one association; return the wall-clock seconds of the storescu run."""
-    command = [tools["storescu"], "-aec", server.aet, HOST, str(server.port), "+sd", corpus["dir"]]
+def shards(corpus: dict, senders: int) -> List[List[str]]:
+    """The corpus's files in ``senders`` consecutive runs of (nearly) equal length, one per sender."""
+    files = sorted(os.path.join(corpus["dir"], name) for name in os.listdir(corpus["dir"]) if name.endswith(".dcm"))
+    size, extra = divmod(len(files), senders)
+    result, start = [], 0
+    for index in range(senders):
+        end = start + size + (1 if index < extra else 0)
+        result.append(files[start:end])
+        start = end
+    return [files for files in result if files]
+
+
+def store(tools: Dict[str, str], server: Server, corpus: dict, senders: int = 1) -> float:
+    """Send the corpus with ``senders`` storescu processes at once, one association each; return the wall-clock
+    seconds from the first start to the last exit."""
+    commands = [[tools["storescu"], "-aec", server.aet, HOST, str(server.port)] + files
+                for files in shards(corpus, senders)]
+    outputs = [tempfile.TemporaryFile() for _ in commands]
+    processes = []
     started = time.perf_counter()
     try:
-        done = subprocess.run(command, env=dcmtk_env(), stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=STORE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"storescu to {server.name} took more than {STORE_TIMEOUT} s") from None
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        raise BenchError(f"storescu to {server.name} failed with status {done.returncode}:\n"
-                         + done.stderr.decode("utf-8", "replace")[-2000:] + "\nserver log:\n" + server.log_tail())
-    return elapsed
+        for command, output in zip(commands, outputs):
+            processes.append(subprocess.Popen(command, env=dcmtk_env(), stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.DEVNULL, stderr=output))
+        deadline = started + STORE_TIMEOUT
+        for process in processes:
+            try:
+                process.wait(max(0.0, deadline - time.perf_counter()))
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"storescu to {server.name} took more than {STORE_TIMEOUT} s") from None
+        elapsed = time.perf_counter() - started
+        for process, output in zip(processes, outputs):
+            if process.returncode != 0:
+                output.seek(0)
+                raise BenchError(f"storescu to {server.name} failed with status {process.returncode}:\n"
+                                 + output.read().decode("utf-8", "replace")[-2000:] + "\nserver log:\n"
+                                 + server.log_tail())
+        return elapsed
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for output in outputs:
+            output.close()
 
 
-def measure(tools, name: str, corpus: dict, workdir: str, profile: Optional[str] = None) -> dict:
+def measure(tools, name: str, corpus: dict, workdir: str, profile: Optional[str] = None, senders: int = 1) -> dict:
     server = SERVER_CLASSES[name](tools, workdir, profile)
     try:
         server.start()
         load = os.getloadavg()[0]
         cpu_before = server.cpu_s()
-        seconds = store(tools, server, corpus)
+        seconds = store(tools, server, corpus, senders)
         cpu_after = server.cpu_s()
         peak = server.peak_rss_kib()
         stored = server.stored()
@@ -582,15 +620,21 @@ def memory_growth(tools, corpora: Dict[str, dict], workdir: str) -> dict:
         os.sync()
 
 
-def summarise(runs: List[dict], corpora: Dict[str, dict], servers: List[str], corpus_names: List[str]) -> dict:
+def workload_name(corpus: str, senders: int) -> str:
+    return f"{corpus} x{senders}"
+
+
+def summarise(runs: List[dict], corpora: Dict[str, dict], servers: List[str],
+              workloads: List[Tuple[str, int]]) -> dict:
+    """Per workload ("small x4"...), per server: medians, throughput, ratios to storescp and to Orthanc."""
     summary = {}
-    for corpus in corpus_names:
+    for corpus, senders in workloads:
         rows = {}
         for server in servers:
-            times = [r["seconds"] for r in runs if r["server"] == server and r["corpus"] == corpus]
-            peaks = [r["vmhwm_kib"] for r in runs if r["server"] == server and r["corpus"] == corpus and r["vmhwm_kib"]]
-            cpus = [r["server_cpu_s"] for r in runs if r["server"] == server and r["corpus"] == corpus
-                    and r["server_cpu_s"] is not None]
+            mine = [r for r in runs if r["server"] == server and r["corpus"] == corpus and r["senders"] == senders]
+            times = [r["seconds"] for r in mine]
+            peaks = [r["vmhwm_kib"] for r in mine if r["vmhwm_kib"]]
+            cpus = [r["server_cpu_s"] for r in mine if r["server_cpu_s"] is not None]
             if not times:
                 continue
             median = statistics.median(times)
@@ -604,10 +648,11 @@ def summarise(runs: List[dict], corpora: Dict[str, dict], servers: List[str], co
                 "server_cpu_median_s": statistics.median(cpus) if cpus else None,
                 "runs": len(times),
             }
-        base = rows.get("storescp", {}).get("median_s")
-        for row in rows.values():
-            row["ratio_vs_storescp"] = row["median_s"] / base if base else None
-        summary[corpus] = rows
+        for other in ("storescp", "orthanc"):
+            base = rows.get(other, {}).get("median_s")
+            for row in rows.values():
+                row[f"ratio_vs_{other}"] = row["median_s"] / base if base else None
+        summary[workload_name(corpus, senders)] = dict(corpus=corpus, senders=senders, servers=rows)
     return summary
 
 
@@ -615,23 +660,40 @@ def _mib(kib: Optional[int]) -> str:
     return f"{kib / 1024:.1f} MiB" if kib else "?"
 
 
+def _ratio(value: Optional[float]) -> str:
+    return f"{value:.2f}" if value else "-"
+
+
 def report(result: dict) -> str:
     lines = []
-    for corpus, rows in result["summary"].items():
-        info = result["corpora"][corpus]
-        lines.append(f"\n{corpus}: {info['label']}, {info['files']} files, {info['bytes'] / 1e6:.1f} MB, "
+    for name, workload in result["summary"].items():
+        info = result["corpora"][workload["corpus"]]
+        senders = workload["senders"]
+        lines.append(f"\n{name}: {info['label']}, {info['files']} files, {info['bytes'] / 1e6:.1f} MB, "
+                     f"{senders} association{'s' if senders > 1 else ''} at once, "
                      f"median of {result['config']['repeat']} runs")
         lines.append(f"  {'server':<10} {'median s':>9} {'min s':>8} {'max s':>8} {'images/s':>9} {'MB/s':>7} "
-                     f"{'x storescp':>10} {'server CPU s':>12} {'peak RSS':>11}")
-        for server, row in rows.items():
-            ratio = f"{row['ratio_vs_storescp']:.2f}" if row["ratio_vs_storescp"] else "-"
+                     f"{'x storescp':>10} {'x Orthanc':>9} {'server CPU s':>12} {'peak RSS':>11}")
+        for server, row in workload["servers"].items():
             cpu = f"{row['server_cpu_median_s']:.2f}" if row["server_cpu_median_s"] is not None else "?"
             lines.append(f"  {server:<10} {row['median_s']:>9.3f} {row['min_s']:>8.3f} {row['max_s']:>8.3f} "
-                         f"{row['images_per_s']:>9.1f} {row['mb_per_s']:>7.1f} {ratio:>10} {cpu:>12} "
-                         f"{_mib(row['vmhwm_median_kib']):>11}")
+                         f"{row['images_per_s']:>9.1f} {row['mb_per_s']:>7.1f} {_ratio(row['ratio_vs_storescp']):>10} "
+                         f"{_ratio(row['ratio_vs_orthanc']):>9} {cpu:>12} {_mib(row['vmhwm_median_kib']):>11}")
+    scaling = {}
+    for workload in result["summary"].values():
+        if workload["corpus"] == "small":
+            for server, row in workload["servers"].items():
+                scaling.setdefault(server, {})[workload["senders"]] = row["images_per_s"]
+    if any(len(by_senders) > 1 for by_senders in scaling.values()):
+        counts = sorted({n for by_senders in scaling.values() for n in by_senders})
+        lines.append("\nsmall corpus, images/s by number of senders:")
+        lines.append("  " + f"{'server':<10}" + "".join(f"{n:>9}" for n in counts))
+        for server, by_senders in scaling.items():
+            lines.append("  " + f"{server:<10}" + "".join(
+                f"{by_senders[n]:>9.1f}" if n in by_senders else f"{'-':>9}" for n in counts))
     memory = result.get("memory")
     if memory:
-        large = result["summary"].get("large", {}).get("appliance", {}).get("vmhwm_median_kib")
+        large = result["summary"].get("large x1", {}).get("servers", {}).get("appliance", {}).get("vmhwm_median_kib")
         lines.append("\nappliance peak RSS (VmHWM):")
         lines.append(f"  large corpus run (median over runs) {_mib(large)}")
         lines.append(f"  one fresh process: idle {_mib(memory['idle_kib'])}, after the small corpus "
@@ -669,11 +731,25 @@ def _names(text: str, known, what: str) -> List[str]:
     return names
 
 
+def _counts(text: str) -> List[int]:
+    try:
+        counts = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not counts or any(not 1 <= n <= 64 for n in counts):
+        raise argparse.ArgumentTypeError(f"numbers of senders are 1 to 64: {text!r}")
+    return sorted(set(counts))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5, help="measurements of each (server, corpus) (default 5)")
     parser.add_argument("--servers", type=lambda t: _names(t, SERVERS, "server"), default=list(SERVERS))
     parser.add_argument("--corpora", type=lambda t: _names(t, ("small", "large"), "corpus"), default=["small", "large"])
+    parser.add_argument("--senders", type=_counts, default=[1, 2, 4, 8],
+                        help="numbers of senders at once for the small corpus (default 1,2,4,8)")
+    parser.add_argument("--large-senders", type=_counts, default=[1],
+                        help="numbers of senders at once for the large corpus (default 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the 100 MB object memory measurement")
     parser.add_argument("--workdir", default=None, help="where the servers' temporary storage goes (default $TMPDIR)")
     parser.add_argument("--profile", metavar="DIR", default=None,
@@ -722,31 +798,33 @@ def _run(args) -> int:
         "config": {"repeat": args.repeat, "servers": args.servers, "corpora": names,
                    "orthanc_sync_storage_area": ("orthanc" in args.servers
                                                  and orthanc_has_option(tools["Orthanc"], "SyncStorageArea")),
-                   "storescu": "storescu -aec AET 127.0.0.1 PORT +sd DIR, TCP_NODELAY=1, one association",
+                   "storescu": "N x storescu -aec AET 127.0.0.1 PORT FILES..., TCP_NODELAY=1, one association each",
                    "profiled": bool(args.profile)},
         "corpora": corpora,
         "runs": [],
     }
     servers = list(args.servers)
+    workloads = [(corpus, n) for corpus in names for n in (args.senders if corpus == "small" else args.large_senders)]
+    result["config"]["workloads"] = [workload_name(*w) for w in workloads]
     with tempfile.TemporaryDirectory(prefix="store-bench-", dir=args.workdir) as workdir:
         for rep in range(args.repeat):
             order = servers[rep % len(servers):] + servers[:rep % len(servers)]
-            for corpus in names:
+            for corpus, senders in workloads:
                 for server in order:
                     profile = None
                     if args.profile and server == "appliance":
-                        profile = os.path.join(args.profile, f"appliance-{corpus}-{rep + 1}.pstats")
-                    run = measure(tools, server, corpora[corpus], workdir, profile)
-                    run.update(server=server, corpus=corpus, repetition=rep + 1)
+                        profile = os.path.join(args.profile, f"appliance-{corpus}-x{senders}-{rep + 1}.pstats")
+                    run = measure(tools, server, corpora[corpus], workdir, profile, senders)
+                    run.update(server=server, corpus=corpus, senders=senders, repetition=rep + 1)
                     result["runs"].append(run)
-                    print(f"[{rep + 1}/{args.repeat}] {corpus:<5} {server:<9} {run['seconds']:8.3f} s "
-                          f"{corpora[corpus]['files'] / run['seconds']:8.1f} images/s  server CPU {run['server_cpu_s']} s  "
-                          f"peak RSS {_mib(run['vmhwm_kib'])}  load {run['loadavg_1m_before']}",
-                          flush=True)
+                    print(f"[{rep + 1}/{args.repeat}] {workload_name(corpus, senders):<9} {server:<9} "
+                          f"{run['seconds']:8.3f} s {corpora[corpus]['files'] / run['seconds']:8.1f} images/s  "
+                          f"server CPU {run['server_cpu_s']} s  peak RSS {_mib(run['vmhwm_kib'])}  "
+                          f"load {run['loadavg_1m_before']}", flush=True)
         if not args.no_memory and "appliance" in servers:
             print("memory: one appliance, small corpus then one ~100 MB object ...", flush=True)
             result["memory"] = memory_growth(tools, corpora, workdir)
-    result["summary"] = summarise(result["runs"], corpora, servers, names)
+    result["summary"] = summarise(result["runs"], corpora, servers, workloads)
     result["elapsed_s"] = (datetime.datetime.now() - started).total_seconds()
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"store-{started.strftime('%Y%m%d-%H%M%S')}.json")
