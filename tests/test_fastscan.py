@@ -322,7 +322,7 @@ class LevelMemoTests(SynchronousTestCase):
                    variant("1.2.3.4", weight="-0"), variant("1.2.3.5", weight="0"), variant("1.2.3.6", weight="-0"),
                    variant("1.2.3.7", charset="ISO_IR 100"), variant("1.2.3.8", charset="ISO_IR 192"),
                    variant("1.2.3.9", syntax=IMPLICIT_VR_LITTLE_ENDIAN), variant("1.2.3.10"), variant("1.2.3.2")]
-        memo = fastscan._LAST_DUMPED
+        memo = fastscan._LAST_LEVEL
         for data, syntax in objects:
             remembered = fastscan.scan(data, 0, syntax)
             memo[:] = [None] * len(memo)

@@ -699,16 +699,48 @@ def _scan(data: bytes, header_length: int, transfer_syntax: str, levels: frozens
     codec = _charset_codec(data, found)
     _check_pixel_representation(data, found, syntax)
 
+    # each level's elements, as bytes in the data set's order, with what decoding them depends on
+    context = (transfer_syntax, codec, _element_bytes(data, found, _CHARSET),
+               _element_bytes(data, found, _PIXEL_REPRESENTATION))
+    sources: List[list] = [[context] for _ in _LEVEL_KEYS]
+    level_of = _TAG_LEVEL
+    for tag, entry in found.items():
+        index = level_of.get(tag)
+        if index is not None:
+            sources[index].append(data[entry[1]:entry[3]])
+    columns: Dict[str, object] = {}
+    levels_json: List[Optional[str]] = []
+    for index, source in enumerate(sources):
+        with_json = LEVELS[index] in levels
+        slot = index * 2 + with_json
+        last = _LAST_LEVEL[slot]
+        if last is not None and last[0] == source:
+            text, level_columns = last[1], last[2]
+        else:
+            text, level_columns = _level(data, found, index, with_json, syntax, codec)
+            _LAST_LEVEL[slot] = (source, text, level_columns)
+        columns.update(level_columns)
+        levels_json.append(text)
+    for name, _ in _UID_COLUMNS:
+        if not columns[name]:
+            raise Unsupported  # extract() refuses it: say so the pydicom way
+    metadata = M.ObjectMetadata(patient_json=levels_json[0], study_json=levels_json[1],
+                                series_json=levels_json[2], instance_json=levels_json[3], **columns)
+    return metadata, header_length + pixel_offset, data[pixel_offset:pixel_offset + 12]
+
+
+def _level(data: bytes, found, index: int, with_json: bool, syntax: _Syntax, codec: str):
+    """One level's attributes decoded: its JSON text (None without ``with_json``: then only its columns' attributes
+    are decoded) and its columns."""
     entries: Dict[int, Optional[dict]] = {}
     scalars: Dict[int, object] = {}
     delegated: List[int] = []
-    decoded = _decoded_tags(levels)
-    for tag, (vr_bytes, _, start, end, undefined) in found.items():
-        vr = _KEPT.get(tag)
-        if vr is None or tag not in decoded:
-            continue  # context only, or of a level not asked for
-        if vr_bytes is not None:
-            vr = vr_bytes.decode("ascii")
+    for tag in (_LEVEL_TAGS if with_json else _LEVEL_COLUMN_TAGS)[index]:
+        element = found.get(tag)
+        if element is None:
+            continue
+        vr_bytes, _, start, end, undefined = element
+        vr = _KEPT[tag] if vr_bytes is None else vr_bytes.decode("ascii")
         try:
             if vr == "SQ":
                 entries[tag], scalars[tag] = _kept_sequence(data, start, end, undefined, syntax, codec)
@@ -722,14 +754,14 @@ def _scan(data: bytes, header_length: int, transfer_syntax: str, levels: frozens
 
     columns: Dict[str, object] = {}
     pending: List[Tuple[str, str, int, bool]] = []  # columns pydicom gives: (field, keyword, tag, integer)
-    for name, keyword, tag in _TEXT_COLUMN_TAGS:
+    for name, keyword, tag in _TEXT_COLUMN_TAGS_BY_LEVEL[index]:
         if tag not in found:
             columns[name] = ""
         elif tag in scalars and isinstance(scalars[tag], str):
             columns[name] = scalars[tag].strip()
         else:
             pending.append((name, keyword, tag, False))
-    for name, keyword, tag in _INTEGER_COLUMN_TAGS:
+    for name, keyword, tag in _INTEGER_COLUMN_TAGS_BY_LEVEL[index]:
         if tag not in found:
             columns[name] = None
             continue
@@ -753,60 +785,33 @@ def _scan(data: bytes, header_length: int, transfer_syntax: str, levels: frozens
                 columns[name] = M._integer(small, keyword) if integer else M._text(small, keyword)
         except Exception:  # pydicom's own path raises it again, or not: let it decide
             raise Unsupported from None
-
-    for name, _ in _UID_COLUMNS:
-        if not columns[name]:
-            raise Unsupported  # extract() refuses it: say so the pydicom way
-    columns["patient_name"] = normalize_name(columns["patient_name"])
-
-    levels_json: List[Optional[str]] = []
-    context = (transfer_syntax, codec, _element_bytes(data, found, _CHARSET),
-               _element_bytes(data, found, _PIXEL_REPRESENTATION))
-    sources: List[list] = [[context] for _ in _LEVEL_KEYS]
-    for tag, entry in found.items():  # in the data set's order
-        index = _TAG_LEVEL.get(tag)
-        if index is not None:
-            sources[index].append(data[entry[1]:entry[3]])
-    for index, keys in enumerate(_LEVEL_KEYS):
-        if LEVELS[index] not in levels:
-            levels_json.append(None)
-            continue
-        source = sources[index]
-        last = _LAST_DUMPED[index]
-        if last is not None and last[0] == source:
-            levels_json.append(last[1])
-            continue
-        level = {}
-        for tag, key in keys:
-            entry = entries.get(tag)
-            if entry is not None:
-                level[key] = entry
-        text = M.dump_level(level)
-        _LAST_DUMPED[index] = (source, text)
-        levels_json.append(text)
-    metadata = M.ObjectMetadata(patient_json=levels_json[0], study_json=levels_json[1],
-                                series_json=levels_json[2], instance_json=levels_json[3], **columns)
-    return metadata, header_length + pixel_offset, data[pixel_offset:pixel_offset + 12]
+    if "patient_name" in columns:
+        columns["patient_name"] = normalize_name(columns["patient_name"])
+    if not with_json:
+        return None, columns
+    level = {}
+    for tag, key in _LEVEL_KEYS[index]:
+        entry = entries.get(tag)
+        if entry is not None:
+            level[key] = entry
+    return M.dump_level(level), columns
 
 
-#: per level, the last [what decoding its elements depends on, their bytes...] and its JSON text: the objects of a
-#: series arrive one after another with the same patient, study and series elements, and comparing bytes costs
-#: less than encoding again.  Each slot holds a tuple replaced whole (threads scan at once).
-_LAST_DUMPED: List[Optional[Tuple[list, str]]] = [None] * len(_LEVEL_KEYS)
+#: per level and whether its JSON was built, the last [what decoding its elements depends on, their bytes...], its
+#: JSON text and its columns: the objects of a series arrive one after another with the same patient, study and
+#: series elements, and comparing bytes costs less than decoding again.  Each slot holds a tuple replaced whole
+#: (threads scan at once).
+_LAST_LEVEL: List[Optional[Tuple[list, Optional[str], Dict[str, object]]]] = [None] * (2 * len(_LEVEL_KEYS))
 _TAG_LEVEL: Dict[int, int] = {tag: index for index, keys in enumerate(_LEVEL_KEYS) for tag, _ in keys}
-
-
-#: for a selection of levels, the kept attributes to decode: its levels' and the columns'
-_DECODED: Dict[frozenset, frozenset] = {}
-
-
-def _decoded_tags(levels: frozenset) -> frozenset:
-    tags = _DECODED.get(levels)
-    if tags is None:
-        tags = frozenset(tag for index, keys in enumerate(_LEVEL_KEYS) if LEVELS[index] in levels for tag, _ in keys)
-        tags |= {tag for _, _, tag in _TEXT_COLUMN_TAGS} | {tag for _, _, tag in _INTEGER_COLUMN_TAGS}
-        _DECODED[levels] = tags = frozenset(tags)
-    return tags
+#: per level, its attributes' tags, and those of its attributes that are columns
+_LEVEL_TAGS: Tuple[Tuple[int, ...], ...] = tuple(tuple(tag for tag, _ in keys) for keys in _LEVEL_KEYS)
+_TEXT_COLUMN_TAGS_BY_LEVEL = tuple(tuple(c for c in _TEXT_COLUMN_TAGS if _TAG_LEVEL[c[2]] == index)
+                                   for index in range(len(_LEVEL_KEYS)))
+_INTEGER_COLUMN_TAGS_BY_LEVEL = tuple(tuple(c for c in _INTEGER_COLUMN_TAGS if _TAG_LEVEL[c[2]] == index)
+                                      for index in range(len(_LEVEL_KEYS)))
+_LEVEL_COLUMN_TAGS: Tuple[Tuple[int, ...], ...] = tuple(
+    tuple(tag for _, _, tag in _TEXT_COLUMN_TAGS_BY_LEVEL[index] + _INTEGER_COLUMN_TAGS_BY_LEVEL[index])
+    for index in range(len(_LEVEL_KEYS)))
 
 
 def _element_bytes(data, found, tag: int) -> Optional[bytes]:
