@@ -41,6 +41,7 @@ __all__ = [
     "ObjectDescription",
     "Kept",
     "PLAIN_SYNTAXES",
+    "coerce_in_memory",
     "check_metadata",
     "inspect",
     "parse_memory",
@@ -308,3 +309,30 @@ def apply_coercion(handle, coercion: Coercion) -> None:
         handle.seek(start + done)
         handle.write(data)
         done += len(data) or size
+
+
+class _BufferFile:
+    """A bytearray seen as a file (seek, read, write in place), for the coercion: no copy of the data set."""
+
+    def __init__(self, buffer: bytearray) -> None:
+        self.buffer = buffer
+        self.position = 0
+
+    def seek(self, position: int) -> None:
+        self.position = position
+
+    def read(self, size: int) -> bytes:
+        data = bytes(self.buffer[self.position:self.position + size])
+        self.position += len(data)
+        return data
+
+    def write(self, data: bytes) -> None:
+        self.buffer[self.position:self.position + len(data)] = data
+        self.position += len(data)
+
+
+def coerce_in_memory(data, coercion: Coercion) -> bytearray:
+    """:func:`apply_coercion` to a data set in memory: in place in a bytearray, else in a copy (bytes)."""
+    buffer = data if type(data) is bytearray else bytearray(data)
+    apply_coercion(_BufferFile(buffer), coercion)
+    return buffer

@@ -18,8 +18,8 @@ from typing import Callable, List, Optional
 from twisted.internet import defer
 from zope.interface import implementer
 
-from ..dataset.checks import (Kept, ObjectDescription, Refusal, Refused, apply_coercion, inspect_deflated, inspect_head,
-                              inspect_memory, refuse_unless_whole)
+from ..dataset.checks import (Kept, ObjectDescription, Refusal, Refused, coerce_in_memory, inspect_deflated,
+                              inspect_head, inspect_memory, refuse_unless_whole)
 from ..dataset.deflate import DEFLATED, InflateLimits
 from ..interfaces import ILoadTracker, IObjectSink, IObjectWriter
 from ..logs import logger
@@ -52,26 +52,6 @@ MEMORY_LEVELS = frozenset({"study"})
 HEAD_TRIES = 4
 
 
-class _BufferFile:
-    """A bytearray seen as a file (seek, read, write in place), for the coercion: no copy of the data set."""
-
-    def __init__(self, buffer: bytearray) -> None:
-        self.buffer = buffer
-        self.position = 0
-
-    def seek(self, position: int) -> None:
-        self.position = position
-
-    def read(self, size: int) -> bytes:
-        data = bytes(self.buffer[self.position:self.position + size])
-        self.position += len(data)
-        return data
-
-    def write(self, data: bytes) -> None:
-        self.buffer[self.position:self.position + len(data)] = data
-        self.position += len(data)
-
-
 class _BufferReader:
     """A read-only file over a buffer without copying it (for the streaming inflater)."""
 
@@ -99,9 +79,7 @@ def _check(chunks: List[bytes], description: ObjectDescription, limits: InflateL
     metadata, coercion = inspect_memory(buffer, 0, description.sop_class_uid, description.sop_instance_uid,
                                         description.transfer_syntax)
     if coercion is not None:
-        if type(buffer) is bytes:
-            buffer = bytearray(buffer)
-        apply_coercion(_BufferFile(buffer), coercion)
+        buffer = coerce_in_memory(buffer, coercion)
     return buffer, metadata, coercion is not None
 
 
@@ -111,9 +89,7 @@ def _check_whole(data, head: tuple, description: ObjectDescription):
     metadata, coercion, pixel_offset = head
     refuse_unless_whole(data, pixel_offset, len(data), description.transfer_syntax, origin=0)
     if coercion is not None:
-        if type(data) is bytes:
-            data = bytearray(data)
-        apply_coercion(_BufferFile(data), coercion)
+        data = coerce_in_memory(data, coercion)
     return data, metadata, coercion is not None
 
 
