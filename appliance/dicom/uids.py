@@ -7,6 +7,8 @@ takes) are the project's.  The statement's misprinted UIDs are listed in
 
 from __future__ import annotations
 
+import re
+
 from typing import Tuple
 
 from pydicom.uid import UID
@@ -209,9 +211,10 @@ def is_received_uid(uid: str) -> bool:
     pass); enough to refuse anything that is not a UID at all (``..``,
     ``../x``, NUL, more than 64 characters).
     """
-    if not 0 < len(uid) <= 64:
-        return False
-    return all(component.isdigit() and component.isascii() for component in uid.split("."))
+    return len(uid) <= 64 and _RECEIVED_UID(uid) is not None
+
+
+_RECEIVED_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*").fullmatch
 
 
 def is_valid_uid(uid: str) -> bool:
