@@ -20,13 +20,13 @@ from __future__ import annotations
 import os
 import sqlite3
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..dataset.metadata import ObjectMetadata
 from .matching import fold, name_groups
 from .patients import Conflict, differences, identity, value_text
 
-__all__ = ["ArchiveIndex", "InstanceRow", "StudyRow", "ConflictRow", "Added", "Upgrade", "ObjectReader",
+__all__ = ["ArchiveIndex", "InstanceRow", "StudyRow", "ConflictRow", "Added", "NewInstance", "Upgrade", "ObjectReader",
            "Misfiled", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 2
@@ -183,6 +183,17 @@ class Added:
 
 
 @dataclass(frozen=True)
+class NewInstance:
+    """An object to index (:meth:`ArchiveIndex.add_group`): its attributes and where its file is."""
+
+    metadata: ObjectMetadata
+    path: str
+    size: int
+    transfer_syntax: str
+    source_ae: str
+
+
+@dataclass(frozen=True)
 class Upgrade:
     """What opening an index of an older schema did (the archive logs it)."""
 
@@ -302,26 +313,54 @@ class ArchiveIndex:
         its path differs, and the patient attribute conflicts the object
         showed (recorded in the index; the caller logs them).  One transaction.
         """
+        with self.transaction():
+            return self._add(NewInstance(meta, path, size, transfer_syntax, source_ae), now)
+
+    def add_group(self, instances: Sequence["NewInstance"], now: float) -> List[Union[Added, Exception]]:
+        """:meth:`add` for several objects in one transaction (one commit for all: group commit).
+
+        Each object is added inside a savepoint of its own: one that cannot
+        be indexed (:class:`Misfiled`, or any other error) is rolled back alone
+        and its exception takes its place in the answer; the others commit.
+        If the commit itself fails, nothing was indexed and the exception
+        propagates.  Objects are added in order: a later one replacing an
+        earlier one of the group (the same SOP Instance UID) sees it as the
+        previous instance.
+        """
+        results: List[Union[Added, Exception]] = []
         with self.transaction() as db:
-            previous = self.lookup(meta.sop_instance_uid)
-            parents = self._remove_instance(previous.sop_uid) if previous is not None else None
-            patient_pk = self._patient(db, meta.patient_id, meta.issuer_of_patient_id, meta.study_instance_uid)
-            study_pk, conflicts = self._upsert_study(db, meta, patient_pk, now)
-            series_pk = self._upsert_series(db, meta, study_pk)
-            db.execute(
-                """INSERT INTO instances (series_pk, sop_uid, sop_class, instance_number, transfer_syntax,
-                       path, size, source_ae, stored_at, attributes)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (series_pk, meta.sop_instance_uid, meta.sop_class_uid, meta.instance_number, transfer_syntax,
-                 path, size, source_ae, now, meta.instance_json),
-            )
-            db.execute("UPDATE series SET num_instances = num_instances + 1 WHERE pk = ?", (series_pk,))
-            db.execute(
-                "UPDATE studies SET num_instances = num_instances + 1, size = size + ? WHERE pk = ?",
-                (size, study_pk),
-            )
-            if parents is not None:  # the replaced instance's series, study and patient, if it left them empty
-                self._prune(*parents)
+            for instance in instances:
+                db.execute("SAVEPOINT instance")
+                try:
+                    results.append(self._add(instance, now))
+                except Exception as error:
+                    db.execute("ROLLBACK TO instance")
+                    results.append(error)
+                db.execute("RELEASE instance")
+        return results
+
+    def _add(self, instance: "NewInstance", now: float) -> Added:
+        """Inside a transaction: index one object."""
+        db, meta = self.db, instance.metadata
+        previous = self.lookup(meta.sop_instance_uid)
+        parents = self._remove_instance(previous.sop_uid) if previous is not None else None
+        patient_pk = self._patient(db, meta.patient_id, meta.issuer_of_patient_id, meta.study_instance_uid)
+        study_pk, conflicts = self._upsert_study(db, meta, patient_pk, now)
+        series_pk = self._upsert_series(db, meta, study_pk)
+        db.execute(
+            """INSERT INTO instances (series_pk, sop_uid, sop_class, instance_number, transfer_syntax,
+                   path, size, source_ae, stored_at, attributes)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (series_pk, meta.sop_instance_uid, meta.sop_class_uid, meta.instance_number, instance.transfer_syntax,
+             instance.path, instance.size, instance.source_ae, now, meta.instance_json),
+        )
+        db.execute("UPDATE series SET num_instances = num_instances + 1 WHERE pk = ?", (series_pk,))
+        db.execute(  # storing is an access (LRU)
+            "UPDATE studies SET num_instances = num_instances + 1, size = size + ?, accessed_at = ? WHERE pk = ?",
+            (instance.size, now, study_pk),
+        )
+        if parents is not None:  # the replaced instance's series, study and patient, if it left them empty
+            self._prune(*parents)
         return Added(previous, tuple(conflicts))
 
     @staticmethod
@@ -355,8 +394,9 @@ class ArchiveIndex:
     def _upsert_study(
         self, db: sqlite3.Connection, meta: ObjectMetadata, patient_pk: int, now: float
     ) -> Tuple[int, List[Conflict]]:
-        row = db.execute("SELECT pk, patient_pk, patient_attributes, patient_stored_at FROM studies "
-                         "WHERE study_uid = ?", (meta.study_instance_uid,)).fetchone()
+        row = db.execute("SELECT pk, patient_pk, patient_attributes, patient_stored_at, study_date, study_time, "
+                         "accession_number, study_id, attributes FROM studies WHERE study_uid = ?",
+                         (meta.study_instance_uid,)).fetchone()
         values = (meta.study_date, meta.study_time, meta.accession_number, meta.study_id, meta.study_json)
         if row is None:
             study_pk = db.execute(
@@ -367,12 +407,13 @@ class ArchiveIndex:
             ).lastrowid
             self._set_names(db, study_pk, meta.patient_name, replace=False)
             return study_pk, self._compare_with_patient(db, study_pk, patient_pk, meta, now)
-        study_pk, old_patient_pk, old_attributes, patient_stored_at = row
-        db.execute(
-            """UPDATE studies SET study_date = ?, study_time = ?, accession_number = ?, study_id = ?,
-                   attributes = ?, accessed_at = ? WHERE pk = ?""",
-            values + (now, study_pk),
-        )
+        study_pk, old_patient_pk, old_attributes, patient_stored_at = row[:4]
+        if row[4:] != values:  # (the common case, the study's objects agree, costs no write here)
+            db.execute(
+                """UPDATE studies SET study_date = ?, study_time = ?, accession_number = ?, study_id = ?,
+                       attributes = ? WHERE pk = ?""",
+                values + (study_pk,),
+            )
         if old_attributes == meta.patient_json and old_patient_pk == patient_pk:
             return study_pk, []  # the common case: the study's objects agree
         conflicts: List[Conflict] = []
@@ -450,11 +491,14 @@ class ArchiveIndex:
         return meta.patient_id, meta.issuer_of_patient_id, meta.patient_json, meta.sop_instance_uid
 
     def _upsert_series(self, db: sqlite3.Connection, meta: ObjectMetadata, study_pk: int) -> int:
-        row = db.execute("SELECT pk, study_pk FROM series WHERE series_uid = ?", (meta.series_instance_uid,)).fetchone()
+        row = db.execute("SELECT pk, study_pk, modality, series_number, attributes FROM series WHERE series_uid = ?",
+                         (meta.series_instance_uid,)).fetchone()
         if row is not None and row[1] != study_pk:
             (other,) = db.execute("SELECT study_uid FROM studies WHERE pk = ?", (row[1],)).fetchone()
             raise Misfiled(f"series {meta.series_instance_uid} belongs to study {other}")
         if row is not None:
+            if row[2:] == (meta.modality, meta.series_number, meta.series_json):
+                return row[0]
             db.execute(
                 "UPDATE series SET modality = ?, series_number = ?, attributes = ? WHERE pk = ?",
                 (meta.modality, meta.series_number, meta.series_json, row[0]),
