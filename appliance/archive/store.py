@@ -154,6 +154,11 @@ class ObjectStore:
 
     def install(self, temp: TempObject, relative_path: str) -> None:
         """Rename the sealed temporary file into place, durably."""
+        self.sync_directories(self.place(temp, relative_path))
+
+    def place(self, temp: TempObject, relative_path: str) -> List[str]:
+        """Rename the sealed temporary file into place; returns the directories to fsync for that to be durable
+        (:meth:`sync_directories`): its own, and the parents of those it needed created."""
         target = self.absolute(relative_path)
         directory = os.path.dirname(target)
         created = []
@@ -170,11 +175,15 @@ class ObjectStore:
                 # another thread removing the last file of this directory pruned it between the two calls
                 if attempt == _INSTALL_ATTEMPTS - 1 or not os.path.exists(temp.path):
                     raise
-        _fsync_directory(directory)
-        for path in created:  # new directories must themselves be durable entries of their parents
-            _fsync_directory(os.path.dirname(path))
-        # tmp/ itself is not synced: a temporary name that comes back after a
-        # crash is removed by the start-up reconciliation
+        # new directories must themselves be durable entries of their parents; tmp/ itself is not synced:
+        # a temporary name that comes back after a crash is removed by the start-up reconciliation
+        return [directory] + [os.path.dirname(path) for path in created]
+
+    @staticmethod
+    def sync_directories(directories: List[str]) -> None:
+        """fsync each directory once, in order (deepest first, as :meth:`place` lists them)."""
+        for directory in dict.fromkeys(directories):
+            _fsync_directory(directory)
 
     def absolute(self, relative_path: str) -> str:
         path = os.path.normpath(os.path.join(self.root, relative_path))
