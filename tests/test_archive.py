@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+from functools import partial
 
 from pydicom import dcmread
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from appliance.archive.archive import Archive, Duplicate, Misfiled, OutOfResources, StoreOutcome, _reconcile
+from appliance.archive.archive import (Archive, Duplicate, Misfiled, OutOfResources, StoredObject, StoreOutcome,
+                                      _reconcile)
 from appliance.archive.eviction import StorageLimits, plan, shortfall
 from appliance.archive.index import ArchiveIndex
-from appliance.archive.sink import examine
+from appliance.archive.sink import _write_sealed, examine
+from appliance.archive import store as store_module
 from appliance.archive.store import part10_header, uid_hash
+from appliance.dataset.checks import inspect_memory
 from appliance.dicom.uids import IMPLEMENTATION_CLASS_UID
 from appliance.net.threads import synchronous_runner
 
@@ -433,3 +438,192 @@ class InstallRaceTests(SynchronousTestCase):
         with open(store.absolute(relative), "rb") as handle:
             self.assertEqual(handle.read(), b"x" * 10)
         self.assertEqual(calls, [directory, directory])
+
+
+class HeldRunner:
+    """A database runner that holds its calls until the test runs them (in order), so that commits pile up into
+    groups as they do while a group is being installed."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, function, *args, **kwargs):
+        done = defer.Deferred()
+        self.calls.append((function, args, kwargs, done))
+        return done
+
+    def run_one(self):
+        function, args, kwargs, done = self.calls.pop(0)
+        defer.maybeDeferred(function, *args, **kwargs).chainDeferred(done)
+
+    def run_all(self):
+        while self.calls:
+            self.run_one()
+
+
+class GroupCommitTests(SynchronousTestCase):
+    """Objects ready at the same time are installed together: each written and fsynced, one fsync per directory,
+    one index transaction; one object's failure is its own."""
+
+    def setUp(self):
+        self.root = self.mktemp()
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.db = HeldRunner()
+        self.groups = []
+        self.synced = []
+
+    def make_archive(self, on_duplicate="replace"):
+        archive = Archive(self.root, StorageLimits(min_free_space=0), on_duplicate, self.clock, synchronous_runner,
+                          self.db)
+        self.addCleanup(archive.close)
+        install_group = archive._install_group
+
+        def recording(group):
+            self.groups.append([obj.metadata.sop_instance_uid for obj, _ in group])
+            return install_group(group)
+
+        archive._installs.work = recording
+        fsync = store_module._fsync_directory
+        self.patch(store_module, "_fsync_directory", lambda directory: (self.synced.append(directory),
+                                                                        fsync(directory))[1])
+        return archive
+
+    def unsealed(self, ds):
+        """An object as the sink hands over one it held in memory: checked, written as it is installed."""
+        data = encode_dataset(ds, EXPLICIT_LE)
+        header = part10_header(ds.SOPClassUID, ds.SOPInstanceUID, EXPLICIT_LE, IMPLEMENTATION_CLASS_UID, "T", "SCU")
+        metadata, _ = inspect_memory(data, 0, ds.SOPClassUID, ds.SOPInstanceUID, EXPLICIT_LE)
+        return StoredObject(None, metadata, EXPLICIT_LE, "SCU", seal=partial(_write_sealed, header, data),
+                            size=len(header) + len(data))
+
+    def commit_all(self, archive, objects):
+        """Commit every object at once (the first runs alone, the others wait and go as one group)."""
+        results = [defer.ensureDeferred(archive.commit(obj)) for obj in objects]
+        self.db.run_all()
+        return results
+
+    def stored_files(self, archive):
+        return sorted(name for _, _, files in os.walk(archive.store.objects) for name in files)
+
+    def test_objects_ready_together_are_installed_together(self):
+        """Five objects in two series: the first alone, the four that waited as one group, each directory fsynced
+        once for it, one index transaction; all stored, written from memory, no temporary file left."""
+        archive = self.make_archive()
+        transactions = []
+        add_group = archive.index.add_group
+        self.patch(archive.index, "add_group", lambda rows, now: (transactions.append(len(rows)),
+                                                                  add_group(rows, now))[1])
+        objects = [self.unsealed(make_dataset(study="20.1", series=f"20.1.{n % 2}", sop=f"20.1.9.{n}"))
+                   for n in range(5)]
+        results = [defer.ensureDeferred(archive.commit(obj)) for obj in objects]
+        self.db.run_one()  # the first object, alone
+        first_group = list(self.synced)
+        self.db.run_one()  # the four that waited for it
+        self.assertEqual([self.successResultOf(r) for r in results], [StoreOutcome.STORED] * 5)
+        self.assertEqual(self.groups, [["20.1.9.0"], ["20.1.9.1", "20.1.9.2", "20.1.9.3", "20.1.9.4"]])
+        self.assertEqual(transactions, [1, 4])
+        second = self.synced[len(first_group):]
+        study = os.path.join(archive.store.objects, uid_hash("20.1")[:2], uid_hash("20.1")[:40])
+        # the new series' directory and the study's (which gained it), and the first series' directory: once each
+        self.assertEqual(sorted(second), sorted([study, os.path.join(study, uid_hash("20.1.0")[:40]),
+                                                 os.path.join(study, uid_hash("20.1.1")[:40])]))
+        self.assertEqual(archive.index.counts(), (1, 1, 2, 5))
+        self.assertEqual(len(self.stored_files(archive)), 5)
+        self.assertEqual(os.listdir(archive.store.tmp), [])
+        self.assertEqual(archive.size, sum(os.path.getsize(archive.store.absolute(row.path))
+                                           for row in archive.index.all_instances()))
+        row = archive.index.lookup("20.1.9.3")
+        self.assertEqual(dcmread(archive.store.absolute(row.path)).SOPInstanceUID, "20.1.9.3")
+
+    def test_a_misfiled_object_fails_alone(self):
+        """In a group, an object naming another study's series is rolled back alone (its savepoint): the others
+        are stored, its file removed."""
+        archive = self.make_archive()
+        self.commit_all(archive, [self.unsealed(make_dataset(study="21.1", series="21.1.1", sop="21.1.1.1"))])
+        objects = [self.unsealed(make_dataset(study="21.1", series="21.1.1", sop="21.1.1.2")),
+                   self.unsealed(make_dataset(study="21.1", series="21.1.1", sop="21.1.1.3")),
+                   self.unsealed(make_dataset(study="21.2", series="21.1.1", sop="21.2.1.1")),
+                   self.unsealed(make_dataset(study="21.1", series="21.1.1", sop="21.1.1.4"))]
+        results = self.commit_all(archive, objects)
+        self.assertEqual(self.groups[-1], ["21.1.1.3", "21.2.1.1", "21.1.1.4"])
+        self.assertEqual(self.successResultOf(results[1]), StoreOutcome.STORED)
+        self.assertEqual(str(self.failureResultOf(results[2], Misfiled).value), "series 21.1.1 belongs to study 21.1")
+        self.assertEqual(self.successResultOf(results[3]), StoreOutcome.STORED)
+        self.assertEqual(archive.index.counts(), (1, 1, 1, 4))
+        self.assertEqual(len(self.stored_files(archive)), 4)
+        self.assertEqual(os.listdir(archive.store.tmp), [])
+
+    def test_duplicates_within_a_group(self):
+        """The same SOP instance twice in one group: replace keeps the later, keep the earlier, reject refuses the
+        later, as if they had come one after the other."""
+        for policy, second in (("replace", StoreOutcome.REPLACED), ("keep", StoreOutcome.KEPT_EXISTING),
+                               ("reject", None)):
+            self.root = self.mktemp()
+            archive = self.make_archive(on_duplicate=policy)
+            first_ds = make_dataset(study="22.1", series="22.1.1", sop="22.1.1.1", patient="First^Version")
+            second_ds = make_dataset(study="22.1", series="22.1.1", sop="22.1.1.1", patient="Second^Version")
+            opener = self.unsealed(make_dataset(study="22.9", series="22.9.1", sop="22.9.1.1"))
+            results = self.commit_all(archive, [opener, self.unsealed(first_ds), self.unsealed(second_ds)])
+            self.assertEqual(self.successResultOf(results[1]), StoreOutcome.STORED, policy)
+            if second is None:
+                self.failureResultOf(results[2], Duplicate)
+            else:
+                self.assertEqual(self.successResultOf(results[2]), second, policy)
+            path = archive.store.absolute(archive.index.lookup("22.1.1.1").path)
+            expected = "First^Version" if policy in ("keep", "reject") else "Second^Version"
+            self.assertEqual(str(dcmread(path).PatientName), expected, policy)
+            self.assertEqual(len(self.stored_files(archive)), 2, policy)
+            self.assertEqual(os.listdir(archive.store.tmp), [], policy)
+
+    def test_an_object_that_cannot_be_written_fails_alone(self):
+        """A write failing (the disk full) fails its object with the OSError; the group's others are stored."""
+        archive = self.make_archive()
+        broken = self.unsealed(make_dataset(study="23.1", series="23.1.1", sop="23.1.1.2"))
+
+        def full(store):
+            raise OSError(28, "No space left on device")
+
+        broken.seal = full
+        objects = [self.unsealed(make_dataset(study="23.1", series="23.1.1", sop="23.1.1.1")), broken,
+                   self.unsealed(make_dataset(study="23.1", series="23.1.1", sop="23.1.1.3"))]
+        results = self.commit_all(archive, objects)
+        self.assertEqual(self.failureResultOf(results[1], OSError).value.errno, 28)
+        self.assertEqual([self.successResultOf(results[n]) for n in (0, 2)], [StoreOutcome.STORED] * 2)
+        self.assertEqual(archive.index.counts()[3], 2)
+
+    def test_index_failure_fails_the_whole_group(self):
+        """If the group's transaction cannot commit, none of its objects is stored and none of their files stays."""
+        archive = self.make_archive()
+        self.commit_all(archive, [self.unsealed(make_dataset(study="24.1", series="24.1.1", sop="24.1.1.1"))])
+
+        def failing(rows, now):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        self.patch(archive.index, "add_group", failing)
+        objects = [self.unsealed(make_dataset(study="24.1", series="24.1.1", sop=f"24.1.1.{n}")) for n in (2, 3, 4)]
+        results = self.commit_all(archive, objects)
+        for result in results:
+            self.failureResultOf(result, sqlite3.OperationalError)
+        self.assertEqual(archive.index.counts()[3], 1)
+        self.assertEqual(len(self.stored_files(archive)), 1)
+        self.assertEqual(os.listdir(archive.store.tmp), [])
+
+    def test_room_made_for_objects_on_their_way(self):
+        """The free space an object is checked against counts the objects still on their way (not written yet)
+        as taken: with room for two, the third of three arriving together is refused (auto_delete off)."""
+        archive = Archive(self.root, StorageLimits(min_free_space=1, auto_delete=False), "replace", self.clock,
+                          synchronous_runner, self.db)
+        self.addCleanup(archive.close)
+        objects = [self.unsealed(make_dataset(study="25.1", series="25.1.1", sop=f"25.1.1.{n}")) for n in range(4)]
+        size = objects[0].size
+        free = [10 * size]
+        # the file system's free space: what it was, less what the archive stored since
+        self.patch(archive.store, "free_space", lambda: free[0] - archive.size)
+        self.commit_all(archive, objects[:1])  # the archive now knows the free space after a group
+        free[0] = int(2.5 * size) + archive.size
+        archive._free_space = int(2.5 * size)
+        results = [defer.ensureDeferred(archive.commit(obj)) for obj in objects[1:]]
+        self.db.run_all()
+        self.assertEqual([self.successResultOf(r) for r in results[:2]], [StoreOutcome.STORED] * 2)
+        self.assertIn("auto_delete is off", str(self.failureResultOf(results[2], OutOfResources).value))

@@ -305,12 +305,12 @@ class FlowControlTests(SynchronousTestCase):
 
 
 class StreamedObjectTests(SynchronousTestCase):
-    """Objects larger than one chunk: written as they arrive, checked from their first chunk."""
+    """Objects larger than one chunk: written as they arrive, their head checked from the first fragments."""
 
     def setUp(self):
         self.harness = StorageHarness(self)
         self.calls = []
-        for name in ("inspect_prefix", "_examine_sealed"):
+        for name in ("inspect_head", "examine", "refuse_unless_whole_file"):
             original = getattr(storage_module, name)
 
             def recording(*args, _original=original, _name=name):
@@ -325,11 +325,12 @@ class StreamedObjectTests(SynchronousTestCase):
         return dcmread(self.harness.archive.store.absolute(row.path))
 
     def test_first_chunk_reaching_pixel_data_is_enough(self):
-        """A 1 MB image is checked from its first chunk: the file is not read back."""
+        """A 1 MB image is checked from its first fragment, and once whole only its size is compared with what
+        its Pixel Data declares: the file is not read back."""
         ds = make_dataset(sop="1.6.1", patient="Big^Image", pixels=b"\x01\x02" * 500_000)
         response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.1")
         self.assertEqual(response.Status, 0)
-        self.assertEqual(self.calls, [("inspect_prefix", True)])
+        self.assertEqual(self.calls, [("inspect_head", True)])
         self.assertEqual(str(self.stored("1.6.1").PatientName), "Big^Image")
         self.assertEqual(self.harness.archive.index.studies()[0].patient_name, "Big^Image")
 
@@ -339,8 +340,30 @@ class StreamedObjectTests(SynchronousTestCase):
         ds.ImageComments = "x" * (storage_module.CHUNK + 100_000)  # (0020,4000) LT, before the pixel data
         response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.2")
         self.assertEqual(response.Status, 0)
-        self.assertEqual(self.calls, [("inspect_prefix", False), ("_examine_sealed", True)])
+        names = [name for name, _ in self.calls]
+        self.assertEqual(names[-1], "examine")
+        self.assertNotIn(("inspect_head", True), self.calls)
+        self.assertLessEqual(names.count("inspect_head"), storage_module.HEAD_TRIES)
         self.assertEqual(self.harness.archive.index.lookup("1.6.2").sop_uid, "1.6.2")
+
+    def test_elements_after_the_pixel_data_walked_in_the_file(self):
+        """An object with elements after its Pixel Data (here Data Set Trailing Padding) is walked whole in its
+        file, then stored."""
+        ds = make_dataset(sop="1.6.6", pixels=b"\x00\x01" * 300_000)
+        ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 64)
+        response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.6")
+        self.assertEqual(response.Status, 0)
+        self.assertEqual(self.calls, [("inspect_head", True), ("refuse_unless_whole_file", False)])
+        self.assertEqual(self.stored("1.6.6").PixelData, b"\x00\x01" * 300_000)
+
+    def test_pixel_data_shorter_than_declared_refused(self):
+        """A streamed object whose Pixel Data declares more than was sent is not whole: C000, nothing kept."""
+        data = encode_dataset(make_dataset(sop="1.6.7", pixels=b"\x00\x01" * 300_000), EXPLICIT_VR_LITTLE_ENDIAN)
+        response = self.harness.store(data[:-1000], CT_IMAGE_STORAGE, "1.6.7")
+        self.assertEqual(response.Status, 0xC000)
+        self.assertIn("not whole", response.ErrorComment)
+        self.assertEqual(os.listdir(self.harness.archive.store.tmp), [])
+        self.assertEqual(self.harness.archive.index.counts(), (0, 0, 0, 0))
 
     def test_streamed_coercion(self):
         """A large 8-bit image sent as OW is coerced to OB after streaming (B000), pixels intact."""
@@ -354,9 +377,13 @@ class StreamedObjectTests(SynchronousTestCase):
         self.assertEqual(stored.PixelData, pixels)
 
     def test_streamed_mismatch_refused(self):
-        """A large object whose SOP Instance UID differs from the command's is refused (A900), nothing kept."""
+        """A large object whose SOP Instance UID differs from the command's is refused (A900) from its head, the
+        rest drained and never written: nothing kept."""
         ds = make_dataset(sop="1.6.4", pixels=b"\x00\x01" * 400_000)
+        opened = []
+        self.patch(self.harness.archive.store, "open_temp", lambda *args: opened.append(args))
         response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.5")
         self.assertEqual(response.Status, 0xA900)
+        self.assertEqual(opened, [])
         self.assertEqual(os.listdir(self.harness.archive.store.tmp), [])
         self.assertEqual(self.harness.archive.index.counts(), (0, 0, 0, 0))

@@ -22,7 +22,8 @@ from ..dataset.deflate import DEFLATED, InflateLimits, read_deflated
 from ..dataset.metadata import ObjectMetadata, extract
 from ..logs import logger
 from .eviction import StorageLimits, plan, shortfall
-from .index import ArchiveIndex, InstanceRow, Misfiled, Upgrade
+from .groups import GroupRunner
+from .index import ArchiveIndex, InstanceRow, Misfiled, NewInstance, Upgrade
 from .patients import Conflict
 from .store import ObjectStore, TempObject, data_set_offset
 
@@ -50,15 +51,26 @@ class StoreOutcome(enum.Enum):
 
 @dataclass
 class StoredObject:
-    """A received object, sealed in a temporary file and described, ready to commit."""
+    """A received object, checked and described, ready to commit: sealed in a temporary file, or to be written
+    by ``seal`` as it is installed."""
 
-    temp: TempObject
+    temp: Optional[TempObject]
     metadata: ObjectMetadata
     transfer_syntax: str
     source_ae: str
     coerced: bool = False
     #: free space on the archive's file system when the object was sealed (None: not measured)
     free_space: Optional[int] = None
+    #: for an object not written yet (``temp`` None): run on the database thread as it is installed, writes its
+    #: temporary file and fsyncs it (the file discarded if that fails); ``size``: the bytes the file will hold
+    seal: Optional[Callable[[ObjectStore], TempObject]] = None
+    size: int = 0
+    #: the temporary file ``seal`` completes, if there is one already (discarded if the object goes no further)
+    partial: Optional[TempObject] = None
+
+    @property
+    def file_size(self) -> int:
+        return self.temp.size if self.temp is not None else self.size
 
 
 @dataclass
@@ -111,6 +123,12 @@ class Archive:
         #: studies being deleted or evicted right now: a retrieve that pins one too late skips it
         self.deleting = _Pins()
         self.started_at = clock.seconds()
+        #: objects ready to be installed, in groups on the database thread (:meth:`_install_group`)
+        self._installs = GroupRunner(db, self._install_group)
+        #: free space on the archive's file system after the last group was installed (None: not known yet), and
+        #: the bytes of the objects on their way into it since
+        self._free_space: Optional[int] = None
+        self._incoming = 0
 
     def close(self) -> None:
         self.index.close()
@@ -148,17 +166,32 @@ class Archive:
     async def commit(self, obj: StoredObject) -> StoreOutcome:
         """Make room if needed, install the file, index it; only then is the object stored.
 
-        Raises :class:`OutOfResources` or :class:`Duplicate`; the temporary
-        file is gone whatever happens.
+        Objects that become ready while others are being installed are
+        installed together (:meth:`_install_group`: written and fsynced one
+        after the other, then one fsync per directory and one index
+        transaction for all).  Raises :class:`OutOfResources`,
+        :class:`Duplicate` or :class:`Misfiled`; the temporary file is gone
+        whatever happens.
         """
         study_uid = obj.metadata.study_instance_uid
+        incoming = obj.file_size
         self.pin(study_uid)
         try:
-            await self._make_room(obj.temp.size, obj.free_space)
-            outcome, previous, size_delta, conflicts = await self.db(self._install, obj, self.clock.seconds())
+            if obj.temp is not None:  # written already: the free space was measured with it on disk
+                free = None if obj.free_space is None else obj.free_space + incoming
+            else:  # as the last group left it, less what is on its way
+                free = None if self._free_space is None else self._free_space - self._incoming
+            await self._make_room(incoming, free, obj.temp is not None)
+            self._incoming += incoming
+            try:
+                outcome, previous, size_delta, conflicts, self._free_space = await self._installs.submit(
+                    (obj, self.clock.seconds()))
+            finally:
+                self._incoming -= incoming
         except BaseException:
-            yield_ = self.io(self.store.discard, obj.temp)
-            await yield_
+            leftover = obj.temp or obj.partial
+            if leftover is not None:
+                await self.io(self.store.discard, leftover)
             raise
         finally:
             self.unpin(study_uid)
@@ -168,40 +201,91 @@ class Archive:
             await self.io(self.store.remove, previous.path)
         return outcome
 
-    def _install(self, obj: StoredObject, now: float):
-        """Database thread: duplicate policy, rename into place, index commit."""
-        meta = obj.metadata
-        existing = self.index.lookup(meta.sop_instance_uid)
-        if existing is not None and self.on_duplicate == "keep":
-            self.store.discard(obj.temp)
-            self.index.touch_studies([existing.study_uid], now)
-            return StoreOutcome.KEPT_EXISTING, None, 0, ()
-        if existing is not None and self.on_duplicate == "reject":
-            self.store.discard(obj.temp)
-            raise Duplicate(f"SOP instance {meta.sop_instance_uid} is stored already (on_duplicate = reject)")
-        relative = self.store.relative_path_for(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid)
-        self.store.install(obj.temp, relative)
+    def _install_group(self, group: List[Tuple[StoredObject, float]]) -> List[object]:
+        """Database thread: each object not written yet written and fsynced, the duplicate policy, each file
+        renamed into place, every directory involved fsynced once, one index transaction for all (each object in
+        a savepoint of its own).
+
+        One answer per object: (outcome, replaced row or None, size change, conflicts, free space after the
+        group), or the exception that object alone failed with (its file is removed).
+        """
+        answers: List[object] = [None] * len(group)
+        placed: List[Tuple[int, str, NewInstance]] = []  # (position in the group, path, row to index)
+        directories: List[str] = []
+        in_group: Dict[str, int] = {}  # SOP Instance UIDs placed by this group: keep and reject see them too
+        kept: List[int] = []
+        for position, (obj, now) in enumerate(group):
+            meta = obj.metadata
+            if obj.temp is None:
+                try:
+                    obj.temp = obj.seal(self.store)
+                except Exception as error:  # the seal discarded its file
+                    answers[position] = error
+                    continue
+            try:
+                existing = in_group.get(meta.sop_instance_uid)
+                if existing is None and self.on_duplicate != "replace" and self.index.lookup(meta.sop_instance_uid):
+                    existing = -1
+                if existing is not None and self.on_duplicate == "keep":
+                    self.store.discard(obj.temp)
+                    self.index.touch_studies([meta.study_instance_uid], now)
+                    kept.append(position)
+                    continue
+                if existing is not None and self.on_duplicate == "reject":
+                    raise Duplicate(f"SOP instance {meta.sop_instance_uid} is stored already (on_duplicate = reject)")
+                relative = self.store.relative_path_for(meta.study_instance_uid, meta.series_instance_uid,
+                                                        meta.sop_instance_uid)
+                directories += self.store.place(obj.temp, relative)
+            except Exception as error:
+                self.store.discard(obj.temp)
+                answers[position] = error
+                continue
+            in_group[meta.sop_instance_uid] = position
+            placed.append((position, relative,
+                           NewInstance(meta, relative, obj.temp.size, obj.transfer_syntax, obj.source_ae)))
+        added: List[object] = []
+        if placed:
+            try:
+                self.store.sync_directories(directories)
+                added = self.index.add_group([row for _, _, row in placed], group[placed[0][0]][1])
+            except Exception as error:  # nothing of the group was indexed: none of its files stays
+                added = [error] * len(placed)
+        free = self.store.free_space()
+        for position in kept:
+            answers[position] = (StoreOutcome.KEPT_EXISTING, None, 0, (), free)
+        for (position, relative, _), result in zip(placed, added):
+            if isinstance(result, Exception):
+                self._unplace(relative)
+                answers[position] = result
+                continue
+            obj = group[position][0]
+            previous = result.previous
+            delta = obj.temp.size - (previous.size if previous else 0)
+            answers[position] = ((StoreOutcome.REPLACED if previous else StoreOutcome.STORED), previous, delta,
+                                 result.conflicts, free)
+        return answers
+
+    def _unplace(self, relative: str) -> None:
+        """Database thread: remove a file placed for an object that was then not indexed."""
         try:
-            added = self.index.add(meta, relative, obj.temp.size, obj.transfer_syntax, obj.source_ae, now)
-        except BaseException:
             self.store.remove(relative)
-            raise
-        previous = added.previous
-        delta = obj.temp.size - (previous.size if previous else 0)
-        return (StoreOutcome.REPLACED if previous else StoreOutcome.STORED), previous, delta, added.conflicts
+        except OSError as error:  # the start-up check indexes it (a whole, checked object) or removes it
+            _log.error("removing {path}, not indexed, failed: {error}", path=relative, error=error)
 
     # --- storage management ----------------------------------------------------------
 
-    async def _make_room(self, incoming: int, free: Optional[int] = None) -> None:
+    async def _make_room(self, incoming: int, free: Optional[int] = None, written: bool = False) -> None:
+        """Evict until ``incoming`` more bytes fit the limits; ``free``: the free space before they were written
+        (None: measured now); ``written``: whether they are on disk already (a sealed temporary file)."""
         if free is None:
-            free = await self.io(self.store.free_space)
-        # the temporary file already takes its room on disk
-        short = shortfall(self.limits, self.size, free + incoming, incoming)
+            free = await self._measure_free(incoming, written)
+        short = shortfall(self.limits, self.size, free, incoming)
         if short.needed <= 0:
             return
         # appliance-archive may have deleted studies behind our back: count again before evicting
         self.size = await self.db(self.index.total_size)
-        short = shortfall(self.limits, self.size, free + incoming, incoming)
+        free = await self._measure_free(incoming, written)
+        short = shortfall(self.limits, self.size, free, incoming)
         if short.needed <= 0:
             return
         if not self.limits.auto_delete:
@@ -212,6 +296,10 @@ class Archive:
                 f"archive full: eviction freed {freed} of {short.needed} bytes needed, the rest is protected "
                 f"or in use; {short.reason}"
             )
+
+    async def _measure_free(self, incoming: int, written: bool) -> int:
+        """The free space now, less the objects on their way that are not written yet (counted as if they were)."""
+        return await self.io(self.store.free_space) - self._incoming + (incoming if written else 0)
 
     async def eviction_plan(self, target: int, limit: int = 100000):
         candidates = await self.db(lambda: list(islice(self.index.eviction_order(), limit)))

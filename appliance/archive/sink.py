@@ -1,22 +1,29 @@
 """The archive as an object sink (appliance.interfaces.IObjectSink): received data sets to durable files.
 
-Each data set streams to a temporary file as its fragments arrive:
-fragments are gathered into chunks written on the archive's I/O threads,
-and reading from the peer stops while more than :data:`MAX_IN_FLIGHT` bytes
-wait to be written, so the memory one association uses does not grow with
-the object.  A data set that fits in memory is written and fsynced while it
-is checked, in parallel; a larger one is checked from its first chunk while
-the rest is written (read back only when that chunk does not reach the pixel
-data); a deflated one is inflated as a stream.  The checks are
-:mod:`appliance.dataset.checks`; then the file is coerced where the
-statement says, installed and indexed (:meth:`Archive.commit`), and only
-then is it kept.
+An object's head (the elements before its Pixel Data) is checked where it
+arrives (:func:`appliance.dataset.checks.inspect_head`: whole, readable,
+the command's UIDs), as soon as its first fragments hold it, so that an
+object that is not the command's is refused at once and the rest drained.
+Fragments are gathered into chunks; an object larger than :data:`CHUNK`
+streams to a temporary file as they come, written on the archive's I/O
+threads, and reading from the peer stops while more than
+:data:`MAX_IN_FLIGHT` bytes wait to be written, so the memory one
+association uses does not grow with the object.
+
+Once whole, the rest is checked (only the elements from the Pixel Data on
+are walked; the whole object where the head could not be checked, by
+pydicom from its file where the fast scanner cannot vouch for it, inflated
+as a stream when deflated) and the coercion the statement calls for
+applied; then, on the database thread, what is left is written and the
+file fsynced, and the archive installs and indexes it with the objects that
+became ready at the same time (:meth:`Archive.commit`).  Only then is it
+kept.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
+from functools import partial
 from typing import Callable, List, Optional, Tuple
 
 from twisted.internet import defer
@@ -30,10 +37,12 @@ from ..dataset.checks import (
     Refusal,
     Refused,
     apply_coercion,
+    coerce_in_memory,
     inspect_deflated_file,
     inspect_file,
+    inspect_head,
     inspect_memory,
-    inspect_prefix,
+    refuse_unless_whole,
     refuse_unless_whole_file,
 )
 from ..dataset.deflate import DEFLATED, InflateLimits
@@ -42,14 +51,17 @@ from ..logs import logger
 from .archive import Archive, Duplicate, Misfiled, OutOfResources, StoredObject, StoreOutcome
 from .store import ObjectStore, TempObject, part10_header
 
-__all__ = ["ArchiveSink", "ArchiveWriter", "examine", "CHUNK", "MAX_IN_FLIGHT"]
+__all__ = ["ArchiveSink", "ArchiveWriter", "examine", "CHUNK", "MAX_IN_FLIGHT", "HEAD_TRIES"]
 
 _log = logger("appliance.archive")
 
-#: Write to disk in chunks of this size.
+#: Write to disk in chunks of this size; an object that fits in one is held in memory until whole.
 CHUNK = 256 * 1024
 #: Stop reading from the peer while this much is waiting to be written.
 MAX_IN_FLIGHT = 1024 * 1024
+#: The head of a data set is looked for in its first fragments, this many times at most (it is usually within
+#: the first); past that, or past the first chunk, the whole object is checked at the end.
+HEAD_TRIES = 4
 
 
 # --- the I/O thread's jobs -------------------------------------------------------------------------------
@@ -81,15 +93,24 @@ def _examine_deflated(temp: TempObject, header_length: int, description: ObjectD
     return StoredObject(temp, metadata, DEFLATED, description.source_ae, False)
 
 
-def _finish_streamed(store: ObjectStore, temp: TempObject, chunks: List[bytes], header_length: int,
-                     description: ObjectDescription, limits: InflateLimits) -> StoredObject:
-    """I/O thread, for an object already streaming to its file: write the rest, examine, seal."""
+def _finish_unchecked(store: ObjectStore, temp: Optional[TempObject], header: bytes, chunks: List[bytes],
+                      description: ObjectDescription, limits: InflateLimits) -> StoredObject:
+    """I/O thread, for an object whose head could not be checked as it arrived (deflated, no Pixel Data, or one
+    the fast scanner cannot vouch for): write the rest (the file made now if there is none yet), check the whole
+    from the file, coerce, fsync."""
+    if temp is None:
+        temp = store.open_temp([header] + chunks)
+    else:
+        try:
+            store.write(temp, chunks)
+        except BaseException:
+            store.discard(temp)
+            raise
     try:
-        store.write(temp, chunks)
         if description.transfer_syntax == DEFLATED:
-            stored = _examine_deflated(temp, header_length, description, limits, store.tmp)
+            stored = _examine_deflated(temp, len(header), description, limits, store.tmp)
         else:
-            stored = examine(temp, header_length, description.sop_class_uid, description.sop_instance_uid,
+            stored = examine(temp, len(header), description.sop_class_uid, description.sop_instance_uid,
                              description.transfer_syntax, description.source_ae)
     except BaseException:
         store.discard(temp)
@@ -98,46 +119,31 @@ def _finish_streamed(store: ObjectStore, temp: TempObject, chunks: List[bytes], 
     return stored
 
 
-def _finish_sealed(store: ObjectStore, temp: TempObject, chunks: List[bytes], header_length: int,
-                   transfer_syntax: str) -> Tuple[TempObject, int]:
-    """I/O thread: write the rest of a streamed object, check that it is whole, fsync it; the free space after."""
+def _finish_checked(temp: TempObject, chunks: List[bytes], header_length: int, transfer_syntax: str, whole: bool,
+                    coercion: Optional[Coercion], store: ObjectStore) -> TempObject:
+    """Database thread, as a streamed object whose head was checked is installed: write the rest, check that the
+    whole is whole unless that is known, coerce, fsync."""
     try:
         store.write(temp, chunks)
         temp.handle.flush()
-        refuse_unless_whole_file(temp.path, header_length, transfer_syntax)
-        ObjectStore.seal(temp)
+        if not whole:
+            refuse_unless_whole_file(temp.path, header_length, transfer_syntax)
+        _seal_coerced(temp, coercion)
     except BaseException:
         store.discard(temp)
         raise
-    return temp, store.free_space()
+    return temp
 
 
-def _write_sealed(store: ObjectStore, header: bytes, data: bytes) -> Tuple[TempObject, int]:
-    """I/O thread: a new temporary file holding the object, fsynced; and the free space after it."""
+def _write_sealed(header: bytes, data: bytes, store: ObjectStore) -> TempObject:
+    """Database thread, as an object held in memory is installed: a new temporary file holding it, fsynced."""
     temp = store.open_temp([header, data])
     try:
         ObjectStore.seal(temp)
     except BaseException:
         store.discard(temp)
         raise
-    return temp, store.free_space()
-
-
-def _examine_sealed(temp: TempObject, header_length: int, description: ObjectDescription) -> StoredObject:
-    """I/O thread: read a sealed object back with pydicom, check it and coerce it (fsyncing again)."""
-    metadata, coercion = inspect_file(temp.path, header_length, description.sop_class_uid,
-                                      description.sop_instance_uid, description.transfer_syntax)
-    if coercion is not None:
-        _coerce_sealed(temp, coercion)
-    return StoredObject(temp, metadata, description.transfer_syntax, description.source_ae, coercion is not None)
-
-
-def _coerce_sealed(temp: TempObject, coercion: Coercion) -> None:
-    """I/O thread: apply a coercion to a sealed temporary file and fsync it again."""
-    with open(temp.path, "r+b") as handle:
-        apply_coercion(handle, coercion)
-        handle.flush()
-        os.fsync(handle.fileno())
+    return temp
 
 
 # --- the sink -----------------------------------------------------------------------------------------------
@@ -172,10 +178,15 @@ class ArchiveWriter:
         self.refusal: Optional[Refused] = None
         self.temp: Optional[TempObject] = None
         self._chunks: List[bytes] = []
-        self._prefix: Optional[bytes] = None
         self._buffered = 0
         self._in_flight = 0
         self._paused = False
+        #: bytes received so far
+        self.size = 0
+        #: the head's check once the first fragments held it: (metadata, coercion, where Pixel Data starts and
+        #: where the data set ends if it ends with that element, both from the data set's start)
+        self.head: Optional[Tuple] = None
+        self._head_tries = HEAD_TRIES if description.transfer_syntax in PLAIN_SYNTAXES else 0
         self._header = part10_header(
             description.sop_class_uid, description.sop_instance_uid, description.transfer_syntax,
             sink.implementation_class_uid, sink.implementation_version_name, description.source_ae,
@@ -200,8 +211,37 @@ class ArchiveWriter:
             return  # drained: the data set is read and dropped, then refused
         self._chunks.append(data)
         self._buffered += len(data)
+        self.size += len(data)
+        if self._head_tries:
+            self._look_at_head()
+            if self.refusal is not None:
+                self._chunks, self._buffered = [], 0
+                return
         if self._buffered >= CHUNK:
             self._flush()
+
+    def _look_at_head(self) -> None:
+        """Check the head once the fragments reach Pixel Data (the scanner reads no further).  Given up after a
+        few fragments, or once the first chunk went to the file: then the whole is checked at the end."""
+        self._head_tries -= 1
+        if self.temp is not None or self._in_flight:
+            self._head_tries = 0
+            return
+        chunks = self._chunks
+        prefix = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        description = self.description
+        try:
+            head = inspect_head(prefix, 0, description.sop_class_uid, description.sop_instance_uid,
+                                description.transfer_syntax)
+            if head is None:
+                return  # Pixel Data not reached yet, or none (or one the scanner cannot vouch for): checked whole
+            # the head is whole; the rest is walked once it is there (together they say what the whole says)
+            refuse_unless_whole(prefix, 0, head[2], description.transfer_syntax)
+        except Refused as refusal:  # not the command's object, or broken: no need to wait for the rest
+            self.refusal = refusal
+            return
+        self._head_tries = 0
+        self.head = head
 
     def _flush(self) -> None:
         if not self._chunks:
@@ -209,10 +249,6 @@ class ArchiveWriter:
         chunks, size = self._chunks, self._buffered
         self._chunks, self._buffered = [], 0
         self._in_flight += size
-        if self._prefix is None:
-            # the first chunk (one CHUNK and a PDU at most) stays for the check at the end: the
-            # attributes before the pixel data are almost always in it, so the file is not read back
-            self._prefix = b"".join(chunks)
 
         def write(_):
             if self.refusal is not None:
@@ -248,15 +284,8 @@ class ArchiveWriter:
             raise self.refusal
         chunks, self._chunks, self._buffered = self._chunks, [], 0
         temp, self.temp = self.temp, None  # from here on, the code below stores it or discards it
-        syntax = self.description.transfer_syntax
         try:
-            if temp is None and syntax in PLAIN_SYNTAXES:
-                stored = await self._receive_small(b"".join(chunks))
-            elif temp is None:  # deflated: inflated as a stream from its file
-                temp = await self.archive.io(self.archive.store.open_temp, [self._header] + chunks)
-                chunks = []
-            if temp is not None:
-                stored = await self._receive_streamed(temp, chunks)
+            stored = await self._seal(temp, chunks)
         except OSError as error:
             raise Refused(Refusal.OUT_OF_RESOURCES, f"cannot write to the archive: {error.strerror}") from None
         try:
@@ -281,58 +310,44 @@ class ArchiveWriter:
                       ae=self.description.source_ae, outcome=duplicate)
         return Kept(coerced=stored.coerced, duplicate=duplicate)
 
-    async def _receive_streamed(self, temp: TempObject, chunks: List[bytes]) -> StoredObject:
-        """An object already streaming to its file: finish and fsync it while its first chunk is checked.
+    async def _seal(self, temp: Optional[TempObject], chunks: List[bytes]) -> StoredObject:
+        """The whole object checked and coerced, ready to be written (what is left of it) and fsynced as it is
+        installed (:meth:`Archive.commit`).
 
-        Falls back to reading the file back with pydicom when the first chunk
-        does not reach the pixel data.
+        Held in memory (``temp`` None), it is checked here, where it arrived
+        (the head already was, so only the elements from Pixel Data on are
+        walked; a data set of up to a chunk otherwise).  Streamed, only what
+        the head left open is checked, as it is installed.  An object whose
+        head could not be checked is checked whole from its file, on an I/O
+        thread, first.  Whatever fails, the file is discarded.
         """
-        prefix, self._prefix = self._prefix, None
-        description = self.description
-        if prefix is None or description.transfer_syntax not in PLAIN_SYNTAXES:
-            return await self.archive.io(_finish_streamed, self.archive.store, temp, chunks, len(self._header),
-                                         description, self.sink.limits)
-        writing = self.archive.io(_finish_sealed, self.archive.store, temp, chunks, len(self._header),
-                                  description.transfer_syntax)
-        checking = self.archive.io(inspect_prefix, prefix, len(self._header), description.sop_class_uid,
-                                   description.sop_instance_uid, description.transfer_syntax)
-        return await self._write_while_checking(writing, checking)
-
-    async def _receive_small(self, data: bytes) -> StoredObject:
-        """A data set held whole in memory: write and fsync it while it is checked, in parallel."""
-        description = self.description
-        writing = self.archive.io(_write_sealed, self.archive.store, self._header, data)
-        checking = self.archive.io(inspect_memory, data, len(self._header), description.sop_class_uid,
-                                   description.sop_instance_uid, description.transfer_syntax)
-        return await self._write_while_checking(writing, checking)
-
-    async def _write_while_checking(self, writing: defer.Deferred, checking: defer.Deferred) -> StoredObject:
-        """Join a file being written and fsynced (fires with (temp, free space)) and its check, run in parallel.
-
-        A check that could not decide (None: the first chunk did not reach the
-        pixel data) is done again on the sealed file.  Whatever fails, the
-        file is discarded.
-        """
-        (wrote, written), (checked, inspected) = await defer.DeferredList([writing, checking], consumeErrors=True)
-        if not wrote:
-            written.raiseException()  # the writer discarded the file itself
-        temp, free_space = written
-        description = self.description
-        try:
-            if not checked:
-                inspected.raiseException()
-            if inspected is None:
-                stored = await self.archive.io(_examine_sealed, temp, len(self._header), description)
-                stored.free_space = free_space
-                return stored
-            metadata, coercion = inspected
+        description, archive, header = self.description, self.archive, self._header
+        syntax = description.transfer_syntax
+        if syntax not in PLAIN_SYNTAXES or (self.head is None and temp is not None):
+            return await archive.io(_finish_unchecked, archive.store, temp, header, chunks, description,
+                                    self.sink.limits)
+        if temp is None:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if self.head is not None:
+                metadata, coercion, pixel_offset, _ = self.head
+                refuse_unless_whole(data, pixel_offset, len(data), syntax, origin=0)
+            else:
+                metadata, coercion = inspect_memory(data, 0, description.sop_class_uid,
+                                                    description.sop_instance_uid, syntax)
             if coercion is not None:
-                await self.archive.io(_coerce_sealed, temp, coercion)
-        except BaseException:
-            await self.archive.discard(temp)
-            raise
-        return StoredObject(temp, metadata, description.transfer_syntax, description.source_ae, coercion is not None,
-                            free_space)
+                data = coerce_in_memory(data, coercion)
+            seal = partial(_write_sealed, header, data)
+            size = len(header) + len(data)
+        else:
+            metadata, coercion, _, end = self.head
+            if coercion is not None:  # its offset counts from the data set, the file starts with our header
+                coercion = Coercion(coercion.offset + len(header), coercion.big_endian, coercion.length)
+            # a data set that ends where its Pixel Data declares was walked whole: the head, and that element
+            whole = end is not None and end == self.size
+            seal = partial(_finish_checked, temp, chunks, len(header), syntax, whole, coercion)
+            size = temp.size + sum(len(chunk) for chunk in chunks)
+        return StoredObject(None, metadata, syntax, description.source_ae, coercion is not None, seal=seal,
+                            size=size, partial=temp)
 
     async def _discard(self) -> None:
         if self.temp is not None:
