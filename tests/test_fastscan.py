@@ -322,16 +322,38 @@ class LevelMemoTests(SynchronousTestCase):
                    variant("1.2.3.4", weight="-0"), variant("1.2.3.5", weight="0"), variant("1.2.3.6", weight="-0"),
                    variant("1.2.3.7", charset="ISO_IR 100"), variant("1.2.3.8", charset="ISO_IR 192"),
                    variant("1.2.3.9", syntax=IMPLICIT_VR_LITTLE_ENDIAN), variant("1.2.3.10"), variant("1.2.3.2")]
-        memo = fastscan._LAST_LEVEL
+        memo = fastscan._RECENT_LEVELS
         for data, syntax in objects:
             remembered = fastscan.scan(data, 0, syntax)
-            memo[:] = [None] * len(memo)
+            memo[:] = [()] * len(memo)
             afresh = fastscan.scan(data, 0, syntax)
             self.assertIsNotNone(afresh)
             self.assertEqual(remembered, afresh)
         data, syntax = objects[5]
         metadata = fastscan.scan(data, 0, syntax)[0]
         self.assertIn("-0.0", metadata.patient_json + metadata.study_json)  # after a "0", still its own
+
+    def test_interleaved_series_reuse_their_own_levels(self):
+        """Objects of three series arriving interleaved (three senders at once) find their patient, study and
+        series levels among the recent ones: only their instance level is decoded again, and every answer is the
+        one a fresh scan gives."""
+        def object_of(series, number):
+            ds = make_dataset(patient=f"Patient^{series}", patient_id=f"P{series}", study=f"1.2.{series}",
+                              series=f"1.2.{series}.1", sop=f"1.2.{series}.1.{number}")
+            return encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN)
+
+        objects = [object_of(series, number) for number in range(4) for series in range(3)]
+        decoded = []
+        level = fastscan._level
+        self.patch(fastscan, "_level", lambda data, found, index, *rest: (decoded.append(index),
+                                                                          level(data, found, index, *rest))[1])
+        fastscan._RECENT_LEVELS[:] = [()] * len(fastscan._RECENT_LEVELS)
+        answers = [fastscan.scan(data, 0, EXPLICIT_VR_LITTLE_ENDIAN) for data in objects]
+        self.assertEqual(decoded[:12], [0, 1, 2, 3] * 3)  # each series' first object: every level
+        self.assertEqual(decoded[12:], [3] * 9)  # then only the instances
+        for data, answer in zip(objects, answers):
+            fastscan._RECENT_LEVELS[:] = [()] * len(fastscan._RECENT_LEVELS)
+            self.assertEqual(answer, fastscan.scan(data, 0, EXPLICIT_VR_LITTLE_ENDIAN))
 
 
 class StructureTests(Differential, SynchronousTestCase):

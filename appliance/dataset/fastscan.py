@@ -713,12 +713,15 @@ def _scan(data: bytes, header_length: int, transfer_syntax: str, levels: frozens
     for index, source in enumerate(sources):
         with_json = LEVELS[index] in levels
         slot = index * 2 + with_json
-        last = _LAST_LEVEL[slot]
-        if last is not None and last[0] == source:
-            text, level_columns = last[1], last[2]
+        recent = _RECENT_LEVELS[slot]
+        for known in recent:
+            if known[0] == source:
+                text, level_columns = known[1], known[2]
+                break
         else:
             text, level_columns = _level(data, found, index, with_json, syntax, codec)
-            _LAST_LEVEL[slot] = (source, text, level_columns)
+            # the newest first, the oldest forgotten: a new tuple replaces the slot's whole (threads scan at once)
+            _RECENT_LEVELS[slot] = ((source, text, level_columns),) + recent[:_RECENT - 1]
         columns.update(level_columns)
         levels_json.append(text)
     for name, _ in _UID_COLUMNS:
@@ -797,11 +800,12 @@ def _level(data: bytes, found, index: int, with_json: bool, syntax: _Syntax, cod
     return M.dump_level(level), columns
 
 
-#: per level and whether its JSON was built, the last [what decoding its elements depends on, their bytes...], its
-#: JSON text and its columns: the objects of a series arrive one after another with the same patient, study and
-#: series elements, and comparing bytes costs less than decoding again.  Each slot holds a tuple replaced whole
-#: (threads scan at once).
-_LAST_LEVEL: List[Optional[Tuple[list, Optional[str], Dict[str, object]]]] = [None] * (2 * len(_LEVEL_KEYS))
+#: per level and whether its JSON was built, the last few [what decoding its elements depends on, their bytes...]
+#: seen, with their JSON text and columns, the newest first: the objects of a series arrive one after another with
+#: the same patient, study and series elements (several series at once from several senders), and comparing bytes
+#: costs less than decoding again.  Each slot holds a tuple replaced whole (threads scan at once).
+_RECENT = 8
+_RECENT_LEVELS: List[Tuple[Tuple[list, Optional[str], Dict[str, object]], ...]] = [()] * (2 * len(_LEVEL_KEYS))
 _TAG_LEVEL: Dict[int, int] = {tag: index for index, keys in enumerate(_LEVEL_KEYS) for tag, _ in keys}
 #: per level, its attributes' tags, and those of its attributes that are columns
 _LEVEL_TAGS: Tuple[Tuple[int, ...], ...] = tuple(tuple(tag for tag, _ in keys) for keys in _LEVEL_KEYS)
