@@ -134,6 +134,7 @@ class ArchiveService(Service):
 
     def _report(self, size: int, result) -> None:
         self.archive.size = size
+        self.archive.prepare()  # after the check, which removes the temporary files it finds
         self._log.info(
             "archive {root}: {size} bytes; start-up check removed {temps} unfinished temporary files, "
             "{stale} never-indexed files, {missing} rows without files; indexed {reindexed} whole objects "

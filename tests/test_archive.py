@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from functools import partial
 
 from pydicom import dcmread
@@ -102,7 +103,7 @@ class ArchiveTests(SynchronousTestCase):
         self.assertEqual(read.file_meta.ImplementationClassUID, IMPLEMENTATION_CLASS_UID)
         self.assertEqual(self.archive.size, len(content))
         self.assertEqual(self.archive.index.counts(), (1, 1, 1, 1))
-        self.assertEqual(os.listdir(self.archive.store.tmp), [])
+        self.assertEqual(self.archive.store.leftovers(), [])
 
     def test_counters_across_levels(self):
         """Series and instance counters follow stores into one study and two series."""
@@ -136,7 +137,7 @@ class ArchiveTests(SynchronousTestCase):
         self.assertEqual(outcome, StoreOutcome.KEPT_EXISTING)
         path = archive.store.absolute(archive.index.lookup("1.5.2").path)
         self.assertEqual(str(dcmread(path).PatientName), "First^Name")
-        self.assertEqual(os.listdir(archive.store.tmp), [])
+        self.assertEqual(archive.store.leftovers(), [])
 
     def test_duplicate_reject(self):
         """on_duplicate = reject: the second store fails with Duplicate and leaves nothing behind."""
@@ -145,7 +146,7 @@ class ArchiveTests(SynchronousTestCase):
         self.store(archive, ds)
         stored, _ = self.receive(archive, ds)
         self.failureResultOf(defer.ensureDeferred(archive.commit(stored)), Duplicate)
-        self.assertEqual(os.listdir(archive.store.tmp), [])
+        self.assertEqual(archive.store.leftovers(), [])
         self.assertEqual(archive.index.counts()[3], 1)
 
     def test_eviction_least_recently_accessed_first(self):
@@ -171,11 +172,12 @@ class ArchiveTests(SynchronousTestCase):
         """With auto_delete off, a full archive refuses with OutOfResources and keeps nothing partial."""
         self.store(self.archive, make_dataset(study="3.1", series="3.1.1", sop="3.1.1.1"))
         limits = StorageLimits(max_archive_size=self.archive.size + 10, min_free_space=0, auto_delete=False)
+        self.archive.store.discard_spares()  # another archive on the same folder: its spares are not ours
         archive = self.make_archive(limits)
         stored, _ = self.receive(archive, make_dataset(study="3.2", series="3.2.1", sop="3.2.1.1"))
         failure = self.failureResultOf(defer.ensureDeferred(archive.commit(stored)), OutOfResources)
         self.assertIn("auto_delete is off", str(failure.value))
-        self.assertEqual(os.listdir(archive.store.tmp), [])
+        self.assertEqual(archive.store.leftovers(), [])
         self.assertEqual(archive.index.counts()[3], 1)
 
     def test_pinned_study_not_evicted(self):
@@ -212,13 +214,14 @@ class ArchiveTests(SynchronousTestCase):
             handle.write(b"half")
         # a file lost behind the index's back
         os.unlink(store.absolute(self.archive.index.lookup("6.2.1.1").path))
+        store.discard_spares()  # the check runs at start-up, before any spare is made
         result = _reconcile(store, self.archive.index_path, started_before=float("inf"))
         self.assertEqual(result.temps, ["dead.part"])
         self.assertEqual([row.sop_uid for row in result.missing], ["6.2.1.1"])
         self.assertEqual(len(result.quarantined), 1)
         self.assertFalse(os.path.exists(store.absolute(garbage)))
         self.assertTrue(os.path.exists(result.quarantined[0]))
-        self.assertEqual(os.listdir(store.tmp), [])
+        self.assertEqual(store.leftovers(), [])
         self.assertEqual([s.study_uid for s in self.archive.index.studies()], ["6.1"])
 
     def test_reconcile_indexes_whole_objects_the_index_lost(self):
@@ -279,7 +282,7 @@ class ArchiveTests(SynchronousTestCase):
         failure = self.failureResultOf(defer.ensureDeferred(self.archive.commit(stored)), Misfiled)
         self.assertEqual(str(failure.value), "series 10.1.1 belongs to study 10.1")
         self.assertEqual(self.archive.index.counts(), (1, 1, 1, 1))
-        self.assertEqual(os.listdir(self.archive.store.tmp), [])
+        self.assertEqual(self.archive.store.leftovers(), [])
         self.assertEqual(sum(len(files) for _, _, files in os.walk(self.archive.store.objects)), 1)
         self.assertGreater(self.successResultOf(defer.ensureDeferred(self.archive.delete_study("10.1"))), 0)
         self.assertEqual(self.archive.index.counts(), (0, 0, 0, 0))
@@ -530,7 +533,7 @@ class GroupCommitTests(SynchronousTestCase):
                                                  os.path.join(study, uid_hash("20.1.1")[:40])]))
         self.assertEqual(archive.index.counts(), (1, 1, 2, 5))
         self.assertEqual(len(self.stored_files(archive)), 5)
-        self.assertEqual(os.listdir(archive.store.tmp), [])
+        self.assertEqual(archive.store.leftovers(), [])
         self.assertEqual(archive.size, sum(os.path.getsize(archive.store.absolute(row.path))
                                            for row in archive.index.all_instances()))
         row = archive.index.lookup("20.1.9.3")
@@ -552,7 +555,7 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(results[3]), StoreOutcome.STORED)
         self.assertEqual(archive.index.counts(), (1, 1, 1, 4))
         self.assertEqual(len(self.stored_files(archive)), 4)
-        self.assertEqual(os.listdir(archive.store.tmp), [])
+        self.assertEqual(archive.store.leftovers(), [])
 
     def test_duplicates_within_a_group(self):
         """The same SOP instance twice in one group: replace keeps the later, keep the earlier, reject refuses the
@@ -574,7 +577,7 @@ class GroupCommitTests(SynchronousTestCase):
             expected = "First^Version" if policy in ("keep", "reject") else "Second^Version"
             self.assertEqual(str(dcmread(path).PatientName), expected, policy)
             self.assertEqual(len(self.stored_files(archive)), 2, policy)
-            self.assertEqual(os.listdir(archive.store.tmp), [], policy)
+            self.assertEqual(archive.store.leftovers(), [], policy)
 
     def test_an_object_that_cannot_be_written_fails_alone(self):
         """A write failing (the disk full) fails its object with the OSError; the group's others are stored."""
@@ -607,7 +610,7 @@ class GroupCommitTests(SynchronousTestCase):
             self.failureResultOf(result, sqlite3.OperationalError)
         self.assertEqual(archive.index.counts()[3], 1)
         self.assertEqual(len(self.stored_files(archive)), 1)
-        self.assertEqual(os.listdir(archive.store.tmp), [])
+        self.assertEqual(archive.store.leftovers(), [])
 
     def test_room_made_for_objects_on_their_way(self):
         """The free space an object is checked against counts the objects still on their way (not written yet)
@@ -627,3 +630,59 @@ class GroupCommitTests(SynchronousTestCase):
         self.db.run_all()
         self.assertEqual([self.successResultOf(r) for r in results[:2]], [StoreOutcome.STORED] * 2)
         self.assertIn("auto_delete is off", str(self.failureResultOf(results[2], OutOfResources).value))
+
+
+class SpareFileTests(SynchronousTestCase):
+    """Temporary files made ahead of need: an object being installed takes one instead of creating its file."""
+
+    def test_spares_made_taken_and_discarded(self):
+        from appliance.archive.store import ObjectStore
+
+        store = ObjectStore(self.mktemp(), spares=3)
+        self.assertTrue(store.needs_spares)
+        self.assertEqual(store.make_spares(), 3)
+        self.assertEqual(store.make_spares(), 0)
+        spares = sorted(os.listdir(store.tmp))
+        self.assertEqual(len(spares), 3)
+        temp = store.open_temp([b"data"])
+        self.assertIn(os.path.basename(temp.path), spares)  # no new file: a spare
+        self.assertEqual(sorted(os.listdir(store.tmp)), spares)
+        store.seal(temp)
+        with open(temp.path, "rb") as handle:
+            self.assertEqual(handle.read(), b"data")
+        self.assertTrue(store.needs_spares)
+        store.discard_spares()
+        self.assertEqual(os.listdir(store.tmp), [os.path.basename(temp.path)])
+        other = store.open_temp([b"more"])  # none left: made at once
+        self.assertNotIn(os.path.basename(other.path), spares)
+
+    def test_archive_keeps_spares_made(self):
+        """After each commit the archive tops the spares up (an I/O job); closing removes them; spares a crash
+        left behind are temporary files the start-up check removes."""
+        root = self.mktemp()
+        clock = Clock()
+        clock.advance(1_000_000)
+        archive = Archive(root, StorageLimits(min_free_space=0), "replace", clock, synchronous_runner,
+                          synchronous_runner)
+        archive.prepare()
+        self.assertEqual(len(os.listdir(archive.store.tmp)), archive.store.spares_wanted)
+        ds = make_dataset(sop="30.1")
+        data = encode_dataset(ds, EXPLICIT_LE)
+        header = part10_header(ds.SOPClassUID, ds.SOPInstanceUID, EXPLICIT_LE, IMPLEMENTATION_CLASS_UID, "T", "SCU")
+        metadata, _ = inspect_memory(data, 0, ds.SOPClassUID, ds.SOPInstanceUID, EXPLICIT_LE)
+        stored = StoredObject(None, metadata, EXPLICIT_LE, "SCU", seal=partial(_write_sealed, header, data),
+                              size=len(header) + len(data))
+        self.assertEqual(self.successResultOf(defer.ensureDeferred(archive.commit(stored))), StoreOutcome.STORED)
+        self.assertEqual(len(os.listdir(archive.store.tmp)), archive.store.spares_wanted)  # taken, made again
+        left = sorted(os.listdir(archive.store.tmp))
+        archive.store._spares.clear()  # as if the process had been killed
+        archive.close()
+        clock.advance(time.time() + 60 - clock.seconds())  # a restart, later than those files were made
+        again = Archive(root, StorageLimits(min_free_space=0), "replace", clock, synchronous_runner,
+                        synchronous_runner)
+        result = self.successResultOf(again.reconcile())
+        self.assertEqual(sorted(result.temps), left)
+        self.assertEqual(os.listdir(again.store.tmp), [])
+        again.prepare()
+        again.close()
+        self.assertEqual(os.listdir(again.store.tmp), [])

@@ -148,8 +148,7 @@ class DeflatedStoreTests(SynchronousTestCase):
                                                                           ratio_floor=16 << 20))
 
     def leftovers(self):
-        tmp = os.path.join(self.harness.archive.root, "tmp")
-        return os.listdir(tmp) if os.path.isdir(tmp) else []
+        return self.harness.archive.store.leftovers()
 
     def test_good_deflated_object_stored_as_received(self):
         ds = make_dataset(sop="1.2.826.0.1.9.2", pixels=bytes(range(256)) * 64)

@@ -460,7 +460,7 @@ class CorpusCheck:
             test.assertEqual(self.server.stored_dataset(sop_uid), expected, item.name)
         test.assertEqual(archive.index.counts()[3], len(self.last))
         test.assertEqual(len(self.server.files_under("objects")), len(self.last))
-        test.assertEqual(self.server.files_under("tmp"), [])
+        test.assertEqual(self.server.archive.store.leftovers(), [])
 
     def report(self) -> None:
         test = self.testcase
@@ -627,7 +627,7 @@ class StorescuStatusTests(unittest.TestCase):
         self.assertEqual(server.stored_dataset(sop), dataset_bytes(first_path))
         self.assertEqual(str(dcmread(server.archive.store.absolute(stored_path)).PatientName), "First^Copy")
         self.assertEqual(server.archive.index.counts(), (1, 1, 1, 1))
-        self.assertEqual(server.files_under("tmp"), [])
+        self.assertEqual(server.archive.store.leftovers(), [])
         self.assertEqual(len(server.files_under("objects")), 1)
         return again, first_path, second_path
 
@@ -660,7 +660,7 @@ class StorescuStatusTests(unittest.TestCase):
         self.assertIn("auto_delete is off", run.output)  # the Error Comment storescu shows
         self.assertIsNone(server.archive.index.lookup(large.SOPInstanceUID))
         self.assertEqual(server.stored_dataset(small.SOPInstanceUID), dataset_bytes(small_path))
-        self.assertEqual(server.files_under("tmp"), [])
+        self.assertEqual(server.archive.store.leftovers(), [])
         objects = server.files_under("objects")
         self.assertEqual(len(objects), 1)
         self.assertEqual(server.archive.size, os.path.getsize(objects[0]))
@@ -708,7 +708,7 @@ class StorescuLargeAndConcurrentTests(unittest.TestCase):
         self.assertLessEqual(writes[0], header + chunk_limit)
         self.assertLessEqual(max(writes[1:]), chunk_limit)
         self.assertGreaterEqual(len(writes), len(stored) // chunk_limit)
-        self.assertEqual(server.files_under("tmp"), [])
+        self.assertEqual(server.archive.store.leftovers(), [])
 
     @deferred_test
     async def test_three_storescu_into_one_study(self):

@@ -711,7 +711,7 @@ class ConversionTests(SynchronousTestCase):
         self.assertEqual(syntax, ILE)
         self.assertEqual(data, encode_dataset(dcmread(path), ILE))
         self.assertEqual(data, encode_dataset(ds, ILE))
-        self.assertEqual(os.listdir(harness.archive.store.tmp), [])
+        self.assertEqual(harness.archive.store.leftovers(), [])
 
     def test_big_to_little_endian_keeps_values(self):
         """Stored explicit VR big endian, destination accepts explicit little endian only: 16-bit pixel words

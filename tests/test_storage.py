@@ -75,9 +75,10 @@ class StoreStatusTests(SynchronousTestCase):
         self.harness = StorageHarness(self)
 
     def stored_files(self):
-        found = []
-        for directory, _, files in os.walk(self.harness.archive.root):
-            found += [os.path.join(directory, f) for f in files if f.endswith(".dcm") or f.endswith(".part")]
+        store = self.harness.archive.store
+        found = [os.path.join(store.tmp, name) for name in store.leftovers()]  # not the spare (empty) ones
+        for directory, _, files in os.walk(store.objects):
+            found += [os.path.join(directory, f) for f in files if f.endswith(".dcm")]
         return found
 
     def test_success_in_each_uncompressed_syntax(self):
@@ -234,7 +235,7 @@ class FullArchiveTests(SynchronousTestCase):
         response = harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.3.1")
         self.assertEqual(response.Status, 0xA700)
         self.assertIn("auto_delete is off", response.ErrorComment)
-        self.assertEqual(os.listdir(harness.archive.store.tmp), [])
+        self.assertEqual(harness.archive.store.leftovers(), [])
         self.assertEqual(harness.archive.index.counts(), (0, 0, 0, 0))
 
     def test_enospc_while_writing(self):
@@ -253,7 +254,7 @@ class FullArchiveTests(SynchronousTestCase):
         response = harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.3.2")
         self.assertEqual(response.Status, 0xA700)
         self.assertIn("No space left on device", response.ErrorComment)
-        self.assertEqual(os.listdir(store.tmp), [])
+        self.assertEqual(store.leftovers(), [])
         store.write = original
         again = harness.store(encode_dataset(make_dataset(sop="1.3.3"), EXPLICIT_VR_LITTLE_ENDIAN),
                               CT_IMAGE_STORAGE, "1.3.3", protocol=True)
@@ -272,7 +273,7 @@ class FullArchiveTests(SynchronousTestCase):
         for encoded in pdus[: len(pdus) // 2]:
             protocol.dataReceived(encoded)
         protocol.connectionLost(None)
-        self.assertEqual(os.listdir(harness.archive.store.tmp), [])
+        self.assertEqual(harness.archive.store.leftovers(), [])
         self.assertEqual(harness.archive.index.counts(), (0, 0, 0, 0))
 
 
@@ -362,7 +363,7 @@ class StreamedObjectTests(SynchronousTestCase):
         response = self.harness.store(data[:-1000], CT_IMAGE_STORAGE, "1.6.7")
         self.assertEqual(response.Status, 0xC000)
         self.assertIn("not whole", response.ErrorComment)
-        self.assertEqual(os.listdir(self.harness.archive.store.tmp), [])
+        self.assertEqual(self.harness.archive.store.leftovers(), [])
         self.assertEqual(self.harness.archive.index.counts(), (0, 0, 0, 0))
 
     def test_streamed_coercion(self):
@@ -385,5 +386,5 @@ class StreamedObjectTests(SynchronousTestCase):
         response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.5")
         self.assertEqual(response.Status, 0xA900)
         self.assertEqual(opened, [])
-        self.assertEqual(os.listdir(self.harness.archive.store.tmp), [])
+        self.assertEqual(self.harness.archive.store.leftovers(), [])
         self.assertEqual(self.harness.archive.index.counts(), (0, 0, 0, 0))

@@ -412,7 +412,8 @@ def check_archive(archive_root: str, sent: Dict[str, bytes], acknowledged: Itera
 
     ``sent`` maps SOP Instance UIDs to the data set bytes sent; files in
     tmp/ last modified before ``restarted_at`` count as leftovers (pass
-    ``float("inf")`` when nothing may be there at all).
+    ``float("inf")`` when nothing may be there at all), but for empty ones
+    (the spare files a running appliance keeps).
     """
     findings = Findings()
     rows = index_rows(archive_root)
@@ -452,10 +453,13 @@ def check_archive(archive_root: str, sent: Dict[str, bytes], acknowledged: Itera
     tmp = os.path.join(archive_root, "tmp")
     for name in sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []:
         try:
-            if os.stat(os.path.join(tmp, name)).st_mtime < restarted_at:
-                findings.leftovers.append(name)
+            stat = os.stat(os.path.join(tmp, name))
         except FileNotFoundError:
             continue
+        # empty files are the spare temporary files a running appliance makes ahead of need (a store's file
+        # starts with its File Meta Information at once)
+        if stat.st_size and stat.st_mtime < restarted_at:
+            findings.leftovers.append(name)
     return findings
 
 

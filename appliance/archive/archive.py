@@ -34,6 +34,10 @@ Runner = Callable[..., defer.Deferred]
 
 _log = logger("appliance.archive")
 
+#: Empty temporary files kept made ahead of need (:meth:`ObjectStore.make_spares`): one per object being installed
+#: at once, roughly.
+SPARE_FILES = 4
+
 
 class OutOfResources(Exception):
     """No room for the object (A700)."""
@@ -113,7 +117,7 @@ class Archive:
         self.io = io
         self.db = db
         self.inflate_limits = inflate_limits
-        self.store = ObjectStore(root)
+        self.store = ObjectStore(root, spares=SPARE_FILES)
         self.index_path = os.path.join(root, "index.sqlite")
         self.index = ArchiveIndex(self.index_path, read_object=self._read_indexed)
         if self.index.upgrade is not None:
@@ -129,8 +133,10 @@ class Archive:
         #: the bytes of the objects on their way into it since
         self._free_space: Optional[int] = None
         self._incoming = 0
+        self._making_spares = False
 
     def close(self) -> None:
+        self.store.discard_spares()
         self.index.close()
 
     def _read_indexed(self, relative: str) -> Optional[ObjectMetadata]:
@@ -197,9 +203,23 @@ class Archive:
             self.unpin(study_uid)
         self.size += size_delta
         log_conflicts(conflicts)
+        self.prepare()
         if previous is not None:
             await self.io(self.store.remove, previous.path)
         return outcome
+
+    def prepare(self) -> None:
+        """Make spare temporary files on an I/O thread if fewer than wanted wait (one such job at a time)."""
+        if self._making_spares or not self.store.needs_spares:
+            return
+        self._making_spares = True
+
+        def made(result):
+            self._making_spares = False
+            return result
+
+        self.io(self.store.make_spares).addBoth(made).addErrback(
+            lambda failure: _log.warn("making spare temporary files failed: {error}", error=failure.value))
 
     def _install_group(self, group: List[Tuple[StoredObject, float]]) -> List[object]:
         """Database thread: each object not written yet written and fsynced, the duplicate policy, each file

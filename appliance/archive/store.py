@@ -11,13 +11,14 @@ acknowledged and are removed by :meth:`ObjectStore.reconcile`.
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import os
 import secrets
 import struct
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Deque, Iterator, List, Optional, Tuple
 
 from ..dataset.part10 import part10_header
 
@@ -94,20 +95,24 @@ class TempObject:
 class ObjectStore:
     """Files of the archive under ``root``."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, spares: int = 0) -> None:
         self.root = root
         self.tmp = os.path.join(root, _TMP)
         self.objects = os.path.join(root, _OBJECTS)
         for path in (self.root, self.tmp, self.objects):
             os.makedirs(path, exist_ok=True)
+        #: empty temporary files made ahead of need (:meth:`make_spares`), taken by :meth:`open_temp`
+        self.spares_wanted = spares
+        self._spares: Deque[TempObject] = collections.deque()
 
     # --- receiving ---------------------------------------------------------
 
     def open_temp(self, chunks: Optional[List[bytes]] = None) -> TempObject:
-        """A new temporary file in tmp/, with ``chunks`` written to it."""
-        path = os.path.join(self.tmp, secrets.token_hex(16) + ".part")
-        handle = open(path, "x+b")  # read back for the OW to OB coercion
-        temp = TempObject(path, handle)
+        """A new temporary file in tmp/ (a spare one if there is one), with ``chunks`` written to it."""
+        try:
+            temp = self._spares.popleft()
+        except IndexError:
+            temp = self._new_temp()
         if chunks:
             try:
                 self.write(temp, chunks)
@@ -115,6 +120,39 @@ class ObjectStore:
                 self.discard(temp)
                 raise
         return temp
+
+    def _new_temp(self) -> TempObject:
+        path = os.path.join(self.tmp, secrets.token_hex(16) + ".part")
+        return TempObject(path, open(path, "x+b"))  # read back for the OW to OB coercion
+
+    @property
+    def needs_spares(self) -> bool:
+        return len(self._spares) < self.spares_wanted
+
+    def make_spares(self) -> int:
+        """I/O thread: make empty temporary files until ``spares_wanted`` wait; how many were made.
+
+        Creating a file is a metadata operation that can take longer than
+        writing a small object (a file system without a journal looks
+        through recently deleted inodes, one with a journal may wait for a
+        commit): made here, ahead of need, it is not on the path of an
+        object whose sender waits for its response.
+        """
+        made = 0
+        while len(self._spares) < self.spares_wanted:
+            self._spares.append(self._new_temp())
+            made += 1
+        return made
+
+    def leftovers(self) -> List[str]:
+        """Names of the files in tmp/ that are not spares: objects being received, or what failed stores left."""
+        spares = {os.path.basename(temp.path) for temp in list(self._spares)}
+        return sorted(name for name in os.listdir(self.tmp) if name not in spares)
+
+    def discard_spares(self) -> None:
+        """Remove the spare temporary files (when the archive closes)."""
+        while self._spares:
+            self.discard(self._spares.popleft())
 
     @staticmethod
     def write(temp: TempObject, chunks: List[bytes]) -> None:
