@@ -650,9 +650,13 @@ class SpareFileTests(SynchronousTestCase):
         store.seal(temp)
         with open(temp.path, "rb") as handle:
             self.assertEqual(handle.read(), b"data")
+        self.assertFalse(store.needs_spares)  # made again once half of them were taken
+        second = store.open_temp([b"two"])
         self.assertTrue(store.needs_spares)
+        self.assertEqual(store.make_spares(), 2)
         store.discard_spares()
-        self.assertEqual(os.listdir(store.tmp), [os.path.basename(temp.path)])
+        self.assertEqual(sorted(os.listdir(store.tmp)), sorted([os.path.basename(temp.path),
+                                                                os.path.basename(second.path)]))
         other = store.open_temp([b"more"])  # none left: made at once
         self.assertNotIn(os.path.basename(other.path), spares)
 
@@ -666,13 +670,16 @@ class SpareFileTests(SynchronousTestCase):
                           synchronous_runner)
         archive.prepare()
         self.assertEqual(len(os.listdir(archive.store.tmp)), archive.store.spares_wanted)
-        ds = make_dataset(sop="30.1")
-        data = encode_dataset(ds, EXPLICIT_LE)
-        header = part10_header(ds.SOPClassUID, ds.SOPInstanceUID, EXPLICIT_LE, IMPLEMENTATION_CLASS_UID, "T", "SCU")
-        metadata, _ = inspect_memory(data, 0, ds.SOPClassUID, ds.SOPInstanceUID, EXPLICIT_LE)
-        stored = StoredObject(None, metadata, EXPLICIT_LE, "SCU", seal=partial(_write_sealed, header, data),
-                              size=len(header) + len(data))
-        self.assertEqual(self.successResultOf(defer.ensureDeferred(archive.commit(stored))), StoreOutcome.STORED)
+        for number in range(archive.store.spares_wanted // 2):
+            ds = make_dataset(sop=f"30.{number}")
+            data = encode_dataset(ds, EXPLICIT_LE)
+            header = part10_header(ds.SOPClassUID, ds.SOPInstanceUID, EXPLICIT_LE, IMPLEMENTATION_CLASS_UID, "T",
+                                   "SCU")
+            metadata, _ = inspect_memory(data, 0, ds.SOPClassUID, ds.SOPInstanceUID, EXPLICIT_LE)
+            stored = StoredObject(None, metadata, EXPLICIT_LE, "SCU", seal=partial(_write_sealed, header, data),
+                                  size=len(header) + len(data))
+            self.assertEqual(self.successResultOf(defer.ensureDeferred(archive.commit(stored))),
+                             StoreOutcome.STORED)
         self.assertEqual(len(os.listdir(archive.store.tmp)), archive.store.spares_wanted)  # taken, made again
         left = sorted(os.listdir(archive.store.tmp))
         archive.store._spares.clear()  # as if the process had been killed

@@ -681,9 +681,9 @@ class StorescuLargeAndConcurrentTests(unittest.TestCase):
         store = server.archive.store
         write = store.write
 
-        def counting_write(temp, chunks):
+        def counting_write(temp, chunks, writeback=False):
             writes.append(sum(len(chunk) for chunk in chunks))
-            return write(temp, chunks)
+            return write(temp, chunks, writeback)
 
         store.write = counting_write  # every write to a temporary file goes through ObjectStore.write
         size = 50 * 1024 * 1024

@@ -7,7 +7,7 @@ import os
 
 from pydicom import dcmread
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from appliance import config as configuration
 from appliance.ae.listeners import acceptor_factory, disk_server_services, storage_syntaxes
@@ -244,10 +244,10 @@ class FullArchiveTests(SynchronousTestCase):
         store = harness.archive.store
         original = store.write
 
-        def full(temp, chunks):
+        def full(temp, chunks, writeback=False):
             if temp.size > 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return original(temp, chunks)
+            return original(temp, chunks, writeback)
 
         store.write = full
         ds = make_dataset(sop="1.3.2", pixels=b"\x01\x02" * 200000)
@@ -346,6 +346,22 @@ class StreamedObjectTests(SynchronousTestCase):
         self.assertNotIn(("inspect_head", True), self.calls)
         self.assertLessEqual(names.count("inspect_head"), storage_module.HEAD_TRIES)
         self.assertEqual(self.harness.archive.index.lookup("1.6.2").sop_uid, "1.6.2")
+
+    def test_chunks_written_back_as_they_come(self):
+        """Each chunk of a streamed object starts its way to disk when written (POSIX_FADV_DONTNEED, not waited
+        for), so that the fsync at the end waits for the last part only."""
+        from appliance.archive import store as store_module
+
+        if store_module._FADVISE is None:
+            raise SkipTest("no posix_fadvise on this platform")
+        advised = []
+        self.patch(store_module, "_FADVISE", lambda fd, offset, length, advice: advised.append(advice))
+        ds = make_dataset(sop="1.6.8", pixels=b"\x01\x02" * 600_000)
+        response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.8")
+        self.assertEqual(response.Status, 0)
+        chunks = 1_200_000 // storage_module.CHUNK
+        self.assertEqual(advised, [os.POSIX_FADV_DONTNEED] * chunks)
+        self.assertEqual(self.stored("1.6.8").PixelData, b"\x01\x02" * 600_000)
 
     def test_elements_after_the_pixel_data_walked_in_the_file(self):
         """An object with elements after its Pixel Data (here Data Set Trailing Padding) is walked whole in its

@@ -164,7 +164,8 @@ class Archive:
         return self.io(self.store.open_temp)
 
     def write(self, temp: TempObject, chunks: List[bytes]) -> defer.Deferred:
-        return self.io(self.store.write, temp, chunks)
+        """Append the chunks of an object still arriving, and start writing them to disk."""
+        return self.io(self.store.write, temp, chunks, True)
 
     def discard(self, temp: TempObject) -> defer.Deferred:
         return self.io(self.store.discard, temp)
@@ -209,7 +210,7 @@ class Archive:
         return outcome
 
     def prepare(self) -> None:
-        """Make spare temporary files on an I/O thread if fewer than wanted wait (one such job at a time)."""
+        """Make spare temporary files on an I/O thread once half of them were taken (one such job at a time)."""
         if self._making_spares or not self.store.needs_spares:
             return
         self._making_spares = True

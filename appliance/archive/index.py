@@ -327,6 +327,16 @@ class ArchiveIndex:
         earlier one of the group (the same SOP Instance UID) sees it as the
         previous instance.
         """
+        if len(instances) == 1:  # its own transaction: no savepoint needed
+            added = None
+            try:
+                with self.transaction():
+                    added = self._add(instances[0], now)
+            except Exception as error:
+                if added is None:  # failed in _add (rolled back), not in the commit
+                    return [error]
+                raise
+            return [added]
         results: List[Union[Added, Exception]] = []
         with self.transaction() as db:
             for instance in instances:

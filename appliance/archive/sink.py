@@ -254,7 +254,8 @@ class ArchiveWriter:
             if self.refusal is not None:
                 return None
             if self.temp is None:
-                return self.archive.io(self.archive.store.open_temp, [self._header] + chunks).addCallback(self._opened)
+                return self.archive.io(self.archive.store.open_temp, [self._header] + chunks, True).addCallback(
+                    self._opened)
             return self.archive.write(self.temp, chunks)
 
         def written(result):
