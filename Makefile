@@ -90,22 +90,28 @@ fuzz: $(VENV)/.installed
 	exit $$status
 
 # The benchmarks, the Disk-Server against DCMTK and Debian's Orthanc; results go to bench/results/.
-# bench/store_bench.py: C-STORE throughput beside storescp and Orthanc.
+# bench/store_bench.py: C-STORE throughput beside storescp and Orthanc (1, 2, 4 and 8 senders).
+# bench/ingest_profile.py: where one C-STORE's time goes in the Disk-Server (phase timers, medians).
 # bench/query_bench.py: C-FIND and C-MOVE beside Orthanc, and C-FIND at 20k and 1M instances.
 # bench/load_bench.py: a ~100 MB study loaded into the Memory-Server from the Disk-Server and from
 # Orthanc, beside Orthanc -> storescp (C-MOVE): MB/s and the receiver's peak RSS.
-# `make bench` runs all three (each even if one before it failed), `make bench-store`,
-# `make bench-query` or `make bench-load` one. Options through BENCH_ARGS for all (--repeat N,
-# --workdir DIR), STORE_BENCH_ARGS, QUERY_BENCH_ARGS or LOAD_BENCH_ARGS for one,
+# `make bench` runs them all (each even if one before it failed), `make bench-store`,
+# `make bench-profile`, `make bench-query` or `make bench-load` one. Options through BENCH_ARGS for the
+# three benchmarks (--repeat N, --workdir DIR), STORE_BENCH_ARGS, PROFILE_ARGS, QUERY_BENCH_ARGS or
+# LOAD_BENCH_ARGS for one,
 # e.g. make bench BENCH_ARGS="--repeat 3".
 BENCH_PACKAGES := dcmtk orthanc
-.PHONY: bench bench-store bench-query bench-load bench-packages
+.PHONY: bench bench-store bench-profile bench-query bench-load bench-packages
 
 bench-packages:
 	@$(MAKE) --no-print-directory system-packages DEBIAN_PACKAGES="$(BENCH_PACKAGES)"
 
 bench-store: bench-packages $(VENV)/.installed
 	$(VENV)/bin/python bench/store_bench.py $(BENCH_ARGS) $(STORE_BENCH_ARGS)
+
+bench-profile: bench-packages $(VENV)/.installed
+	$(VENV)/bin/python bench/ingest_profile.py $(PROFILE_ARGS)
+	$(VENV)/bin/python bench/ingest_profile.py --corpus large $(PROFILE_ARGS)
 
 bench-query: bench-packages $(VENV)/.installed
 	$(VENV)/bin/python bench/query_bench.py $(BENCH_ARGS) $(QUERY_BENCH_ARGS)
@@ -116,6 +122,7 @@ bench-load: bench-packages $(VENV)/.installed
 bench: bench-packages $(VENV)/.installed
 	@status=0; \
 	$(MAKE) --no-print-directory bench-store || status=1; \
+	$(MAKE) --no-print-directory bench-profile || status=1; \
 	$(MAKE) --no-print-directory bench-query || status=1; \
 	$(MAKE) --no-print-directory bench-load || status=1; \
 	exit $$status
