@@ -754,3 +754,37 @@ class StorescuLargeAndConcurrentTests(unittest.TestCase):
         for process, batch in enumerate(batches):
             for number, path in enumerate(batch):
                 self.assertEqual(server.stored_dataset(f"{study}.9.{process}.{number}"), dataset_bytes(path))
+
+
+class SocketOptionTests(unittest.TestCase):
+    """Every DICOM connection the appliance accepts runs with TCP_NODELAY (a peer's small PDUs would otherwise
+    wait for delayed ACKs, ~40 ms each)."""
+
+    timeout = 30
+
+    @deferred_test
+    async def test_accepted_connection_has_no_delay(self):
+        import socket
+
+        server = DiskServer(self)
+        connected = defer.Deferred()
+        build = server.factory.buildProtocol
+
+        def building(address):
+            protocol = build(address)
+            made = protocol.connectionMade
+
+            def connection_made():
+                made()
+                connected.callback(protocol)
+
+            protocol.connectionMade = connection_made
+            return protocol
+
+        server.factory.buildProtocol = building
+        client = socket.create_connection(("127.0.0.1", server.port))
+        self.addCleanup(client.close)
+        protocol = await connected.addTimeout(WAIT_LIMIT, reactor)
+        handle = protocol.transport.getHandle()
+        self.assertNotEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)
+        client.close()

@@ -174,6 +174,10 @@ def _tag_text(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+#: command element keywords already looked up in pydicom's dictionary, and their tags
+_COMMAND_TAGS: Dict[str, int] = {}
+
+
 class Command:
     """A DIMSE command set: an ordered mapping of group 0000 tags to values.
 
@@ -190,9 +194,12 @@ class Command:
 
     @staticmethod
     def _tag(keyword: str) -> int:
-        tag = tag_for_keyword(keyword)
-        if tag is None or tag >> 16 != 0:
-            raise AttributeError(f"{keyword} is not a command element")
+        tag = _COMMAND_TAGS.get(keyword)
+        if tag is None:
+            tag = tag_for_keyword(keyword)
+            if tag is None or tag >> 16 != 0:
+                raise AttributeError(f"{keyword} is not a command element")
+            _COMMAND_TAGS[keyword] = tag  # (a few dozen command elements exist: bounded)
         return tag
 
     def __getattr__(self, keyword: str):
