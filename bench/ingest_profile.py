@@ -40,6 +40,7 @@ from store_bench import BenchError  # noqa: E402
 PROBES = (
     ("appliance.ae.storage", "StorageService", ("open_data_set",), "command", "mark"),
     ("appliance.archive.sink", "ArchiveWriter", ("finish",), "finish", "mark"),
+    ("appliance.archive.archive", "Archive", ("commit",), "commit", "mark"),
     ("appliance.archive.archive", "Archive", ("_install_group", "_install"), "group", "mark"),
     ("appliance.ae.storage", "StorageService", ("handle",), "respond", "mark"),
     ("appliance.archive.sink", "ArchiveWriter", ("_look_at_head",), "the head's check (scan, wholeness)", "time"),
@@ -57,8 +58,10 @@ PROBES = (
 PHASES = (
     ("command", "finish", "reactor: command and data set received (head checked)"),
     ("finish", "finish_end", "reactor: the rest checked, handed over"),
-    ("finish_end", "group", "to the database thread's install (before group commit: the I/O jobs writing, "
-     "fsyncing and checking it, and the thread hops)"),
+    ("finish_end", "commit", "waiting for the chunks being written, then to the archive's commit (before group "
+     "commit: the I/O jobs writing, fsyncing and checking it)"),
+    ("commit", "group", "to the database thread's install (the thread hop; before group commit, also the "
+     "hop back from the I/O jobs)"),
     ("group", "group_end", "database thread: the install (now: write, fsync, rename, directory fsync, index)"),
     ("group_end", "respond", "back on the reactor: callbacks up to the response"),
     ("respond", "respond_end", "reactor: response encoded and sent"),

@@ -250,7 +250,7 @@ class FullArchiveTests(SynchronousTestCase):
             return original(temp, chunks, writeback)
 
         store.write = full
-        ds = make_dataset(sop="1.3.2", pixels=b"\x01\x02" * 200000)
+        ds = make_dataset(sop="1.3.2", pixels=b"\x01\x02" * 600000)  # streamed: more than two chunks
         response = harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.3.2")
         self.assertEqual(response.Status, 0xA700)
         self.assertIn("No space left on device", response.ErrorComment)
@@ -359,7 +359,8 @@ class StreamedObjectTests(SynchronousTestCase):
         ds = make_dataset(sop="1.6.8", pixels=b"\x01\x02" * 600_000)
         response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.8")
         self.assertEqual(response.Status, 0)
-        chunks = 1_200_000 // storage_module.CHUNK
+        # the chunks before the last (which the head says fits one chunk: written with the fsync, at the end)
+        chunks = (1_200_000 - 1) // storage_module.CHUNK - 1
         self.assertEqual(advised, [os.POSIX_FADV_DONTNEED] * chunks)
         self.assertEqual(self.stored("1.6.8").PixelData, b"\x01\x02" * 600_000)
 
@@ -372,6 +373,26 @@ class StreamedObjectTests(SynchronousTestCase):
         self.assertEqual(response.Status, 0)
         self.assertEqual(self.calls, [("inspect_head", True), ("refuse_unless_whole_file", False)])
         self.assertEqual(self.stored("1.6.6").PixelData, b"\x00\x01" * 300_000)
+
+    def test_more_than_the_head_declares_still_streams(self):
+        """An object that goes on well past where its Pixel Data ends (1.5 MB of trailing padding) is still written
+        as it comes: never more than two chunks held."""
+        store = self.harness.archive.store
+        written = []
+        write = store.write
+
+        def recording(temp, chunks, writeback=False):
+            written.append(sum(len(chunk) for chunk in chunks))
+            return write(temp, chunks, writeback)
+
+        self.patch(store, "write", recording)
+        ds = make_dataset(sop="1.6.9", pixels=b"\x00\x01" * 150_000)
+        ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 1_500_000)
+        response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.9")
+        self.assertEqual(response.Status, 0)
+        self.assertGreater(len(written), 3)
+        self.assertLessEqual(max(written), 2 * storage_module.CHUNK + MAX_PDU + 1024)  # (+ our File Meta Information)
+        self.assertEqual(len(self.stored("1.6.9").DataSetTrailingPadding), 1_500_000)
 
     def test_pixel_data_shorter_than_declared_refused(self):
         """A streamed object whose Pixel Data declares more than was sent is not whole: C000, nothing kept."""

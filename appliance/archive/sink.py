@@ -6,8 +6,9 @@ the command's UIDs), as soon as its first fragments hold it, so that an
 object that is not the command's is refused at once and the rest drained.
 Fragments are gathered into chunks; an object larger than :data:`CHUNK`
 streams to a temporary file as they come, written on the archive's I/O
-threads, and reading from the peer stops while more than
-:data:`MAX_IN_FLIGHT` bytes wait to be written, so the memory one
+threads (each chunk starting its way to disk), but for its last chunk,
+written with the fsync at the end; reading from the peer stops while more
+than :data:`MAX_IN_FLIGHT` bytes wait to be written, so the memory one
 association uses does not grow with the object.
 
 Once whole, the rest is checked (only the elements from the Pixel Data on
@@ -55,7 +56,8 @@ __all__ = ["ArchiveSink", "ArchiveWriter", "examine", "CHUNK", "MAX_IN_FLIGHT", 
 
 _log = logger("appliance.archive")
 
-#: Write to disk in chunks of this size; an object that fits in one is held in memory until whole.
+#: Write to disk in chunks of this size (and what arrives with the fragment that passes it); an object that fits
+#: in one is held in memory until whole, and so is the last chunk of a larger one (two at most are held).
 CHUNK = 256 * 1024
 #: Stop reading from the peer while this much is waiting to be written.
 MAX_IN_FLIGHT = 1024 * 1024
@@ -209,6 +211,10 @@ class ArchiveWriter:
     def write(self, data: bytes) -> None:
         if self.refusal is not None:
             return  # drained: the data set is read and dropped, then refused
+        if self._buffered >= CHUNK and (self._buffered >= 2 * CHUNK or not self._ends_within_a_chunk()):
+            # a chunk is held and more follows: it goes to the file now; the last one (what the head says is
+            # left fits a chunk) is written with the fsync at the end, on that thread, instead of waited for there
+            self._flush()
         self._chunks.append(data)
         self._buffered += len(data)
         self.size += len(data)
@@ -216,9 +222,12 @@ class ArchiveWriter:
             self._look_at_head()
             if self.refusal is not None:
                 self._chunks, self._buffered = [], 0
-                return
-        if self._buffered >= CHUNK:
-            self._flush()
+
+    def _ends_within_a_chunk(self) -> bool:
+        """Whether the head says the data set ends at most a chunk past what arrived (never more than two chunks
+        are held: a sender sending more than it declared gets its data written as it comes)."""
+        head = self.head
+        return head is not None and head[3] is not None and head[3] - self.size <= CHUNK
 
     def _look_at_head(self) -> None:
         """Check the head once the fragments reach Pixel Data (the scanner reads no further).  Given up after a
