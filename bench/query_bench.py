@@ -89,7 +89,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -821,37 +820,9 @@ class MoveDestination(sb.StorescpServer):
 
 def load(tools, server, directories: List[str], files: int) -> float:
     """storescu of each directory on its own association, all at once; returns the wall time."""
-    started = time.perf_counter()
-    processes = []
-    logs = []
-    try:
-        for directory in directories:
-            log = tempfile.TemporaryFile()
-            logs.append(log)
-            processes.append(subprocess.Popen(
-                [tools["storescu"], "-aec", server.aet, HOST, str(server.port), "+sd", directory],
-                env=sb.dcmtk_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True))
-        deadline = time.monotonic() + LOAD_TIMEOUT
-        for process in processes:
-            try:
-                process.wait(max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise BenchError(f"loading {server.name} took more than {LOAD_TIMEOUT} s") from None
-        elapsed = time.perf_counter() - started
-        for process, log in zip(processes, logs):
-            if process.returncode != 0:
-                log.seek(0)
-                raise BenchError(f"storescu to {server.name} failed with status {process.returncode}:\n"
-                                 + log.read().decode("utf-8", "replace")[-2000:] + "\nserver log:\n" + server.log_tail())
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        for log in logs:
-            log.close()
-    return elapsed
+    commands = [[tools["storescu"], "-aec", server.aet, HOST, str(server.port), "+sd", directory]
+                for directory in directories]
+    return sb.run_senders(server, commands, LOAD_TIMEOUT)
 
 
 #: "Received Find Response N (Pending)" with -v -sr ("Find Response: N (Pending)" and a dump without -sr)

@@ -543,39 +543,46 @@ def shards(corpus: dict, senders: int) -> List[List[str]]:
     return [files for files in result if files]
 
 
-def store(tools: Dict[str, str], server: Server, corpus: dict, senders: int = 1) -> float:
-    """Send the corpus with ``senders`` storescu processes at once, one association each; return the wall-clock
-    seconds from the first start to the last exit."""
-    commands = [[tools["storescu"], "-aec", server.aet, HOST, str(server.port)] + files
-                for files in shards(corpus, senders)]
+def run_senders(server: Server, commands: List[List[str]], timeout: float) -> float:
+    """Run DCMTK sender commands at once (each in a session of its own); the wall-clock seconds from the first
+    start to the last exit.  A sender failing, or all not done within ``timeout`` s, is a BenchError; none
+    outlives the call."""
     outputs = [tempfile.TemporaryFile() for _ in commands]
     processes = []
     started = time.perf_counter()
     try:
         for command, output in zip(commands, outputs):
             processes.append(subprocess.Popen(command, env=dcmtk_env(), stdin=subprocess.DEVNULL,
-                                              stdout=subprocess.DEVNULL, stderr=output))
-        deadline = started + STORE_TIMEOUT
+                                              stdout=output, stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = started + timeout
         for process in processes:
             try:
                 process.wait(max(0.0, deadline - time.perf_counter()))
             except subprocess.TimeoutExpired:
-                raise BenchError(f"storescu to {server.name} took more than {STORE_TIMEOUT} s") from None
+                raise BenchError(f"sending to {server.name} took more than {timeout:g} s") from None
         elapsed = time.perf_counter() - started
         for process, output in zip(processes, outputs):
             if process.returncode != 0:
                 output.seek(0)
-                raise BenchError(f"storescu to {server.name} failed with status {process.returncode}:\n"
-                                 + output.read().decode("utf-8", "replace")[-2000:] + "\nserver log:\n"
-                                 + server.log_tail())
+                raise BenchError(f"{os.path.basename(process.args[0])} to {server.name} failed with status "
+                                 f"{process.returncode}:\n" + output.read().decode("utf-8", "replace")[-2000:]
+                                 + "\nserver log:\n" + server.log_tail())
         return elapsed
     finally:
         for process in processes:
             if process.poll() is None:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         for output in outputs:
             output.close()
+
+
+def store(tools: Dict[str, str], server: Server, corpus: dict, senders: int = 1) -> float:
+    """Send the corpus with ``senders`` storescu processes at once, one association each; return the wall-clock
+    seconds from the first start to the last exit."""
+    commands = [[tools["storescu"], "-aec", server.aet, HOST, str(server.port)] + files
+                for files in shards(corpus, senders)]
+    return run_senders(server, commands, STORE_TIMEOUT)
 
 
 def measure(tools, name: str, corpus: dict, workdir: str, profile: Optional[str] = None, senders: int = 1) -> dict:
