@@ -112,6 +112,23 @@ class ArchiveTests(SynchronousTestCase):
         study = self.archive.index.studies()[0]
         self.assertEqual((study.num_series, study.num_instances), (2, 3))
 
+    def test_storing_into_a_study_makes_it_the_most_recent(self):
+        """Storing is an access: a study that receives an object becomes the most recently accessed, and its
+        series and study attributes follow its newest object's (written only when they changed)."""
+        self.store(self.archive, make_dataset(study="8.1", series="8.1.1", sop="8.1.1.1"))
+        self.clock.advance(10)
+        self.store(self.archive, make_dataset(study="8.2", series="8.2.1", sop="8.2.1.1"))
+        self.clock.advance(10)
+        later = make_dataset(study="8.1", series="8.1.1", sop="8.1.1.2")
+        later.StudyDate, later.SeriesNumber = "20250607", 9
+        self.store(self.archive, later)
+        self.assertEqual([uid for uid, _, _ in self.archive.index.eviction_order()], ["8.2", "8.1"])
+        study = next(row for row in self.archive.index.studies() if row.study_uid == "8.1")
+        self.assertEqual((study.study_date, study.accessed_at), ("20250607", self.clock.seconds()))
+        (series_number,) = self.archive.index.db.execute(
+            "SELECT series_number FROM series WHERE series_uid = '8.1.1'").fetchone()
+        self.assertEqual(series_number, 9)
+
     def test_duplicate_replace(self):
         """on_duplicate = replace: the new version's file replaces the old, which is removed."""
         ds = make_dataset(sop="1.5.1", patient="Old^Name")
