@@ -311,7 +311,7 @@ class StreamedObjectTests(SynchronousTestCase):
     def setUp(self):
         self.harness = StorageHarness(self)
         self.calls = []
-        for name in ("inspect_head", "examine", "refuse_unless_whole_file"):
+        for name in ("check_head", "examine", "refuse_unless_whole_file"):
             original = getattr(storage_module, name)
 
             def recording(*args, _original=original, _name=name):
@@ -331,7 +331,7 @@ class StreamedObjectTests(SynchronousTestCase):
         ds = make_dataset(sop="1.6.1", patient="Big^Image", pixels=b"\x01\x02" * 500_000)
         response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.1")
         self.assertEqual(response.Status, 0)
-        self.assertEqual(self.calls, [("inspect_head", True)])
+        self.assertEqual(self.calls, [("check_head", True)])
         self.assertEqual(str(self.stored("1.6.1").PatientName), "Big^Image")
         self.assertEqual(self.harness.archive.index.studies()[0].patient_name, "Big^Image")
 
@@ -343,8 +343,8 @@ class StreamedObjectTests(SynchronousTestCase):
         self.assertEqual(response.Status, 0)
         names = [name for name, _ in self.calls]
         self.assertEqual(names[-1], "examine")
-        self.assertNotIn(("inspect_head", True), self.calls)
-        self.assertLessEqual(names.count("inspect_head"), storage_module.HEAD_TRIES)
+        self.assertNotIn(("check_head", True), self.calls)
+        self.assertLessEqual(names.count("check_head"), storage_module.HEAD_TRIES)
         self.assertEqual(self.harness.archive.index.lookup("1.6.2").sop_uid, "1.6.2")
 
     def test_chunks_written_back_as_they_come(self):
@@ -371,7 +371,7 @@ class StreamedObjectTests(SynchronousTestCase):
         ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 64)
         response = self.harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.6.6")
         self.assertEqual(response.Status, 0)
-        self.assertEqual(self.calls, [("inspect_head", True), ("refuse_unless_whole_file", False)])
+        self.assertEqual(self.calls, [("check_head", True), ("refuse_unless_whole_file", False)])
         self.assertEqual(self.stored("1.6.6").PixelData, b"\x00\x01" * 300_000)
 
     def test_more_than_the_head_declares_still_streams(self):

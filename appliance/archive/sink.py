@@ -38,10 +38,10 @@ from ..dataset.checks import (
     Refusal,
     Refused,
     apply_coercion,
+    check_head,
     coerce_in_memory,
     inspect_deflated_file,
     inspect_file,
-    inspect_head,
     inspect_memory,
     refuse_unless_whole,
     refuse_unless_whole_file,
@@ -237,20 +237,14 @@ class ArchiveWriter:
             self._head_tries = 0
             return
         chunks = self._chunks
-        prefix = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        description = self.description
         try:
-            head = inspect_head(prefix, 0, description.sop_class_uid, description.sop_instance_uid,
-                                description.transfer_syntax)
-            if head is None:
-                return  # Pixel Data not reached yet, or none (or one the scanner cannot vouch for): checked whole
-            # the head is whole; the rest is walked once it is there (together they say what the whole says)
-            refuse_unless_whole(prefix, 0, head[2], description.transfer_syntax)
+            head = check_head(chunks[0] if len(chunks) == 1 else b"".join(chunks), self.description)
         except Refused as refusal:  # not the command's object, or broken: no need to wait for the rest
             self.refusal = refusal
             return
-        self._head_tries = 0
-        self.head = head
+        if head is not None:  # else Pixel Data not reached yet, or none: the whole is checked at the end
+            self._head_tries = 0
+            self.head = head
 
     def _flush(self) -> None:
         if not self._chunks:

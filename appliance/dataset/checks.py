@@ -42,6 +42,7 @@ __all__ = [
     "Kept",
     "PLAIN_SYNTAXES",
     "coerce_in_memory",
+    "check_head",
     "check_metadata",
     "inspect",
     "parse_memory",
@@ -239,6 +240,18 @@ def inspect_head(prefix: bytes, header_length: int, sop_class_uid: str, sop_inst
     metadata, coercion = check_metadata(metadata, offset, pixel_header, sop_class_uid, sop_instance_uid,
                                         transfer_syntax)
     return metadata, coercion, offset, _pixel_data_end(offset, pixel_header, transfer_syntax)
+
+
+def check_head(prefix: bytes, description: ObjectDescription, levels: frozenset = ALL_LEVELS):
+    """What a sink checks of the head of a data set arriving (``prefix``, its first fragments): :func:`inspect_head`
+    (offsets from the data set's start), and the head whole (its elements' lengths fit).  None while the prefix
+    does not reach Pixel Data (or the scanner cannot vouch for it: the whole is checked at the end); Refused for an
+    object that is not the command's, or not whole, which need not wait for the rest."""
+    head = inspect_head(prefix, 0, description.sop_class_uid, description.sop_instance_uid,
+                        description.transfer_syntax, levels)
+    if head is not None:  # the rest is walked once it is there: together they say what the whole says
+        refuse_unless_whole(prefix, 0, head[2], description.transfer_syntax)
+    return head
 
 
 def _pixel_data_end(offset: int, pixel_header: bytes, transfer_syntax: str) -> Optional[int]:

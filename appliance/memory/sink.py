@@ -18,8 +18,8 @@ from typing import Callable, List, Optional
 from twisted.internet import defer
 from zope.interface import implementer
 
-from ..dataset.checks import (Kept, ObjectDescription, Refusal, Refused, coerce_in_memory, inspect_deflated,
-                              inspect_head, inspect_memory, refuse_unless_whole)
+from ..dataset.checks import (Kept, ObjectDescription, Refusal, Refused, check_head, coerce_in_memory,
+                              inspect_deflated, inspect_memory, refuse_unless_whole)
 from ..dataset.deflate import DEFLATED, InflateLimits
 from ..interfaces import ILoadTracker, IObjectSink, IObjectWriter
 from ..logs import logger
@@ -167,11 +167,9 @@ class MemoryWriter:
             self._head_tries = 0
             return
         prefix = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-        description = self.description
         try:
-            head = inspect_head(prefix, 0, description.sop_class_uid, description.sop_instance_uid,
-                                description.transfer_syntax, MEMORY_LEVELS)
-        except Refused as refusal:  # the UIDs are not the command's: no need to wait for the rest
+            head = check_head(prefix, self.description, MEMORY_LEVELS)
+        except Refused as refusal:  # not the command's object, or broken: no need to wait for the rest
             self.refusal = refusal
             self._release()
             return
@@ -179,12 +177,6 @@ class MemoryWriter:
             return  # Pixel Data not reached yet (or the scanner cannot vouch for this head: pydicom will, at the end)
         self._head_tries = 0
         metadata, coercion, pixel_offset, end = head
-        try:  # the head is whole (the rest is walked once it is there: together they say what the whole says)
-            refuse_unless_whole(prefix, 0, pixel_offset, description.transfer_syntax)
-        except Refused as refusal:
-            self.refusal = refusal
-            self._release()
-            return
         self.head = (metadata, coercion, pixel_offset)
         if end is None or not self.size < end <= self.sink.inline_limit or not self._room_for(end):
             return
