@@ -49,7 +49,6 @@ __all__ = [
     "parse_file",
     "inspect_memory",
     "inspect_deflated",
-    "inspect_prefix",
     "inspect_head",
     "inspect_file",
     "inspect_deflated_file",
@@ -216,20 +215,13 @@ def inspect_memory(data: bytes, header_length: int, sop_class_uid: str, sop_inst
     return inspect(ds, offset, pixel_header, sop_class_uid, sop_instance_uid, transfer_syntax)
 
 
-def inspect_prefix(prefix: bytes, header_length: int, sop_class_uid: str, sop_instance_uid: str,
-                   transfer_syntax: str) -> Optional[Tuple[ObjectMetadata, Optional[Coercion]]]:
-    """An object checked from the first part of its data set, or None when that part does not reach the
-    Pixel Data element (then only the whole can say).  Wholeness is not checked here."""
-    inspected = inspect_head(prefix, header_length, sop_class_uid, sop_instance_uid, transfer_syntax)
-    return None if inspected is None else inspected[:2]
-
-
 def inspect_head(prefix: bytes, header_length: int, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
                  levels: frozenset = ALL_LEVELS) -> Optional[Tuple[ObjectMetadata, Optional[Coercion], int,
                                                                    Optional[int]]]:
-    """:func:`inspect_prefix`, and where its Pixel Data element starts and where the data set ends if it ends
-    with that element (the end its header declares; None for undefined length): how large it will likely be.
-    Both count from the start of ``prefix`` plus ``header_length``.  ``levels``: the metadata's levels to
+    """An object checked from the first part of its data set: its metadata, the coercion it needs, where its Pixel
+    Data element starts and where the data set ends if it ends with that element (the end its header declares;
+    None for undefined length: how large it will likely be); or None when that part does not reach the Pixel Data
+    element (then only the whole can say).  Offsets count from the start of ``prefix`` plus ``header_length``.  ``levels``: the metadata's levels to
     build (:func:`.fastscan.scan`).  Wholeness is not checked here."""
     fast = scan(prefix, header_length, transfer_syntax, levels)
     if fast is None:
