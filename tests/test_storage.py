@@ -238,6 +238,17 @@ class FullArchiveTests(SynchronousTestCase):
         self.assertEqual(harness.archive.store.leftovers(), [])
         self.assertEqual(harness.archive.index.counts(), (0, 0, 0, 0))
 
+    def test_streamed_object_out_of_space_leaves_no_file(self):
+        """A large object, already partly written to its temporary file when the archive finds no room for it:
+        A700, and that file is removed."""
+        harness = StorageHarness(self, limits=StorageLimits(max_archive_size=100, min_free_space=0, auto_delete=False))
+        ds = make_dataset(sop="1.3.4", pixels=b"\x01\x02" * 600000)  # streamed: more than two chunks
+        response = harness.store(encode_dataset(ds, EXPLICIT_VR_LITTLE_ENDIAN), CT_IMAGE_STORAGE, "1.3.4")
+        self.assertEqual(response.Status, 0xA700)
+        self.assertIn("auto_delete is off", response.ErrorComment)
+        self.assertEqual(harness.archive.store.leftovers(), [])
+        self.assertEqual(harness.archive.index.counts(), (0, 0, 0, 0))
+
     def test_enospc_while_writing(self):
         """A real 'no space left on device' while writing gives A700, the temporary file is removed."""
         harness = StorageHarness(self)
