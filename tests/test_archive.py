@@ -677,6 +677,34 @@ class SpareFileTests(SynchronousTestCase):
         other = store.open_temp([b"more"])  # none left: made at once
         self.assertNotIn(os.path.basename(other.path), spares)
 
+    def test_spares_that_cannot_be_made(self):
+        """Making spares failing (no inode left, say) is one warning, the files are created as objects need them,
+        and the next commit tries again."""
+        from twisted.logger import formatEvent
+
+        from .support import capture_log
+
+        clock = Clock()
+        archive = Archive(self.mktemp(), StorageLimits(min_free_space=0), "replace", clock, synchronous_runner,
+                          synchronous_runner)
+        self.addCleanup(archive.close)
+        events = capture_log(self, "info")
+        attempts = []
+
+        def failing():
+            attempts.append(1)
+            raise OSError(28, "No space left on device")
+
+        self.patch(archive.store, "make_spares", failing)
+        archive.prepare()
+        archive.prepare()
+        self.assertEqual(len(attempts), 2)  # not stuck as "being made"
+        warnings = [formatEvent(e) for e in events if "spare" in formatEvent(e)]
+        self.assertEqual(warnings, ["making spare temporary files failed: [Errno 28] No space left on device"] * 2)
+        temp = archive.store.open_temp([b"x"])  # none spare: made at once
+        self.assertTrue(os.path.exists(temp.path))
+        archive.store.discard(temp)
+
     def test_archive_keeps_spares_made(self):
         """After each commit the archive tops the spares up (an I/O job); closing removes them; spares a crash
         left behind are temporary files the start-up check removes."""
