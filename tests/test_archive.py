@@ -460,6 +460,101 @@ class InstallRaceTests(SynchronousTestCase):
         self.assertEqual(calls, [directory, directory])
 
 
+class DirectoryHandleTests(SynchronousTestCase):
+    """The handles kept of the directories objects are placed in: a directory placed in again is neither looked
+    for nor opened again, and one pruned and made again under the same name is synced through a handle of the new
+    one, never of the old."""
+
+    def setUp(self):
+        self.store = store_module.ObjectStore(self.mktemp())
+        self.addCleanup(self.store.close)
+        self.opened = []
+        self.synced = []  # (directory, inode of the directory the handle is open on)
+        open_directory, fsync_handle = store_module._open_directory, store_module._fsync_handle
+        self.patch(store_module, "_open_directory", lambda path: (self.opened.append(path), open_directory(path))[1])
+        self.patch(store_module, "_fsync_handle", lambda fd, path: (self.synced.append((path, os.fstat(fd).st_ino)),
+                                                                    fsync_handle(fd, path))[1])
+
+    def install(self, sop, series="1.2.3"):
+        temp = self.store.open_temp([sop.encode() * 10])
+        self.store.seal(temp)
+        relative = self.store.relative_path_for("1.2", series, sop)
+        self.store.install(temp, relative)
+        return relative
+
+    def test_a_directory_placed_in_again_is_neither_looked_for_nor_opened_again(self):
+        first = self.install("1.2.3.1")
+        directory = os.path.dirname(self.store.absolute(first))
+        looked = []
+        real_isdir, real_makedirs = os.path.isdir, os.makedirs
+        self.patch(store_module.os.path, "isdir", lambda path: (looked.append(path), real_isdir(path))[1])
+        self.patch(store_module.os, "makedirs", lambda path, **kw: (looked.append(path), real_makedirs(path, **kw)))
+        opened = len(self.opened)
+        second = self.install("1.2.3.2")
+        self.assertEqual(looked, [])
+        self.assertEqual(len(self.opened), opened)
+        self.assertEqual(self.synced[-1], (directory, os.stat(directory).st_ino))
+        with open(self.store.absolute(second), "rb") as handle:
+            self.assertEqual(handle.read(), b"1.2.3.2" * 10)
+
+    def test_a_directory_pruned_and_made_again_is_synced_through_a_new_handle(self):
+        first = self.install("1.2.3.1")
+        directory = os.path.dirname(self.store.absolute(first))
+        study = os.path.dirname(directory)
+        old_inode = os.stat(directory).st_ino
+        self.assertTrue(self.store.remove(first))  # its last object: the series and study directories pruned
+        self.assertFalse(os.path.exists(study))
+        # a directory in the way keeps the new one from getting the old one's inode number back
+        os.makedirs(os.path.join(self.store.objects, "in-the-way"))
+        self.synced.clear()
+        self.install("1.2.3.2")
+        self.assertNotEqual(os.stat(directory).st_ino, old_inode)
+        synced = dict(self.synced)
+        # the new series directory and the study directory made for it, each through a handle of what is there
+        self.assertEqual(synced[directory], os.stat(directory).st_ino)
+        self.assertEqual(synced[study], os.stat(study).st_ino)
+        self.assertEqual(synced[os.path.dirname(study)], os.stat(os.path.dirname(study)).st_ino)
+
+    def test_a_directory_pruned_meanwhile_is_made_again(self):
+        """The rename into a directory whose handle is kept finds it gone (pruned by another thread): it is made
+        again and synced through a new handle."""
+        first = self.install("1.2.3.1")
+        directory = os.path.dirname(self.store.absolute(first))
+        os.unlink(self.store.absolute(first))
+        os.rmdir(directory)  # what remove() of its last file does, from another thread
+        second = self.install("1.2.3.2")
+        self.assertEqual(self.synced[-2][0], directory)
+        self.assertEqual(self.synced[-2][1], os.stat(directory).st_ino)
+        self.assertTrue(os.path.exists(self.store.absolute(second)))
+
+    def test_handles_are_bounded_and_closed(self):
+        handles = store_module.DirectoryHandles(size=2)
+        directories = [self.mktemp() for _ in range(3)]
+        for directory in directories:
+            os.makedirs(directory)
+        before = len(os.listdir("/proc/self/fd"))
+        for directory in directories + [directories[1]]:
+            handles.sync(directory)
+        self.assertEqual([d in handles for d in directories], [False, True, True])
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before + 2)
+        handles.close()
+        self.assertEqual([d in handles for d in directories], [False, False, False])
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+
+    def test_a_failing_fsync_forgets_the_handle(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        handles = store_module.DirectoryHandles()
+        self.addCleanup(handles.close)
+
+        def failing(fd, path):
+            raise OSError(5, "Input/output error")
+
+        self.patch(store_module, "_fsync_handle", failing)
+        self.assertRaises(OSError, handles.sync, directory)
+        self.assertNotIn(directory, handles)
+
+
 class HeldRunner:
     """A database runner that holds its calls until the test runs them (in order), so that commits pile up into
     groups as they do while a group is being installed."""
@@ -504,9 +599,9 @@ class GroupCommitTests(SynchronousTestCase):
             return install_group(group)
 
         archive._installs.work = recording
-        fsync = store_module._fsync_directory
-        self.patch(store_module, "_fsync_directory", lambda directory: (self.synced.append(directory),
-                                                                        fsync(directory))[1])
+        fsync = store_module._fsync_handle
+        self.patch(store_module, "_fsync_handle", lambda fd, directory: (self.synced.append(directory),
+                                                                         fsync(fd, directory))[1])
         return archive
 
     def unsealed(self, ds):

@@ -136,7 +136,7 @@ class Archive:
         self._making_spares = False
 
     def close(self) -> None:
-        self.store.discard_spares()
+        self.store.close()
         self.index.close()
 
     def _read_indexed(self, relative: str) -> Optional[ObjectMetadata]:

@@ -17,18 +17,22 @@ import hashlib
 import os
 import secrets
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Deque, Iterator, List, Optional, Tuple
 
 from ..dataset.part10 import part10_header
 
-__all__ = ["ObjectStore", "part10_header", "uid_hash", "data_set_offset", "open_stored_data_set"]
+__all__ = ["ObjectStore", "DirectoryHandles", "part10_header", "uid_hash", "data_set_offset", "open_stored_data_set"]
 
 _TMP = "tmp"
 #: Times installing retries when a concurrent removal pruned the target directory between makedirs and rename.
 _INSTALL_ATTEMPTS = 5
 _OBJECTS = "objects"
 
+
+#: Open handles of directories kept to fsync them (:class:`DirectoryHandles`): the series being received at once.
+_DIRECTORY_HANDLES = 32
 
 #: posix_fadvise where the platform has it (not macOS): starts the writeback of a file's written pages
 _FADVISE = getattr(os, "posix_fadvise", None)
@@ -80,11 +84,72 @@ def open_stored_data_set(path: str):
 
 
 def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = _open_directory(path)
     try:
-        os.fsync(fd)
+        _fsync_handle(fd, path)
     finally:
         os.close(fd)
+
+
+def _open_directory(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync_handle(fd: int, path: str) -> None:
+    """fsync an open directory (``path`` names it, for the tests that watch which directories are synced)."""
+    os.fsync(fd)
+
+
+class DirectoryHandles:
+    """Open handles of the archive's directories, kept to fsync them without opening and closing each one every
+    time (a few system calls less for every object installed; each lets another thread take the interpreter
+    lock, which the reactor then waits for).  At most ``size`` are kept, the least recently used closed first.
+
+    A directory can vanish (the last object of a series evicted or deleted, appliance-archive among them, prunes
+    it) and be made again under the same name: a handle is forgotten when its directory is found gone or is made
+    anew (:meth:`ObjectStore.place`), so that a handle of a directory that no longer exists is never synced in
+    place of the one that does.  Only this process makes directories in the archive.
+    """
+
+    def __init__(self, size: int = _DIRECTORY_HANDLES) -> None:
+        self.size = size
+        self._handles: "collections.OrderedDict[str, int]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._handles
+
+    def sync(self, path: str) -> None:
+        """fsync the directory ``path`` through its kept handle (opened now if there is none)."""
+        with self._lock:
+            fd = self._handles.get(path)
+            if fd is not None:
+                self._handles.move_to_end(path)
+        if fd is None:
+            fd = _open_directory(path)
+            with self._lock:
+                self._handles[path] = fd
+                stale = [self._handles.popitem(last=False)[1] for _ in range(len(self._handles) - self.size)]
+            for old in stale:
+                os.close(old)
+        try:
+            _fsync_handle(fd, path)
+        except OSError:
+            self.forget(path)
+            raise
+
+    def forget(self, path: str) -> None:
+        """Close the handle of ``path``, if one is kept (its directory is gone, or was made anew)."""
+        with self._lock:
+            fd = self._handles.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            handles, self._handles = list(self._handles.values()), collections.OrderedDict()
+        for fd in handles:
+            os.close(fd)
 
 
 @dataclass
@@ -108,6 +173,13 @@ class ObjectStore:
         #: empty temporary files made ahead of need (:meth:`make_spares`), taken by :meth:`open_temp`
         self.spares_wanted = spares
         self._spares: Deque[TempObject] = collections.deque()
+        #: handles of the directories objects were placed in lately, to fsync them (:meth:`sync_directories`)
+        self.directories = DirectoryHandles()
+
+    def close(self) -> None:
+        """Remove the spare temporary files and close the directories' handles (when the archive closes)."""
+        self.discard_spares()
+        self.directories.close()
 
     # --- receiving ---------------------------------------------------------
 
@@ -211,16 +283,22 @@ class ObjectStore:
 
     def place(self, temp: TempObject, relative_path: str) -> List[str]:
         """Rename the sealed temporary file into place; returns the directories to fsync for that to be durable
-        (:meth:`sync_directories`): its own, and the parents of those it needed created."""
+        (:meth:`sync_directories`): its own, and the parents of those it needed created.
+
+        A directory whose handle is kept (an object was placed in it lately) is not looked for first: the rename
+        says whether it is still there."""
         target = self.absolute(relative_path)
         directory = os.path.dirname(target)
-        created = []
-        probe = directory
-        while not os.path.isdir(probe):
-            created.append(probe)
-            probe = os.path.dirname(probe)
+        if directory in self.directories:
+            try:
+                os.replace(temp.path, target)
+                return [directory]
+            except FileNotFoundError:  # pruned since (its handle forgotten as it is made again, below)
+                if not os.path.exists(temp.path):
+                    raise
+        created: List[str] = []  # every directory made, by any attempt (one pruned meanwhile is made again)
         for attempt in range(_INSTALL_ATTEMPTS):
-            os.makedirs(directory, exist_ok=True)
+            created += self._make_directories(directory)
             try:
                 os.replace(temp.path, target)
                 break
@@ -228,15 +306,29 @@ class ObjectStore:
                 # another thread removing the last file of this directory pruned it between the two calls
                 if attempt == _INSTALL_ATTEMPTS - 1 or not os.path.exists(temp.path):
                     raise
+        created = list(dict.fromkeys(created))
         # new directories must themselves be durable entries of their parents; tmp/ itself is not synced:
         # a temporary name that comes back after a crash is removed by the start-up reconciliation
         return [directory] + [os.path.dirname(path) for path in created]
 
-    @staticmethod
-    def sync_directories(directories: List[str]) -> None:
-        """fsync each directory once, in order (deepest first, as :meth:`place` lists them)."""
+    def _make_directories(self, directory: str) -> List[str]:
+        """Make ``directory`` and its missing parents; returns those made, deepest first, their handles forgotten
+        (one kept of a directory that was there before under the name is of no use)."""
+        missing = []
+        probe = directory
+        while not os.path.isdir(probe):
+            missing.append(probe)
+            probe = os.path.dirname(probe)
+        os.makedirs(directory, exist_ok=True)
+        for path in missing:
+            self.directories.forget(path)
+        return missing
+
+    def sync_directories(self, directories: List[str]) -> None:
+        """fsync each directory once, in order (deepest first, as :meth:`place` lists them), through the handles
+        kept of them."""
         for directory in dict.fromkeys(directories):
-            _fsync_directory(directory)
+            self.directories.sync(directory)
 
     def absolute(self, relative_path: str) -> str:
         path = os.path.normpath(os.path.join(self.root, relative_path))
