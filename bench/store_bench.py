@@ -87,7 +87,7 @@ HOST = "127.0.0.1"
 WAIT_ATTEMPTS = 150       # C-ECHO attempts while a server starts, WAIT_INTERVAL apart
 WAIT_INTERVAL = 0.2
 STORE_TIMEOUT = 900       # seconds for one storescu run
-SERVERS = ("appliance", "storescp", "orthanc")
+SERVERS = ("appliance", "storescp", "orthanc", "memory-server")
 
 #: name -> (number of images, studies, rows/columns or None for CT_small's own pixels)
 CORPORA = {
@@ -241,7 +241,7 @@ def find_tools(servers: List[str]) -> Dict[str, str]:
         tools["Orthanc"] = _which("Orthanc")
         if tools["Orthanc"] is None:
             missing.append("Orthanc (Debian package orthanc)")
-    if "appliance" in servers:
+    if "appliance" in servers or "memory-server" in servers:
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         if not os.access(twistd, os.X_OK):
             missing.append(f"{twistd} (run this script with the virtualenv's python: make venv)")
@@ -447,6 +447,41 @@ class ApplianceServer(Server):
         return sum(1 for _, _, files in os.walk(objects) for f in files if f.endswith(".dcm"))
 
 
+class MemoryServerServer(ApplianceServer):
+    """The appliance's Memory-Server: the same network, DICOM and checking code as the Disk-Server, the objects
+    held in memory (no file, no fsync, no index).  Beside the Disk-Server it says what the durable archive costs,
+    beside storescp what the rest does."""
+
+    name = "memory-server"
+    aet = "MEMORY_SERVER"
+
+    def command(self) -> List[str]:
+        self.http_port = free_port()
+        config = os.path.join(self.dir, "appliance.toml")
+        with open(config, "w") as handle:
+            handle.write(
+                "[appliance]\n"
+                f'data_dir = "{os.path.join(self.dir, "data")}"\n'
+                "[disk_server]\n"
+                "port = 0\n"
+                "[memory_server]\n"
+                f'ae_title = "{self.aet}"\n'
+                f'interface = "{HOST}"\n'
+                f"port = {self.port}\n"
+                'memory_limit = "2 GiB"\n'
+                "timeout = 120\n"
+                "[web]\n"
+                f'interface = "{HOST}"\n'
+                f"port = {self.http_port}\n"
+            )
+        return [self.tools["twistd"], "-n", "--pidfile=", "appliance", "--config", config]
+
+    def stored(self) -> int:
+        url = f"http://{HOST}:{self.http_port}/api/memory/studies"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return sum(study["instance_count"] for study in json.load(response)["studies"])
+
+
 class StorescpServer(Server):
     name = "storescp"
     aet = "STORESCP"
@@ -519,7 +554,8 @@ def orthanc_has_option(binary: str, option: str) -> bool:
     return f'"{option}"' in _ORTHANC_OPTIONS[binary]
 
 
-SERVER_CLASSES = {"appliance": ApplianceServer, "storescp": StorescpServer, "orthanc": OrthancServer}
+SERVER_CLASSES = {"appliance": ApplianceServer, "storescp": StorescpServer, "orthanc": OrthancServer,
+                  "memory-server": MemoryServerServer}
 _RUNNING: List[Server] = []
 
 
@@ -679,11 +715,11 @@ def report(result: dict) -> str:
         lines.append(f"\n{name}: {info['label']}, {info['files']} files, {info['bytes'] / 1e6:.1f} MB, "
                      f"{senders} association{'s' if senders > 1 else ''} at once, "
                      f"median of {result['config']['repeat']} runs")
-        lines.append(f"  {'server':<10} {'median s':>9} {'min s':>8} {'max s':>8} {'images/s':>9} {'MB/s':>7} "
+        lines.append(f"  {'server':<13} {'median s':>9} {'min s':>8} {'max s':>8} {'images/s':>9} {'MB/s':>7} "
                      f"{'x storescp':>10} {'x Orthanc':>9} {'server CPU s':>12} {'peak RSS':>11}")
         for server, row in workload["servers"].items():
             cpu = f"{row['server_cpu_median_s']:.2f}" if row["server_cpu_median_s"] is not None else "?"
-            lines.append(f"  {server:<10} {row['median_s']:>9.3f} {row['min_s']:>8.3f} {row['max_s']:>8.3f} "
+            lines.append(f"  {server:<13} {row['median_s']:>9.3f} {row['min_s']:>8.3f} {row['max_s']:>8.3f} "
                          f"{row['images_per_s']:>9.1f} {row['mb_per_s']:>7.1f} {_ratio(row['ratio_vs_storescp']):>10} "
                          f"{_ratio(row['ratio_vs_orthanc']):>9} {cpu:>12} {_mib(row['vmhwm_median_kib']):>11}")
     scaling = {}
@@ -694,9 +730,9 @@ def report(result: dict) -> str:
     if any(len(by_senders) > 1 for by_senders in scaling.values()):
         counts = sorted({n for by_senders in scaling.values() for n in by_senders})
         lines.append("\nsmall corpus, images/s by number of senders:")
-        lines.append("  " + f"{'server':<10}" + "".join(f"{n:>9}" for n in counts))
+        lines.append("  " + f"{'server':<13}" + "".join(f"{n:>9}" for n in counts))
         for server, by_senders in scaling.items():
-            lines.append("  " + f"{server:<10}" + "".join(
+            lines.append("  " + f"{server:<13}" + "".join(
                 f"{by_senders[n]:>9.1f}" if n in by_senders else f"{'-':>9}" for n in counts))
     memory = result.get("memory")
     if memory:
@@ -712,7 +748,8 @@ def report(result: dict) -> str:
                      f"{statistics.median(loads):.2f}, max {max(loads):.2f} on {os.cpu_count()} CPUs"
                      + ("  (other work was competing: the numbers are noisy)" if max(loads) > 1.5 else ""))
     lines.append("\nstorescp writes without fsync; the appliance and Orthanc (SyncStorageArea) fsync each object "
-                 "before answering.")
+                 "before answering; memory-server is the appliance's Memory-Server (objects held in memory: no "
+                 "file, no fsync, no index).")
     return "\n".join(lines)
 
 
