@@ -4,7 +4,7 @@
 Usage (from the repository root; ``make bench`` runs it with the defaults, ``make bench
 BENCH_ARGS="--repeat 3"`` passes options)::
 
-    PYTHONPATH=. .venv/bin/python bench/store_bench.py [--repeat N] [--servers appliance,storescp,orthanc]
+    PYTHONPATH=. .venv/bin/python bench/store_bench.py [--repeat N] [--servers appliance,storescp,orthanc,memory-server]
                                                        [--corpora small,large] [--senders 1,2,4,8]
                                                        [--large-senders 1] [--no-memory] [--profile DIR]
 
@@ -32,7 +32,10 @@ What it does:
 * servers: ``appliance`` (twistd, our Disk-Server), ``storescp`` (DCMTK,
   plain, writes files without fsync: the floor) and ``orthanc`` (Debian's
   package, its own SQLite index and storage area, ``SyncStorageArea`` on
-  where the version has it, no plugins); storescp and Orthanc run with
+  where the version has it, no plugins), and ``memory-server`` (the
+  appliance's Memory-Server: the same network, DICOM and checking code, the
+  objects held in memory, no file, no fsync, no index: what is left of the
+  appliance's time without the durable archive); storescp and Orthanc run with
   ``TCP_NODELAY=1`` too, since their network layer is DCMTK's (without it
   Orthanc 1.10 waits for a delayed ACK on every object, ~50 ms each);
 * records each server's CPU time (user + system, all threads, from
