@@ -739,16 +739,16 @@ class QueryAppliance(sb.ApplianceServer):
             shutil.copyfile(self.placeholder, os.path.join(archive, PLACEHOLDER))
             shutil.copyfile(self.index, os.path.join(archive, "index.sqlite"))
             os.sync()
-        command = super().command()
-        with open(command[command.index("--config") + 1], "a") as handle:
-            handle.write(
-                "[devices.movescp]\n"
-                f'ae_title = "{MOVE_DEST_AET}"\n'
-                f'host = "{HOST}"\n'
-                f"port = {self.move_port}\n"
-                "timeout = 120\n"
-            )
-        return command
+        return super().command()
+
+    def config(self) -> str:
+        return super().config() + (
+            "[devices.movescp]\n"
+            f'ae_title = "{MOVE_DEST_AET}"\n'
+            f'host = "{HOST}"\n'
+            f"port = {self.move_port}\n"
+            "timeout = 120\n"
+        )
 
     def wait_listening(self) -> None:
         super().wait_listening()

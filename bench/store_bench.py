@@ -418,23 +418,27 @@ class ApplianceServer(Server):
     name = "appliance"
     aet = "DISK_SERVER"
 
+    def config(self) -> str:
+        """The appliance.toml it runs on."""
+        return (
+            "[appliance]\n"
+            f'data_dir = "{os.path.join(self.dir, "data")}"\n'
+            "[disk_server]\n"
+            f'ae_title = "{self.aet}"\n'
+            f'interface = "{HOST}"\n'
+            f"port = {self.port}\n"
+            'min_free_space = "1 MiB"\n'
+            "timeout = 120\n"
+            "[memory_server]\n"
+            "port = 0\n"
+            "[web]\n"
+            "port = 0\n"
+        )
+
     def command(self) -> List[str]:
         config = os.path.join(self.dir, "appliance.toml")
         with open(config, "w") as handle:
-            handle.write(
-                "[appliance]\n"
-                f'data_dir = "{os.path.join(self.dir, "data")}"\n'
-                "[disk_server]\n"
-                f'ae_title = "{self.aet}"\n'
-                f'interface = "{HOST}"\n'
-                f"port = {self.port}\n"
-                'min_free_space = "1 MiB"\n'
-                "timeout = 120\n"
-                "[memory_server]\n"
-                "port = 0\n"
-                "[web]\n"
-                "port = 0\n"
-            )
+            handle.write(self.config())
         command = [self.tools["twistd"], "-n", "--pidfile="]
         if self.profile:
             command += [f"--profile={self.profile}", "--profiler=cprofile", "--savestats"]
@@ -458,26 +462,23 @@ class MemoryServerServer(ApplianceServer):
     name = "memory-server"
     aet = "MEMORY_SERVER"
 
-    def command(self) -> List[str]:
-        self.http_port = free_port()
-        config = os.path.join(self.dir, "appliance.toml")
-        with open(config, "w") as handle:
-            handle.write(
-                "[appliance]\n"
-                f'data_dir = "{os.path.join(self.dir, "data")}"\n'
-                "[disk_server]\n"
-                "port = 0\n"
-                "[memory_server]\n"
-                f'ae_title = "{self.aet}"\n'
-                f'interface = "{HOST}"\n'
-                f"port = {self.port}\n"
-                'memory_limit = "2 GiB"\n'
-                "timeout = 120\n"
-                "[web]\n"
-                f'interface = "{HOST}"\n'
-                f"port = {self.http_port}\n"
-            )
-        return [self.tools["twistd"], "-n", "--pidfile=", "appliance", "--config", config]
+    def config(self) -> str:
+        self.http_port = free_port()  # its web API says what it holds (stored)
+        return (
+            "[appliance]\n"
+            f'data_dir = "{os.path.join(self.dir, "data")}"\n'
+            "[disk_server]\n"
+            "port = 0\n"
+            "[memory_server]\n"
+            f'ae_title = "{self.aet}"\n'
+            f'interface = "{HOST}"\n'
+            f"port = {self.port}\n"
+            'memory_limit = "2 GiB"\n'
+            "timeout = 120\n"
+            "[web]\n"
+            f'interface = "{HOST}"\n'
+            f"port = {self.http_port}\n"
+        )
 
     def stored(self) -> int:
         url = f"http://{HOST}:{self.http_port}/api/memory/studies"
