@@ -8,7 +8,6 @@ Every method returns a Deferred (or is a coroutine), and all bookkeeping
 
 from __future__ import annotations
 
-import enum
 import os
 from dataclasses import dataclass, field
 from itertools import islice
@@ -23,7 +22,8 @@ from ..dataset.metadata import ObjectMetadata, extract
 from ..logs import logger
 from .eviction import StorageLimits, plan, shortfall
 from .groups import GroupRunner
-from .index import ArchiveIndex, InstanceRow, Misfiled, NewInstance, Upgrade
+from .index import ArchiveIndex, InstanceRow, Misfiled, Upgrade
+from .install import Duplicate, Installer, StoredObject, StoreOutcome
 from .patients import Conflict
 from .store import ObjectStore, TempObject, data_set_offset
 
@@ -41,40 +41,6 @@ SPARE_FILES = 4
 
 class OutOfResources(Exception):
     """No room for the object (A700)."""
-
-
-class Duplicate(Exception):
-    """The SOP instance is stored already and on_duplicate is 'reject'."""
-
-
-class StoreOutcome(enum.Enum):
-    STORED = "stored"
-    REPLACED = "replaced"
-    KEPT_EXISTING = "kept existing"
-
-
-@dataclass
-class StoredObject:
-    """A received object, checked and described, ready to commit: sealed in a temporary file, or to be written
-    by ``seal`` as it is installed."""
-
-    temp: Optional[TempObject]
-    metadata: ObjectMetadata
-    transfer_syntax: str
-    source_ae: str
-    coerced: bool = False
-    #: free space on the archive's file system when the object was sealed (None: not measured)
-    free_space: Optional[int] = None
-    #: for an object not written yet (``temp`` None): run on the database thread as it is installed, writes its
-    #: temporary file and fsyncs it (the file discarded if that fails); ``size``: the bytes the file will hold
-    seal: Optional[Callable[[ObjectStore], TempObject]] = None
-    size: int = 0
-    #: the temporary file ``seal`` completes, if there is one already (discarded if the object goes no further)
-    partial: Optional[TempObject] = None
-
-    @property
-    def file_size(self) -> int:
-        return self.temp.size if self.temp is not None else self.size
 
 
 @dataclass
@@ -128,6 +94,8 @@ class Archive:
         self.deleting = _Pins()
         self.started_at = clock.seconds()
         #: objects ready to be installed, in groups on the database thread (:meth:`_install_group`)
+        #: what installs each group (:mod:`.install`), on the database thread
+        self.installer = Installer(self.store, self.index, on_duplicate)
         self._installs = GroupRunner(db, self._install_group)
         #: free space on the archive's file system after the last group was installed (None: not known yet), and
         #: the bytes of the objects on their way into it since
@@ -223,75 +191,8 @@ class Archive:
             lambda failure: _log.warn("making spare temporary files failed: {error}", error=failure.value))
 
     def _install_group(self, group: List[Tuple[StoredObject, float]]) -> List[object]:
-        """Database thread: each object not written yet written and fsynced, the duplicate policy, each file
-        renamed into place, every directory involved fsynced once, one index transaction for all (each object in
-        a savepoint of its own).
-
-        One answer per object: (outcome, replaced row or None, size change, conflicts, free space after the
-        group), or the exception that object alone failed with (its file is removed).
-        """
-        answers: List[object] = [None] * len(group)
-        placed: List[Tuple[int, str, NewInstance]] = []  # (position in the group, path, row to index)
-        directories: List[str] = []
-        in_group: Dict[str, int] = {}  # SOP Instance UIDs placed by this group: keep and reject see them too
-        kept: List[int] = []
-        for position, (obj, now) in enumerate(group):
-            meta = obj.metadata
-            if obj.temp is None:
-                try:
-                    obj.temp = obj.seal(self.store)
-                except Exception as error:  # the seal discarded its file
-                    answers[position] = error
-                    continue
-            try:
-                existing = in_group.get(meta.sop_instance_uid)
-                if existing is None and self.on_duplicate != "replace" and self.index.lookup(meta.sop_instance_uid):
-                    existing = -1
-                if existing is not None and self.on_duplicate == "keep":
-                    self.store.discard(obj.temp)
-                    self.index.touch_studies([meta.study_instance_uid], now)
-                    kept.append(position)
-                    continue
-                if existing is not None and self.on_duplicate == "reject":
-                    raise Duplicate(f"SOP instance {meta.sop_instance_uid} is stored already (on_duplicate = reject)")
-                relative = self.store.relative_path_for(meta.study_instance_uid, meta.series_instance_uid,
-                                                        meta.sop_instance_uid)
-                directories += self.store.place(obj.temp, relative)
-            except Exception as error:
-                self.store.discard(obj.temp)
-                answers[position] = error
-                continue
-            in_group[meta.sop_instance_uid] = position
-            placed.append((position, relative,
-                           NewInstance(meta, relative, obj.temp.size, obj.transfer_syntax, obj.source_ae)))
-        added: List[object] = []
-        if placed:
-            try:
-                self.store.sync_directories(directories)
-                added = self.index.add_group([row for _, _, row in placed], group[placed[0][0]][1])
-            except Exception as error:  # nothing of the group was indexed: none of its files stays
-                added = [error] * len(placed)
-        free = self.store.free_space()
-        for position in kept:
-            answers[position] = (StoreOutcome.KEPT_EXISTING, None, 0, (), free)
-        for (position, relative, _), result in zip(placed, added):
-            if isinstance(result, Exception):
-                self._unplace(relative)
-                answers[position] = result
-                continue
-            obj = group[position][0]
-            previous = result.previous
-            delta = obj.temp.size - (previous.size if previous else 0)
-            answers[position] = ((StoreOutcome.REPLACED if previous else StoreOutcome.STORED), previous, delta,
-                                 result.conflicts, free)
-        return answers
-
-    def _unplace(self, relative: str) -> None:
-        """Database thread: remove a file placed for an object that was then not indexed."""
-        try:
-            self.store.remove(relative)
-        except OSError as error:  # the start-up check indexes it (a whole, checked object) or removes it
-            _log.error("removing {path}, not indexed, failed: {error}", path=relative, error=error)
+        """Database thread: :meth:`Installer.install`."""
+        return self.installer.install(group)
 
     # --- storage management ----------------------------------------------------------
 
