@@ -24,7 +24,8 @@ from twisted.python import usage
 from . import config as configuration
 from . import logs
 from .ae.listeners import acceptor_factory, disk_server_services, memory_server_services, memory_sink
-from .archive.archive import Archive
+from .archive.archive import SPARE_FILES, Archive
+from .archive.helper import InstallHelper
 from .dataset.deflate import InflateLimits
 from .ae.manager import MemoryManager
 from .ae.web_queries import WebQueries
@@ -135,6 +136,7 @@ class ArchiveService(Service):
     def _report(self, size: int, result) -> None:
         self.archive.size = size
         self.archive.prepare()  # after the check, which removes the temporary files it finds
+        self.archive.start_helper()  # so does its own spare files
         self._log.info(
             "archive {root}: {size} bytes; start-up check removed {temps} unfinished temporary files, "
             "{stale} never-indexed files, {missing} rows without files; indexed {reindexed} whole objects "
@@ -238,7 +240,8 @@ def makeService(options, reactor=None) -> MultiService:
     try:
         archive = Archive(config.archive.path, config.archive.limits, config.archive.on_duplicate, reactor,
                           io.runner, db.runner, InflateLimits(config.archive.max_object_size,
-                                                              config.archive.max_inflation_ratio))
+                                                              config.archive.max_inflation_ratio),
+                          helper=InstallHelper(config.archive.path, config.archive.on_duplicate, SPARE_FILES))
     except (OSError, RuntimeError, sqlite3.Error) as error:
         startup_failed(options, f"{config.path}: [appliance] data_dir: cannot open the archive: {error}"
                                 f"{_not_writable(config.archive.path)}")

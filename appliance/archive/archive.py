@@ -23,11 +23,12 @@ from ..logs import logger
 from .eviction import StorageLimits, plan, shortfall
 from .groups import GroupRunner
 from .index import ArchiveIndex, InstanceRow, Misfiled, Upgrade
-from .install import Duplicate, Installer, StoredObject, StoreOutcome
+from .helper import HelperUnavailable
+from .install import Duplicate, HelperFailed, Installer, StoredObject, StoreOutcome
 from .patients import Conflict
 from .store import ObjectStore, TempObject, data_set_offset
 
-__all__ = ["Archive", "OutOfResources", "Duplicate", "Misfiled", "StoredObject", "StoreOutcome", "Runner"]
+__all__ = ["Archive", "OutOfResources", "Duplicate", "HelperFailed", "Misfiled", "StoredObject", "StoreOutcome", "Runner"]
 
 #: ``runner(f, *args, **kwargs) -> Deferred``: where blocking work runs.
 Runner = Callable[..., defer.Deferred]
@@ -73,6 +74,7 @@ class Archive:
         io: Runner,
         db: Runner,
         inflate_limits: InflateLimits = InflateLimits(),
+        helper=None,
     ) -> None:
         if on_duplicate not in ("replace", "keep", "reject"):
             raise ValueError(f"on_duplicate must be replace, keep or reject, not {on_duplicate!r}")
@@ -94,8 +96,10 @@ class Archive:
         self.deleting = _Pins()
         self.started_at = clock.seconds()
         #: objects ready to be installed, in groups on the database thread (:meth:`_install_group`)
-        #: what installs each group (:mod:`.install`), on the database thread
+        #: what installs each group (:mod:`.install`), on the database thread; groups of several objects held in
+        #: memory go to ``helper`` instead, if there is one (:class:`.helper.InstallHelper`, a process of its own)
         self.installer = Installer(self.store, self.index, on_duplicate)
+        self.helper = helper
         self._installs = GroupRunner(db, self._install_group)
         #: free space on the archive's file system after the last group was installed (None: not known yet), and
         #: the bytes of the objects on their way into it since
@@ -104,6 +108,9 @@ class Archive:
         self._making_spares = False
 
     def close(self) -> None:
+        """Database thread: stop the install helper, remove the spare files, close the index."""
+        if self.helper is not None:
+            self.helper.stop()
         self.store.close()
         self.index.close()
 
@@ -161,6 +168,10 @@ class Archive:
             try:
                 outcome, previous, size_delta, conflicts, self._free_space = await self._installs.submit(
                     (obj, self.clock.seconds()))
+            except HelperFailed:
+                # the helper may have installed some of its group before it ended: count the archive again
+                self.size = await self.db(self.index.total_size)
+                raise
             finally:
                 self._incoming -= incoming
         except BaseException:
@@ -191,8 +202,40 @@ class Archive:
             lambda failure: _log.warn("making spare temporary files failed: {error}", error=failure.value))
 
     def _install_group(self, group: List[Tuple[StoredObject, float]]) -> List[object]:
-        """Database thread: :meth:`Installer.install`."""
+        """Database thread: :meth:`Installer.install`, here or, for several objects held in memory, in the
+        install helper's process (whose interpreter lock the reactor does not hold)."""
+        helper = self.helper
+        if helper is not None and len(group) > 1 and all(obj.temp is None and obj.partial is None
+                                                         for obj, _ in group):
+            try:
+                return helper.install(group)
+            except HelperUnavailable as error:  # nothing of the group was done: done here, and from now on
+                self.helper = None
+                _log.error("{error}; groups are installed by this process from now on", error=error)
+            except HelperFailed as error:  # its objects are answered a failure; the next group starts another
+                _log.error("{error}", error=error)
+                raise
         return self.installer.install(group)
+
+    def start_helper(self) -> defer.Deferred:
+        """Start the install helper (on the database thread, where it is used); if it cannot start, groups are
+        installed by this process (logged).  Fires with its process id, or None."""
+        helper = self.helper
+        if helper is None:
+            return defer.succeed(None)
+
+        def started(pid):
+            _log.info("install helper started (process {pid}): groups of several objects are installed there",
+                      pid=pid)
+            return pid
+
+        def failed(failure):
+            failure.trap(HelperUnavailable)
+            self.helper = None
+            _log.error("{error}; groups are installed by this process", error=failure.value)
+            return None
+
+        return self.db(helper.start).addCallbacks(started, failed)
 
     # --- storage management ----------------------------------------------------------
 

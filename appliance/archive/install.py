@@ -17,13 +17,18 @@ from ..logs import logger
 from .index import ArchiveIndex, NewInstance
 from .store import ObjectStore, TempObject
 
-__all__ = ["Duplicate", "Installer", "StoredObject", "StoreOutcome"]
+__all__ = ["Duplicate", "HelperFailed", "Installer", "StoredObject", "StoreOutcome"]
 
 _log = logger("appliance.archive")
 
 
 class Duplicate(Exception):
     """The SOP instance is stored already and on_duplicate is 'reject'."""
+
+
+class HelperFailed(Exception):
+    """The install helper process (:mod:`.helper`) died or could not be reached while it had a group: its objects
+    may or may not be installed, none was answered Success."""
 
 
 class StoreOutcome(enum.Enum):

@@ -49,7 +49,7 @@ from ..dataset.checks import (
 from ..dataset.deflate import DEFLATED, InflateLimits
 from ..interfaces import IObjectSink, IObjectWriter
 from ..logs import logger
-from .archive import Archive, Duplicate, Misfiled, OutOfResources, StoredObject, StoreOutcome
+from .archive import Archive, Duplicate, HelperFailed, Misfiled, OutOfResources, StoredObject, StoreOutcome
 from .store import ObjectStore, TempObject, part10_header
 
 __all__ = ["ArchiveSink", "ArchiveWriter", "examine", "CHUNK", "MAX_IN_FLIGHT", "HEAD_TRIES"]
@@ -300,6 +300,8 @@ class ArchiveWriter:
             raise Refused(Refusal.DUPLICATE, str(error)) from None
         except Misfiled as error:  # PS3.3: a series belongs to one study
             raise Refused(Refusal.NOT_MATCHING, str(error)) from None
+        except HelperFailed as error:  # logged once by the archive for its group; the sender may send it again
+            raise Refused(Refusal.FAILED, f"archive error: {error}") from None
         except OSError as error:
             raise Refused(Refusal.OUT_OF_RESOURCES, f"cannot write to the archive: {error.strerror}") from None
         except sqlite3.OperationalError as error:
