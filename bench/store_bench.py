@@ -323,6 +323,31 @@ def vmhwm_kib(pid: int) -> Optional[int]:
     return proc_status_kib(pid, "VmHWM")
 
 
+def process_tree(pid: int) -> List[int]:
+    """A process and its descendants alive now (``/proc/PID/task/TID/children``): the appliance's install
+    helper counts as the appliance."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    pending.extend(int(child) for child in handle.read().split())
+            except OSError:
+                continue
+    return found
+
+
+def _tree_sum(pid: int, measure) -> Optional[float]:
+    figures = [measure(member) for member in process_tree(pid)]
+    return None if figures[0] is None else sum(figure for figure in figures if figure is not None)
+
+
 # --------------------------------------------------------------------------- servers
 
 
@@ -381,10 +406,12 @@ class Server:
             return "(no log)"
 
     def cpu_s(self) -> Optional[float]:
-        return cpu_seconds(self.process.pid) if self.process is not None else None
+        """CPU time of the server and of the processes it started (the appliance's install helper)."""
+        return _tree_sum(self.process.pid, cpu_seconds) if self.process is not None else None
 
     def peak_rss_kib(self) -> Optional[int]:
-        return vmhwm_kib(self.process.pid) if self.process is not None else None
+        """Peak RSS of the server plus that of each process it started (their peaks added: an upper bound)."""
+        return _tree_sum(self.process.pid, vmhwm_kib) if self.process is not None else None
 
     def stored(self) -> int:
         raise NotImplementedError
@@ -443,6 +470,21 @@ class ApplianceServer(Server):
         if self.profile:
             command += [f"--profile={self.profile}", "--profiler=cprofile", "--savestats"]
         return command + ["appliance", "--config", config]
+
+    def wait_listening(self) -> None:
+        """C-ECHO answered, then the install helper up (it starts after the archive's start-up check): what it
+        does while starting is not timed as storing."""
+        super().wait_listening()
+        deadline = time.monotonic() + WAIT_ATTEMPTS * WAIT_INTERVAL
+        while time.monotonic() < deadline:
+            with open(self.log_path, "rb") as handle:
+                log = handle.read()
+            if b"install helper started" in log or b"groups are installed by this process" in log:
+                return
+            if self.process.poll() is not None:
+                raise BenchError(f"{self.name} exited while starting:\n" + self.log_tail())
+            time.sleep(WAIT_INTERVAL)
+        raise BenchError(f"{self.name}: its install helper did not start:\n" + self.log_tail())
 
     def env(self) -> dict:
         env = dict(os.environ)
@@ -753,7 +795,8 @@ def report(result: dict) -> str:
                      + ("  (other work was competing: the numbers are noisy)" if max(loads) > 1.5 else ""))
     lines.append("\nstorescp writes without fsync; the appliance and Orthanc (SyncStorageArea) fsync each object "
                  "before answering; memory-server is the appliance's Memory-Server (objects held in memory: no "
-                 "file, no fsync, no index).")
+                 "file, no fsync, no index). Server CPU and peak RSS include the processes a server started (the "
+                 "appliance's install helper; the peaks added).")
     return "\n".join(lines)
 
 
