@@ -160,54 +160,44 @@ class LoadAppliance(qb.QueryAppliance):
     def command(self) -> List[str]:
         if self.orthanc_port is None or not self.move_port:
             raise BenchError("the appliance needs Orthanc's and storescp's DICOM ports before it starts")
-        config = os.path.join(self.dir, "appliance.toml")
-        with open(config, "w") as handle:
-            handle.write(
-                "[appliance]\n"
-                f"data_dir = {json.dumps(os.path.join(self.dir, 'data'))}\n"
-                "[disk_server]\n"
-                f'ae_title = "{self.aet}"\n'
-                f'interface = "{HOST}"\n'
-                f"port = {self.port}\n"
-                'min_free_space = "1 MiB"\n'
-                "timeout = 120\n"
-                "[memory_server]\n"
-                f'ae_title = "{MEMORY_AET}"\n'
-                f'interface = "{HOST}"\n'
-                f"port = {self.memory_port}\n"
-                f"memory_limit = {json.dumps(self.memory_limit)}\n"
-                + (f"max_pdu = {self.max_pdu}\n" if self.max_pdu else "")
-                + "timeout = 120\n"
-                "[memory_manager]\n"
-                f'ae_title = "{MANAGER_AET}"\n'
-                "[web]\n"
-                f'interface = "{HOST}"\n'
-                f"port = {self.web_port}\n"
-                "[devices.disk_server]\n"
-                f'ae_title = "{self.aet}"\n'
-                f'host = "{HOST}"\n'
-                f"port = {self.port}\n"
-                "timeout = 120\n"
-                "[devices.memory_server]\n"
-                f'ae_title = "{MEMORY_AET}"\n'
-                f'host = "{HOST}"\n'
-                f"port = {self.memory_port}\n"
-                "timeout = 120\n"
-                "[devices.movescp]\n"
-                f'ae_title = "{qb.MOVE_DEST_AET}"\n'
-                f'host = "{HOST}"\n'
-                f"port = {self.move_port}\n"
-                "timeout = 120\n"
-                "[devices.orthanc]\n"
-                f'ae_title = "{LoadOrthanc.aet}"\n'
-                f'host = "{HOST}"\n'
-                f"port = {self.orthanc_port}\n"
-                "timeout = 120\n"
-            )
-        command = [self.tools["twistd"], "-n", "--pidfile="]
-        if self.profile:
-            command += [f"--profile={self.profile}", "--profiler=cprofile", "--savestats"]
-        return command + ["appliance", "--config", config]
+        return super().command()
+
+    def config(self) -> str:
+        """Its own whole configuration (QueryAppliance's adds only the C-MOVE destination, which this one has)."""
+        return self.disk_server_config() + (
+            "[memory_server]\n"
+            f'ae_title = "{MEMORY_AET}"\n'
+            f'interface = "{HOST}"\n'
+            f"port = {self.memory_port}\n"
+            f"memory_limit = {json.dumps(self.memory_limit)}\n"
+            + (f"max_pdu = {self.max_pdu}\n" if self.max_pdu else "")
+            + "timeout = 120\n"
+            "[memory_manager]\n"
+            f'ae_title = "{MANAGER_AET}"\n'
+            "[web]\n"
+            f'interface = "{HOST}"\n'
+            f"port = {self.web_port}\n"
+            "[devices.disk_server]\n"
+            f'ae_title = "{self.aet}"\n'
+            f'host = "{HOST}"\n'
+            f"port = {self.port}\n"
+            "timeout = 120\n"
+            "[devices.memory_server]\n"
+            f'ae_title = "{MEMORY_AET}"\n'
+            f'host = "{HOST}"\n'
+            f"port = {self.memory_port}\n"
+            "timeout = 120\n"
+            "[devices.movescp]\n"
+            f'ae_title = "{qb.MOVE_DEST_AET}"\n'
+            f'host = "{HOST}"\n'
+            f"port = {self.move_port}\n"
+            "timeout = 120\n"
+            "[devices.orthanc]\n"
+            f'ae_title = "{LoadOrthanc.aet}"\n'
+            f'host = "{HOST}"\n'
+            f"port = {self.orthanc_port}\n"
+            "timeout = 120\n"
+        )
 
     # --- the HTTP API (one kept-alive connection) ---------------------------------------------------------
 

@@ -447,19 +447,19 @@ class ApplianceServer(Server):
 
     def config(self) -> str:
         """The appliance.toml it runs on."""
+        return self.disk_server_config() + "[memory_server]\nport = 0\n[web]\nport = 0\n"
+
+    def disk_server_config(self) -> str:
+        """Its [appliance] and [disk_server] sections: the archive in its folder, the Disk-Server on our port."""
         return (
             "[appliance]\n"
-            f'data_dir = "{os.path.join(self.dir, "data")}"\n'
+            f"data_dir = {json.dumps(os.path.join(self.dir, 'data'))}\n"
             "[disk_server]\n"
             f'ae_title = "{self.aet}"\n'
             f'interface = "{HOST}"\n'
             f"port = {self.port}\n"
             'min_free_space = "1 MiB"\n'
             "timeout = 120\n"
-            "[memory_server]\n"
-            "port = 0\n"
-            "[web]\n"
-            "port = 0\n"
         )
 
     def command(self) -> List[str]:
