@@ -527,6 +527,18 @@ class DirectoryHandleTests(SynchronousTestCase):
         self.assertEqual(self.synced[-2][1], os.stat(directory).st_ino)
         self.assertTrue(os.path.exists(self.store.absolute(second)))
 
+    def test_a_directory_made_again_by_another_process_is_synced_as_it_is_now(self):
+        """The install helper (another process) may prune and make a directory again whose handle this one keeps:
+        the kept handle, of a directory without a name any more, is not the one synced."""
+        first = self.install("1.2.3.1")
+        directory = os.path.dirname(self.store.absolute(first))
+        os.unlink(self.store.absolute(first))
+        os.rmdir(directory)
+        os.makedirs(directory)  # as another process would, unknown to this store
+        self.synced.clear()
+        self.install("1.2.3.2")
+        self.assertEqual(self.synced, [(directory, os.stat(directory).st_ino)])
+
     def test_handles_are_bounded_and_closed(self):
         handles = store_module.DirectoryHandles(size=2)
         directories = [self.mktemp() for _ in range(3)]

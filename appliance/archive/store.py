@@ -106,9 +106,11 @@ class DirectoryHandles:
     lock, which the reactor then waits for).  At most ``size`` are kept, the least recently used closed first.
 
     A directory can vanish (the last object of a series evicted or deleted, appliance-archive among them, prunes
-    it) and be made again under the same name: a handle is forgotten when its directory is found gone or is made
-    anew (:meth:`ObjectStore.place`), so that a handle of a directory that no longer exists is never synced in
-    place of the one that does.  Only this process makes directories in the archive.
+    it) and be made again under the same name, by this process or by the install helper's: before a kept handle
+    is synced, it is asked whether its directory still has a name (a removed directory has no link left); one
+    that has none is closed and the directory opened again by its name, so that a handle of a directory that no
+    longer exists is never synced in place of the one that does.  (Nothing renames the archive's directories,
+    and none is removed while an object is being renamed into it: an installed object keeps its directory.)
     """
 
     def __init__(self, size: int = _DIRECTORY_HANDLES) -> None:
@@ -125,6 +127,9 @@ class DirectoryHandles:
             fd = self._handles.get(path)
             if fd is not None:
                 self._handles.move_to_end(path)
+        if fd is not None and os.fstat(fd).st_nlink == 0:  # removed since, perhaps made again under its name
+            self.forget(path)
+            fd = None
         if fd is None:
             fd = _open_directory(path)
             with self._lock:
@@ -293,7 +298,7 @@ class ObjectStore:
             try:
                 os.replace(temp.path, target)
                 return [directory]
-            except FileNotFoundError:  # pruned since (its handle forgotten as it is made again, below)
+            except FileNotFoundError:  # pruned since: made again below (its old handle is not synced: see sync)
                 if not os.path.exists(temp.path):
                     raise
         created: List[str] = []  # every directory made, by any attempt (one pruned meanwhile is made again)
@@ -311,17 +316,15 @@ class ObjectStore:
         # a temporary name that comes back after a crash is removed by the start-up reconciliation
         return [directory] + [os.path.dirname(path) for path in created]
 
-    def _make_directories(self, directory: str) -> List[str]:
-        """Make ``directory`` and its missing parents; returns those made, deepest first, their handles forgotten
-        (one kept of a directory that was there before under the name is of no use)."""
+    @staticmethod
+    def _make_directories(directory: str) -> List[str]:
+        """Make ``directory`` and its missing parents; returns those made, deepest first."""
         missing = []
         probe = directory
         while not os.path.isdir(probe):
             missing.append(probe)
             probe = os.path.dirname(probe)
         os.makedirs(directory, exist_ok=True)
-        for path in missing:
-            self.directories.forget(path)
         return missing
 
     def sync_directories(self, directories: List[str]) -> None:
