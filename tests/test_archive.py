@@ -156,6 +156,20 @@ class ArchiveTests(SynchronousTestCase):
         self.assertEqual(str(dcmread(path).PatientName), "First^Name")
         self.assertEqual(archive.store.leftovers(), [])
 
+    def test_duplicate_kept_touches_the_study_it_is_stored_in(self):
+        """on_duplicate = keep: sending a stored instance again is an access of the study it is stored in, even when
+        the new copy names another study (which is not made)."""
+        archive = self.make_archive(on_duplicate="keep")
+        self.store(archive, make_dataset(study="1.6", series="1.6.1", sop="1.6.1.1"))
+        self.store(archive, make_dataset(study="1.7", series="1.7.1", sop="1.7.1.1"))
+        self.clock.advance(60)
+        outcome, _ = self.store(archive, make_dataset(study="1.8", series="1.8.1", sop="1.6.1.1"))
+        self.assertEqual(outcome, StoreOutcome.KEPT_EXISTING)
+        studies = {row.study_uid: row.accessed_at for row in archive.index.studies()}
+        self.assertEqual(sorted(studies), ["1.6", "1.7"])
+        self.assertEqual(studies["1.6"], self.clock.seconds())
+        self.assertLess(studies["1.7"], self.clock.seconds())
+
     def test_duplicate_reject(self):
         """on_duplicate = reject: the second store fails with Duplicate and leaves nothing behind."""
         archive = self.make_archive(on_duplicate="reject")

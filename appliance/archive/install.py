@@ -91,12 +91,18 @@ class Installer:
                     answers[position] = error
                     continue
             try:
-                existing = in_group.get(meta.sop_instance_uid)
-                if existing is None and self.on_duplicate != "replace" and self.index.lookup(meta.sop_instance_uid):
-                    existing = -1
+                # the study the instance is stored in already (this group's earlier one, else the index's), if it is
+                existing: Optional[str] = None
+                if self.on_duplicate != "replace":
+                    earlier = in_group.get(meta.sop_instance_uid)
+                    if earlier is not None:
+                        existing = group[earlier][0].metadata.study_instance_uid
+                    else:
+                        row = self.index.lookup(meta.sop_instance_uid)
+                        existing = row.study_uid if row is not None else None
                 if existing is not None and self.on_duplicate == "keep":
                     self.store.discard(obj.temp)
-                    self.index.touch_studies([meta.study_instance_uid], now)
+                    self.index.touch_studies([existing], now)  # the kept version's study was accessed
                     kept.append(position)
                     continue
                 if existing is not None and self.on_duplicate == "reject":
