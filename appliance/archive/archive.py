@@ -23,7 +23,7 @@ from ..logs import logger
 from .eviction import StorageLimits, plan, shortfall
 from .groups import GroupRunner
 from .index import ArchiveIndex, InstanceRow, Misfiled, Upgrade
-from .helper import HelperUnavailable
+from .helper import HelperUnavailable, InstallHelper
 from .install import Duplicate, HelperFailed, Installer, StoredObject, StoreOutcome
 from .patients import Conflict
 from .store import ObjectStore, TempObject, data_set_offset
@@ -74,7 +74,7 @@ class Archive:
         io: Runner,
         db: Runner,
         inflate_limits: InflateLimits = InflateLimits(),
-        helper=None,
+        helper: Optional[InstallHelper] = None,
     ) -> None:
         if on_duplicate not in ("replace", "keep", "reject"):
             raise ValueError(f"on_duplicate must be replace, keep or reject, not {on_duplicate!r}")
@@ -95,11 +95,11 @@ class Archive:
         #: studies being deleted or evicted right now: a retrieve that pins one too late skips it
         self.deleting = _Pins()
         self.started_at = clock.seconds()
-        #: objects ready to be installed, in groups on the database thread (:meth:`_install_group`)
         #: what installs each group (:mod:`.install`), on the database thread; groups of several objects held in
         #: memory go to ``helper`` instead, if there is one (:class:`.helper.InstallHelper`, a process of its own)
         self.installer = Installer(self.store, self.index, on_duplicate)
         self.helper = helper
+        #: objects ready to be installed, in groups on the database thread (:meth:`_install_group`)
         self._installs = GroupRunner(db, self._install_group)
         #: free space on the archive's file system after the last group was installed (None: not known yet), and
         #: the bytes of the objects on their way into it since
@@ -151,7 +151,7 @@ class Archive:
         Objects that become ready while others are being installed are
         installed together (:meth:`_install_group`: written and fsynced one
         after the other, then one fsync per directory and one index
-        transaction for all).  Raises :class:`OutOfResources`,
+        transaction for all; several held in memory by the install helper).  Raises :class:`OutOfResources`,
         :class:`Duplicate` or :class:`Misfiled`; the temporary file is gone
         whatever happens.
         """

@@ -138,7 +138,8 @@ def _finish_checked(temp: TempObject, chunks: List[bytes], header_length: int, t
 
 
 def _write_sealed(header: bytes, data: bytes, store: ObjectStore) -> TempObject:
-    """Database thread, as an object held in memory is installed: a new temporary file holding it, fsynced."""
+    """As an object held in memory is installed (on the database thread, or in the install helper's process): a
+    new temporary file holding it, fsynced."""
     temp = store.open_temp([header, data])
     try:
         ObjectStore.seal(temp)

@@ -221,8 +221,8 @@ def inspect_head(prefix: bytes, header_length: int, sop_class_uid: str, sop_inst
     """An object checked from the first part of its data set: its metadata, the coercion it needs, where its Pixel
     Data element starts and where the data set ends if it ends with that element (the end its header declares;
     None for undefined length: how large it will likely be); or None when that part does not reach the Pixel Data
-    element (then only the whole can say).  Offsets count from the start of ``prefix`` plus ``header_length``.  ``levels``: the metadata's levels to
-    build (:func:`.fastscan.scan`).  Wholeness is not checked here."""
+    element (then only the whole can say).  Offsets count from the start of ``prefix`` plus ``header_length``.
+    ``levels``: the metadata's levels to build (:func:`.fastscan.scan`).  Wholeness is not checked here."""
     fast = scan(prefix, header_length, transfer_syntax, levels)
     if fast is None:
         return None

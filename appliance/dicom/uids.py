@@ -8,7 +8,6 @@ takes) are the project's.  The statement's misprinted UIDs are listed in
 from __future__ import annotations
 
 import re
-
 from typing import Tuple
 
 from pydicom.uid import UID
