@@ -6,11 +6,12 @@ import os
 import sqlite3
 import time
 from functools import partial
+from typing import List
 
 from pydicom import dcmread
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from appliance.archive.archive import (Archive, Duplicate, Misfiled, OutOfResources, StoredObject, StoreOutcome,
                                       _reconcile)
@@ -472,6 +473,108 @@ class InstallRaceTests(SynchronousTestCase):
         with open(store.absolute(relative), "rb") as handle:
             self.assertEqual(handle.read(), b"x" * 10)
         self.assertEqual(calls, [directory, directory])
+        self.assertEqual(store.leftovers(), [])
+
+    def test_directory_pruned_with_named_temporary_files(self):
+        """The same where temporary files are named (renamed into place, not linked)."""
+        self.patch(store_module, "unnamed_files_work", lambda directory: False)
+        self.test_directory_pruned_between_makedirs_and_rename()
+
+
+class UnnamedTemporaryFileTests(SynchronousTestCase):
+    """Where the file system has them (O_TMPFILE), a temporary file has no name: linked into place once whole
+    and fsynced, gone with its descriptor otherwise; none is ever seen in tmp/."""
+
+    def setUp(self):
+        self.store = store_module.ObjectStore(self.mktemp())
+        self.addCleanup(self.store.close)
+        if not self.store.unnamed:
+            raise SkipTest("this file system has no unnamed files (O_TMPFILE)")
+
+    def held(self):
+        return _unnamed_in(self.store.tmp)
+
+    def test_placed(self):
+        temp = self.store.open_temp([b"one", b"two"])
+        self.assertEqual(os.listdir(self.store.tmp), [])
+        self.assertEqual(self.held(), [os.path.basename(temp.path)])
+        self.assertEqual(self.store.leftovers(), [temp.path])
+        self.store.seal(temp)
+        with open(temp.path, "rb") as handle:  # read back through /proc while it has no name
+            self.assertEqual(handle.read(), b"onetwo")
+        relative = self.store.relative_path_for("1.2", "1.2.3", "1.2.3.4")
+        self.store.install(temp, relative)
+        with open(self.store.absolute(relative), "rb") as handle:
+            self.assertEqual(handle.read(), b"onetwo")
+        self.assertEqual(os.stat(self.store.absolute(relative)).st_nlink, 1)
+        self.assertEqual((self.held(), self.store.leftovers(), os.listdir(self.store.tmp)), ([], [], []))
+
+    def test_discarded_or_abandoned(self):
+        """A file discarded, or one whose process ends before it is placed (its descriptor closed), leaves
+        nothing; discarding twice is harmless."""
+        discarded = self.store.open_temp([b"refused"])
+        self.store.discard(discarded)
+        self.store.discard(discarded)
+        abandoned = self.store.open_temp([b"cut short"])
+        self.store.seal(abandoned)
+        abandoned.handle.close()  # what the end of the process does
+        self.assertEqual(self.held(), [])
+        self.assertEqual(os.listdir(self.store.tmp), [])
+        self.assertEqual(list(self.store.stored_files()), [])
+
+    def test_a_taken_name_is_not_overwritten(self):
+        """Linking never replaces a file (unlike a rename): a name already taken fails the object, not the
+        file that has it."""
+        first = self.store.open_temp([b"first"])
+        self.store.seal(first)
+        relative = self.store.relative_path_for("1.2", "1.2.3", "1.2.3.4")
+        self.store.install(first, relative)
+        second = self.store.open_temp([b"second"])
+        self.store.seal(second)
+        self.assertRaises(FileExistsError, self.store.place, second, relative)
+        self.store.discard(second)
+        with open(self.store.absolute(relative), "rb") as handle:
+            self.assertEqual(handle.read(), b"first")
+        self.assertEqual(self.held(), [])
+
+    def named_instead(self):
+        """Another store made now has named temporary files, which work as they should."""
+        store = store_module.ObjectStore(self.mktemp())
+        self.addCleanup(store.close)
+        self.assertFalse(store.unnamed)
+        self.assertEqual(os.listdir(store.tmp), [])  # the probe left nothing
+        temp = store.open_temp([b"named"])
+        self.assertEqual(store.leftovers(), [os.path.basename(temp.path)])
+        store.seal(temp)
+        relative = store.relative_path_for("1.2", "1.2.3", "1.2.3.4")
+        store.install(temp, relative)
+        self.assertEqual((store.leftovers(), os.listdir(store.tmp)), ([], []))
+        with open(store.absolute(relative), "rb") as handle:
+            self.assertEqual(handle.read(), b"named")
+
+    def test_without_o_tmpfile_named_files(self):
+        """O_TMPFILE refused (a file system without it, an old kernel): named temporary files in tmp/."""
+        real_open = os.open
+
+        def no_tmpfile(path, flags, *args, **kwargs):
+            if flags & store_module._O_TMPFILE == store_module._O_TMPFILE:
+                raise OSError(95, "Operation not supported")
+            return real_open(path, flags, *args, **kwargs)
+
+        self.patch(store_module.os, "open", no_tmpfile)
+        self.named_instead()
+
+    def test_without_proc_named_files(self):
+        """/proc not there to link an unnamed file through: named temporary files in tmp/."""
+        real_link = os.link
+
+        def no_proc(source, *args, **kwargs):
+            if source.startswith("/proc/self/fd/"):
+                raise FileNotFoundError(2, "No such file or directory")
+            return real_link(source, *args, **kwargs)
+
+        self.patch(store_module.os, "link", no_proc)
+        self.named_instead()
 
 
 class DirectoryHandleTests(SynchronousTestCase):
@@ -770,21 +873,61 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertIn("auto_delete is off", str(self.failureResultOf(results[2], OutOfResources).value))
 
 
+def _unnamed_in(directory: str) -> List[str]:
+    """The unnamed files made in ``directory`` that this process holds open, as /proc/self/fd names them (what the
+    kernel says, not what the store counts)."""
+    found, directory = [], os.path.realpath(directory)
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith(directory + "/#") and target.endswith(" (deleted)"):
+            found.append(name)
+    return sorted(found, key=int)
+
+
 class SpareFileTests(SynchronousTestCase):
-    """Temporary files made ahead of need: an object being installed takes one instead of creating its file."""
+    """Temporary files made ahead of need: an object being installed takes one instead of creating its file.  Here
+    unnamed ones (O_TMPFILE, where the file system has them); :class:`NamedSpareFileTests`: named ones in tmp/."""
+
+    unnamed = True
+
+    def setUp(self):
+        probe = self.mktemp()
+        os.makedirs(probe)
+        if self.unnamed and not store_module.unnamed_files_work(probe):
+            raise SkipTest("this file system has no unnamed files (O_TMPFILE)")
+        if not self.unnamed:
+            self.patch(store_module, "unnamed_files_work", lambda directory: False)
+
+    def files(self, store) -> List[str]:
+        """The temporary files that exist, sorted: names in tmp/, or the descriptors of the unnamed ones held
+        open."""
+        names = sorted(os.listdir(store.tmp))
+        if self.unnamed:
+            self.assertEqual(names, [])  # an unnamed file never has a name in tmp/
+            return sorted(_unnamed_in(store.tmp))
+        return names
+
+    @staticmethod
+    def ids(*temps) -> List[str]:
+        """The temporary files as :meth:`files` names them."""
+        return sorted(os.path.basename(temp.path) for temp in temps)
 
     def test_spares_made_taken_and_discarded(self):
         from appliance.archive.store import ObjectStore
 
         store = ObjectStore(self.mktemp(), spares=3)
+        self.assertEqual(store.unnamed, self.unnamed)
         self.assertTrue(store.needs_spares)
         self.assertEqual(store.make_spares(), 3)
         self.assertEqual(store.make_spares(), 0)
-        spares = sorted(os.listdir(store.tmp))
+        spares = self.files(store)
         self.assertEqual(len(spares), 3)
         temp = store.open_temp([b"data"])
         self.assertIn(os.path.basename(temp.path), spares)  # no new file: a spare
-        self.assertEqual(sorted(os.listdir(store.tmp)), spares)
+        self.assertEqual(self.files(store), spares)
         store.seal(temp)
         with open(temp.path, "rb") as handle:
             self.assertEqual(handle.read(), b"data")
@@ -793,10 +936,14 @@ class SpareFileTests(SynchronousTestCase):
         self.assertTrue(store.needs_spares)
         self.assertEqual(store.make_spares(), 2)
         store.discard_spares()
-        self.assertEqual(sorted(os.listdir(store.tmp)), sorted([os.path.basename(temp.path),
-                                                                os.path.basename(second.path)]))
+        self.assertEqual(self.files(store), self.ids(temp, second))
+        self.assertEqual(sorted(os.path.basename(path) for path in store.leftovers()), self.ids(temp, second))
         other = store.open_temp([b"more"])  # none left: made at once
-        self.assertNotIn(os.path.basename(other.path), spares)
+        self.assertEqual(self.files(store), self.ids(temp, second, other))
+        for made in (temp, second, other):
+            store.discard(made)
+        self.assertEqual(self.files(store), [])
+        self.assertEqual(store.leftovers(), [])
 
     def test_spares_that_cannot_be_made(self):
         """Making spares failing (no inode left, say) is one warning, the files are created as objects need them,
@@ -823,19 +970,20 @@ class SpareFileTests(SynchronousTestCase):
         warnings = [formatEvent(e) for e in events if "spare" in formatEvent(e)]
         self.assertEqual(warnings, ["making spare temporary files failed: [Errno 28] No space left on device"] * 2)
         temp = archive.store.open_temp([b"x"])  # none spare: made at once
-        self.assertTrue(os.path.exists(temp.path))
+        self.assertEqual(self.files(archive.store), [os.path.basename(temp.path)])
         archive.store.discard(temp)
+        self.assertEqual(self.files(archive.store), [])
 
     def test_archive_keeps_spares_made(self):
         """After each commit the archive tops the spares up (an I/O job); closing removes them; spares a crash
-        left behind are temporary files the start-up check removes."""
+        left behind are named temporary files the start-up check removes (unnamed ones go with the process)."""
         root = self.mktemp()
         clock = Clock()
         clock.advance(1_000_000)
         archive = Archive(root, StorageLimits(min_free_space=0), "replace", clock, synchronous_runner,
                           synchronous_runner)
         archive.prepare()
-        self.assertEqual(len(os.listdir(archive.store.tmp)), archive.store.spares_wanted)
+        self.assertEqual(len(self.files(archive.store)), archive.store.spares_wanted)
         for number in range(archive.store.spares_wanted // 2):
             ds = make_dataset(sop=f"30.{number}")
             data = encode_dataset(ds, EXPLICIT_LE)
@@ -846,10 +994,15 @@ class SpareFileTests(SynchronousTestCase):
                                   size=len(header) + len(data))
             self.assertEqual(self.successResultOf(defer.ensureDeferred(archive.commit(stored))),
                              StoreOutcome.STORED)
-        self.assertEqual(len(os.listdir(archive.store.tmp)), archive.store.spares_wanted)  # taken, made again
-        left = sorted(os.listdir(archive.store.tmp))
-        archive.store._spares.clear()  # as if the process had been killed
+        self.assertEqual(len(self.files(archive.store)), archive.store.spares_wanted)  # taken, made again
+        self.assertEqual(archive.store.leftovers(), [])
+        left = [] if self.unnamed else self.files(archive.store)
+        for spare in archive.store._spares:  # as if the process had been killed: its descriptors closed
+            if self.unnamed:
+                spare.handle.close()
+        archive.store._spares.clear()
         archive.close()
+        self.assertEqual(self.files(archive.store), left)
         clock.advance(time.time() + 60 - clock.seconds())  # a restart, later than those files were made
         again = Archive(root, StorageLimits(min_free_space=0), "replace", clock, synchronous_runner,
                         synchronous_runner)
@@ -858,4 +1011,10 @@ class SpareFileTests(SynchronousTestCase):
         self.assertEqual(os.listdir(again.store.tmp), [])
         again.prepare()
         again.close()
-        self.assertEqual(os.listdir(again.store.tmp), [])
+        self.assertEqual(self.files(again.store), [])
+
+
+class NamedSpareFileTests(SpareFileTests):
+    """:class:`SpareFileTests` on a file system without unnamed files: named ones in tmp/."""
+
+    unnamed = False

@@ -1,8 +1,13 @@
 """The archive's files: Part 10 objects under names made from hashes of their UIDs.
 
 Synchronous, called from worker threads.  The durability protocol of one
-object is: write to ``tmp/`` and fsync; rename into ``objects/`` and fsync the
-directory; only then does the caller commit the index and acknowledge.
+object is: write to a temporary file and fsync it; put it in place under
+``objects/`` and fsync the directory; only then does the caller commit the
+index and acknowledge.  Where the file system allows it (Linux's O_TMPFILE:
+ext4, XFS, Btrfs, tmpfs) a temporary file has no name: it is made in
+``tmp/``, linked into place once whole and fsynced, and a store cut short
+leaves nothing behind; elsewhere it is a named file in ``tmp/``, renamed
+into place.
 Every stored version gets a file name of its own (hash of the SOP Instance
 UID plus a unique suffix), so replacing an instance never overwrites the
 file the index still points to; files the index does not name were never
@@ -19,7 +24,7 @@ import secrets
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Deque, Iterator, List, Optional, Tuple
+from typing import Deque, Iterator, List, Optional, Set, Tuple
 
 from ..dataset.part10 import part10_header
 
@@ -36,6 +41,9 @@ _DIRECTORY_HANDLES = 32
 
 #: posix_fadvise where the platform has it (not macOS): starts the writeback of a file's written pages
 _FADVISE = getattr(os, "posix_fadvise", None)
+
+#: O_TMPFILE where the platform has it (Linux): a file with no name, given one by linking it (see ObjectStore)
+_O_TMPFILE = getattr(os, "O_TMPFILE", None)
 
 
 def uid_hash(uid: str) -> str:
@@ -159,11 +167,40 @@ class DirectoryHandles:
 
 @dataclass
 class TempObject:
-    """A file being received; ``size`` counts the bytes written so far."""
+    """A file being received; ``size`` counts the bytes written so far.  An unnamed one (``unnamed``) is reached
+    through ``path``, /proc/self/fd/N, only while its handle is open: the handle is its only reference until it is
+    linked into place."""
 
     path: str
     handle: object
     size: int = 0
+    unnamed: bool = False
+
+
+def _link_unnamed(temp: TempObject, target: str) -> None:
+    """Give an unnamed file the name ``target`` (EEXIST if that is taken): linkat(2) following its /proc/self/fd
+    link, as link(2) does not (os.link calls linkat only when given a directory descriptor; for the absolute
+    path it is not used, and the file's own is at hand)."""
+    os.link(temp.path, target, src_dir_fd=temp.handle.fileno(), follow_symlinks=True)
+
+
+def unnamed_files_work(directory: str) -> bool:
+    """Whether unnamed temporary files can be made in ``directory`` and linked into it: the platform has
+    O_TMPFILE, the file system too, and /proc is mounted."""
+    if _O_TMPFILE is None:
+        return False
+    try:
+        fd = os.open(directory, _O_TMPFILE | os.O_RDWR, 0o666)
+    except OSError:  # EOPNOTSUPP, or EISDIR from a kernel older than O_TMPFILE
+        return False
+    probe = os.path.join(directory, f"probe-{secrets.token_hex(8)}.part")
+    try:
+        with open(fd, "r+b") as handle:
+            _link_unnamed(TempObject(f"/proc/self/fd/{fd}", handle, unnamed=True), probe)
+        os.unlink(probe)
+    except OSError:
+        return False
+    return True
 
 
 class ObjectStore:
@@ -175,6 +212,10 @@ class ObjectStore:
         self.objects = os.path.join(root, _OBJECTS)
         for path in (self.root, self.tmp, self.objects):
             os.makedirs(path, exist_ok=True)
+        #: whether temporary files are unnamed (:meth:`_new_temp`); the descriptors of those open
+        self.unnamed = unnamed_files_work(self.tmp)
+        self._unnamed_open: Set[int] = set()
+        self._lock = threading.Lock()
         #: empty temporary files made ahead of need (:meth:`make_spares`), taken by :meth:`open_temp`
         self.spares_wanted = spares
         self._spares: Deque[TempObject] = collections.deque()
@@ -204,8 +245,31 @@ class ObjectStore:
         return temp
 
     def _new_temp(self) -> TempObject:
+        """A new empty temporary file, opened to be read back too (the OW to OB coercion, the checks).
+
+        Unnamed where the file system allows it: creating a named file and
+        renaming it out of ``tmp/`` changes that directory twice per object,
+        and on a file system without a journal the file's first fsync writes
+        the directory's new entry as well (ext4 syncs the parent of a new
+        file); an unnamed one is linked where it belongs, once."""
+        if self.unnamed:
+            fd = os.open(self.tmp, _O_TMPFILE | os.O_RDWR, 0o666)
+            try:
+                handle = open(fd, "r+b")
+            except BaseException:
+                os.close(fd)
+                raise
+            with self._lock:
+                self._unnamed_open.add(fd)
+            return TempObject(f"/proc/self/fd/{fd}", handle, unnamed=True)
         path = os.path.join(self.tmp, secrets.token_hex(16) + ".part")
-        return TempObject(path, open(path, "x+b"))  # read back for the OW to OB coercion
+        return TempObject(path, open(path, "x+b"))
+
+    def _close_unnamed(self, temp: TempObject) -> None:
+        """An unnamed file's handle closed (the file is gone with it unless it was linked)."""
+        with self._lock:
+            self._unnamed_open.discard(temp.handle.fileno())
+        temp.handle.close()
 
     @property
     def needs_spares(self) -> bool:
@@ -228,9 +292,13 @@ class ObjectStore:
         return made
 
     def leftovers(self) -> List[str]:
-        """Names of the files in tmp/ that are not spares: objects being received, or what failed stores left."""
+        """The temporary files that are not spares: objects being received, or what failed stores left (names
+        in tmp/, and the paths of the unnamed files held open)."""
         spares = {os.path.basename(temp.path) for temp in list(self._spares)}
-        return sorted(name for name in os.listdir(self.tmp) if name not in spares)
+        with self._lock:
+            unnamed = [f"/proc/self/fd/{fd}" for fd in sorted(self._unnamed_open)]
+        return sorted(name for name in os.listdir(self.tmp) if name not in spares) + [
+            path for path in unnamed if os.path.basename(path) not in spares]
 
     def discard_spares(self) -> None:
         """Remove the spare temporary files (when the archive closes)."""
@@ -255,16 +323,27 @@ class ObjectStore:
 
     @staticmethod
     def seal(temp: TempObject) -> None:
-        """Flush and fsync the temporary file, and close it."""
+        """Flush and fsync the temporary file, and close it (an unnamed one stays open until it is placed or
+        discarded: :meth:`place`, :meth:`discard`)."""
         handle = temp.handle
+        if temp.unnamed:
+            handle.flush()
+            os.fsync(handle.fileno())
+            return
         try:
             handle.flush()
             os.fsync(handle.fileno())
         finally:
             handle.close()
 
-    @staticmethod
-    def discard(temp: TempObject) -> None:
+    def discard(self, temp: TempObject) -> None:
+        if temp.unnamed:
+            if not temp.handle.closed:
+                try:
+                    self._close_unnamed(temp)
+                except OSError:
+                    pass
+            return
         try:
             temp.handle.close()
         except OSError:
@@ -283,20 +362,21 @@ class ObjectStore:
         )
 
     def install(self, temp: TempObject, relative_path: str) -> None:
-        """Rename the sealed temporary file into place, durably."""
+        """Put the sealed temporary file in place, durably."""
         self.sync_directories(self.place(temp, relative_path))
 
     def place(self, temp: TempObject, relative_path: str) -> List[str]:
-        """Rename the sealed temporary file into place; returns the directories to fsync for that to be durable
-        (:meth:`sync_directories`): its own, and the parents of those it needed created.
+        """Put the sealed temporary file in place (an unnamed one linked there, then closed; a named one renamed
+        there); returns the directories to fsync for that to be durable (:meth:`sync_directories`): its own, and
+        the parents of those it needed created.
 
-        A directory whose handle is kept (an object was placed in it lately) is not looked for first: the rename
-        says whether it is still there."""
+        A directory whose handle is kept (an object was placed in it lately) is not looked for first: the link
+        or rename says whether it is still there."""
         target = self.absolute(relative_path)
         directory = os.path.dirname(target)
         if directory in self.directories:
             try:
-                os.replace(temp.path, target)
+                self._put(temp, target)
                 return [directory]
             except FileNotFoundError:  # pruned since: made again below (its old handle is not synced: see sync)
                 if not os.path.exists(temp.path):
@@ -305,7 +385,7 @@ class ObjectStore:
         for attempt in range(_INSTALL_ATTEMPTS):
             created += self._make_directories(directory)
             try:
-                os.replace(temp.path, target)
+                self._put(temp, target)
                 break
             except FileNotFoundError:
                 # another thread removing the last file of this directory pruned it between the two calls
@@ -315,6 +395,13 @@ class ObjectStore:
         # new directories must themselves be durable entries of their parents; tmp/ itself is not synced:
         # a temporary name that comes back after a crash is removed by the start-up reconciliation
         return [directory] + [os.path.dirname(path) for path in created]
+
+    def _put(self, temp: TempObject, target: str) -> None:
+        if temp.unnamed:
+            _link_unnamed(temp, target)
+            self._close_unnamed(temp)
+        else:
+            os.replace(temp.path, target)
 
     @staticmethod
     def _make_directories(directory: str) -> List[str]:
