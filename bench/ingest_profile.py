@@ -47,8 +47,8 @@ PROBES = (
     ("appliance.archive.sink", None, ("inspect_memory",), "the whole object's check (scan, wholeness)", "time"),
     ("appliance.archive.store", "ObjectStore", ("open_temp",), "temporary file taken and written", "time"),
     ("appliance.archive.store", "ObjectStore", ("seal",), "fsync of the file", "time"),
-    ("appliance.archive.store", "ObjectStore", ("place", "install"), "rename into place (before group commit: and "
-     "the directory's fsync)", "time"),
+    ("appliance.archive.store", "ObjectStore", ("place", "install"), "link (or rename) into place (before group "
+     "commit: and the directory's fsync)", "time"),
     ("appliance.archive.store", "ObjectStore", ("sync_directories",), "fsync of the directories", "time"),
     ("appliance.archive.index", "ArchiveIndex", ("add_group", "add"), "index transaction", "time"),
     ("appliance.archive.store", "ObjectStore", ("write",), "file write", "time"),

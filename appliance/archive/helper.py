@@ -1,7 +1,7 @@
 """The install helper: a process of its own that installs groups of objects, beside the reactor's process.
 
 Installing an object is mostly waiting on the disk, but between its system
-calls (write, fsync, rename, each index statement) the database thread
+calls (write, fsync, link, each index statement) the database thread
 takes Python's interpreter lock back, and with several senders the reactor
 holds it much of the time: a group of objects took three to four times as
 long to install as alone.  This process has an interpreter of its own.  The

@@ -71,7 +71,7 @@ class Installer:
 
     def install(self, group: List[Tuple[StoredObject, float]]) -> List[object]:
         """Each object not written yet written and fsynced, the duplicate policy, each file
-        renamed into place, every directory involved fsynced once, one index transaction for all (each object in
+        put in place (linked, or renamed), every directory involved fsynced once, one index transaction for all (each object in
         a savepoint of its own).
 
         One answer per object: (outcome, replaced row or None, size change, conflicts, free space after the
