@@ -16,7 +16,7 @@ from appliance.dicom import pdu as P
 from appliance.dicom.errors import DimseDecodeError, PDUDecodeError
 from appliance.dicom.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 
-from .support_data import encode_dataset, make_dataset
+from .support_data import CT_IMAGE_STORAGE, encode_dataset, make_dataset
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -150,3 +150,33 @@ class CodecPropertyTests(SynchronousTestCase):
                 self.assertEqual(head is None and rest is None, whole is None, (head, rest, whole))
                 if head is None:
                     self.assertEqual(rest, whole)
+
+        @settings(max_examples=1500, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+        @given(st.sampled_from(SYNTAXES), st.booleans(), st.data())
+        def test_head_check_answers_as_the_head_walk(self, syntax, nested, data):
+            """A head's wholeness as the sinks check it (only the elements the scan says hold others walked, the
+            whole head only when one of them is not whole) is the whole head's walk's verdict and words, on
+            mutated data sets with and without sequences."""
+            from appliance.dataset.checks import ObjectDescription, Refused, check_head
+
+            implicit, little = syntax == IMPLICIT_VR_LITTLE_ENDIAN, syntax != EXPLICIT_VR_BIG_ENDIAN
+            sample = (NESTED_SAMPLES if nested else SAMPLES)[syntax]
+            description = ObjectDescription(CT_IMAGE_STORAGE, "1.2.826.0.1.11.1" if nested else "1.2.826.0.1.12.1",
+                                            syntax, "SCU")
+            prefix = "data set not whole: "
+            checked = 0
+            for candidate in (sample, _mutate(sample, data)):
+                fast = fastscan.scan(candidate, 0, syntax)
+                if fast is None:
+                    continue
+                try:
+                    if check_head(candidate, description) is None:
+                        continue  # the scan ran to the end: no Pixel Data, the whole is checked at the end
+                    answer = None
+                except Refused as refusal:
+                    if not refusal.comment.startswith(prefix):
+                        continue  # not the command's object: refused before its wholeness is looked at
+                    answer = refusal.comment[len(prefix):]
+                self.assertEqual(answer, structure.problem(candidate, 0, fast[1], implicit, little))
+                checked += 1
+            self.assertGreater(checked, 0)  # the intact sample at least

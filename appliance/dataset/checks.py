@@ -17,7 +17,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from pydicom import dcmread
 from pydicom.filereader import read_dataset
@@ -216,14 +216,14 @@ def inspect_memory(data: bytes, header_length: int, sop_class_uid: str, sop_inst
 
 
 def inspect_head(prefix: bytes, header_length: int, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
-                 levels: frozenset = ALL_LEVELS) -> Optional[Tuple[ObjectMetadata, Optional[Coercion], int,
-                                                                   Optional[int]]]:
+                 levels: frozenset = ALL_LEVELS, nested: Optional[List[Tuple[int, int]]] = None
+                 ) -> Optional[Tuple[ObjectMetadata, Optional[Coercion], int, Optional[int]]]:
     """An object checked from the first part of its data set: its metadata, the coercion it needs, where its Pixel
     Data element starts and where the data set ends if it ends with that element (the end its header declares;
     None for undefined length: how large it will likely be); or None when that part does not reach the Pixel Data
     element (then only the whole can say).  Offsets count from the start of ``prefix`` plus ``header_length``.
-    ``levels``: the metadata's levels to build (:func:`.fastscan.scan`).  Wholeness is not checked here."""
-    fast = scan(prefix, header_length, transfer_syntax, levels)
+    ``levels``, ``nested``: see :func:`.fastscan.scan`.  Wholeness is not checked here."""
+    fast = scan(prefix, header_length, transfer_syntax, levels, nested)
     if fast is None:
         return None
     metadata, offset, pixel_header = fast
@@ -239,10 +239,15 @@ def check_head(prefix: bytes, description: ObjectDescription, levels: frozenset 
     (offsets from the data set's start), and the head whole (its elements' lengths fit).  None while the prefix
     does not reach Pixel Data (or the scanner cannot vouch for it: the whole is checked at the end); Refused for an
     object that is not the command's, or not whole, which need not wait for the rest."""
-    head = inspect_head(prefix, 0, description.sop_class_uid, description.sop_instance_uid,
-                        description.transfer_syntax, levels)
+    nested: List[Tuple[int, int]] = []
+    syntax = description.transfer_syntax
+    head = inspect_head(prefix, 0, description.sop_class_uid, description.sop_instance_uid, syntax, levels, nested)
     if head is not None:  # the rest is walked once it is there: together they say what the whole says
-        refuse_unless_whole(prefix, 0, head[2], description.transfer_syntax)
+        # the scan found each element before Pixel Data to fit, one after the other, but for those holding others:
+        # they are walked; one not whole has the whole head walked, for that walk's verdict and words
+        implicit, little = syntax == IMPLICIT_VR_LITTLE_ENDIAN, syntax != EXPLICIT_VR_BIG_ENDIAN
+        if any(structure.problem(prefix, start, end, implicit, little, 0) is not None for start, end in nested):
+            refuse_unless_whole(prefix, 0, head[2], syntax)
     return head
 
 

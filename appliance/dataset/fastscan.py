@@ -56,6 +56,7 @@ from pydicom.filereader import read_dataset
 
 from .. import compat
 from . import metadata as M
+from .structure import holds_items
 from .metadata import normalize_name
 
 __all__ = ["scan", "Unsupported", "LEVELS", "ALL_LEVELS"]
@@ -564,9 +565,11 @@ def _walk_item(data: bytes, position: int, end: Optional[int], syntax: _Syntax, 
                 _check_nested_charset(data[start:position])
 
 
-def _walk(data: bytes, syntax: _Syntax) -> Tuple[Dict[int, tuple], int]:
+def _walk(data: bytes, syntax: _Syntax) -> Tuple[Dict[int, tuple], int, List[Tuple[int, int]]]:
     """The top-level walk: {recorded tag: (explicit VR or None, element start, value start, element end,
-    undefined length)} and where Pixel Data starts (the end of the data when there is none).
+    undefined length)}, where Pixel Data starts (the end of the data when there is none), and (start, end) of
+    the elements that hold others (sequences: those the wholeness check walks into, :mod:`.structure`; every
+    other element before Pixel Data was found to fit, one after the other).
 
     The hot loop of the fast path (every top-level element goes through it), hence its shape: one loop
     per VR encoding, constants in locals, bounds left to struct (struct.error: too short) and checked once
@@ -580,16 +583,18 @@ def _walk(data: bytes, syntax: _Syntax) -> Tuple[Dict[int, tuple], int]:
     u32 = syntax.u32
     pixel_data = _PIXEL_DATA
     undefined = _UNDEFINED
+    nested: List[Tuple[int, int]] = []
     previous = -1
     position = 0
     try:
         if syntax.implicit:
             tag_length = syntax.tag_length
+            holds = holds_items
             while position < size:
                 group, element, length = tag_length(data, position)
                 tag = group << 16 | element
                 if tag == pixel_data:
-                    return found, position
+                    return found, position, nested
                 if tag <= previous or 0x00020000 <= tag < 0x00030000:
                     raise Unsupported  # out of order, repeated, or File Meta Information
                 previous = tag
@@ -598,14 +603,18 @@ def _walk(data: bytes, syntax: _Syntax) -> Tuple[Dict[int, tuple], int]:
                     if not _is_sequence(tag, None, data, start, syntax):
                         raise Unsupported
                     position = _skip_sequence(data, start, syntax, 1)
+                    nested.append((start - 8, position))
                 else:
                     position = start + length
+                    if length and holds(tag):  # a sequence by its tag, as the wholeness check knows it
+                        nested.append((start - 8, position))
                 if tag in recorded:
                     found[tag] = (None, start - 8, start, position, length == undefined)
         else:
             explicit = syntax.explicit_codes
             long_vrs = syntax.long_vrs
             short_vrs = syntax.short_vrs
+            sq = syntax.sq
             while position < size:
                 group, element, code, length = explicit(data, position)
                 tag = group << 16 | element
@@ -617,16 +626,19 @@ def _walk(data: bytes, syntax: _Syntax) -> Tuple[Dict[int, tuple], int]:
                 else:
                     raise Unsupported  # not a standard VR: pydicom guesses
                 if tag == pixel_data:
-                    return found, position
+                    return found, position, nested
                 if tag <= previous or 0x00020000 <= tag < 0x00030000:
                     raise Unsupported
                 previous = tag
                 if length == undefined:
-                    if not _is_sequence(tag, b"SQ" if code == syntax.sq else None, data, start, syntax):
+                    if not _is_sequence(tag, b"SQ" if code == sq else None, data, start, syntax):
                         raise Unsupported
                     end = _skip_sequence(data, start, syntax, 1)
+                    nested.append((position, end))
                 else:
                     end = start + length
+                    if code == sq:
+                        nested.append((position, end))
                 if tag in recorded:
                     found[tag] = (data[position + 4:position + 6], position, start, end, length == undefined)
                 position = end
@@ -634,7 +646,7 @@ def _walk(data: bytes, syntax: _Syntax) -> Tuple[Dict[int, tuple], int]:
         raise Unsupported from None
     if position != size or previous >= 0xFFFE0000:
         raise Unsupported  # a length past the end; an item or delimiter tag at the top level
-    return found, size
+    return found, size, nested
 
 
 # --- the scan ---------------------------------------------------------------------------------------------
@@ -690,12 +702,13 @@ def _by_pydicom(data: bytes, found, tags: List[int], syntax: _Syntax):
         raise Unsupported from None
 
 
-def _scan(data: bytes, header_length: int, transfer_syntax: str, levels: frozenset = ALL_LEVELS):
+def _scan(data: bytes, header_length: int, transfer_syntax: str, levels: frozenset = ALL_LEVELS,
+          nested: Optional[List[Tuple[int, int]]] = None):
     """:func:`scan`, raising :class:`Unsupported` instead of answering None."""
     syntax = _syntax_for(transfer_syntax)
     if not compat.pydicom_reads_by_default():
         raise Unsupported
-    found, pixel_offset = _walk(data, syntax)
+    found, pixel_offset, holding = _walk(data, syntax)
     codec = _charset_codec(data, found)
     _check_pixel_representation(data, found, syntax)
 
@@ -729,6 +742,8 @@ def _scan(data: bytes, header_length: int, transfer_syntax: str, levels: frozens
             raise Unsupported  # extract() refuses it: say so the pydicom way
     metadata = M.ObjectMetadata(patient_json=levels_json[0], study_json=levels_json[1],
                                 series_json=levels_json[2], instance_json=levels_json[3], **columns)
+    if nested is not None:
+        nested += holding
     return metadata, header_length + pixel_offset, data[pixel_offset:pixel_offset + 12]
 
 
@@ -823,7 +838,8 @@ def _element_bytes(data, found, tag: int) -> Optional[bytes]:
     return None if entry is None else bytes(data[entry[1]:entry[3]])
 
 
-def scan(data: bytes, header_length: int, transfer_syntax: str, levels: frozenset = ALL_LEVELS):
+def scan(data: bytes, header_length: int, transfer_syntax: str, levels: frozenset = ALL_LEVELS,
+         nested: Optional[List[Tuple[int, int]]] = None):
     """``(ObjectMetadata, pixel data offset, 12 bytes at it)`` of a data set in memory, or None.
 
     Exactly what storage's pydicom path (``read_dataset`` up to Pixel Data,
@@ -832,10 +848,12 @@ def scan(data: bytes, header_length: int, transfer_syntax: str, levels: frozense
     every data set pydicom would refuse), and the caller parses with pydicom.
     ``levels`` (names of :data:`LEVELS`) says which levels' JSON to build:
     the others are None, and their attributes are not decoded (nor vouched
-    for).  Never raises.
+    for).  ``nested``: a list given gets the (start, end) of the top-level
+    elements before Pixel Data that hold others (sequences), the only ones
+    whose wholeness the scan leaves to :mod:`.structure`.  Never raises.
     """
     try:
-        return _scan(data, header_length, transfer_syntax, levels)
+        return _scan(data, header_length, transfer_syntax, levels, nested)
     except Unsupported:
         return None
     except Exception:  # a case this module did not foresee: pydicom decides

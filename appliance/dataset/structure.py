@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 
 from pydicom.datadict import dictionary_VR
 
-__all__ = ["problem", "MAX_DEPTH"]
+__all__ = ["problem", "holds_items", "MAX_DEPTH"]
 
 #: Sequences nested deeper than this are refused (pydicom would recurse until Python gives up).
 MAX_DEPTH = 64
@@ -35,7 +35,9 @@ class _Broken(Exception):
 
 
 @functools.lru_cache(maxsize=4096)
-def _is_sequence(tag: int) -> bool:
+def holds_items(tag: int) -> bool:
+    """Whether an implicit VR element of defined length with this tag holds items (the dictionary says SQ): the
+    walk goes into it."""
     try:
         return dictionary_VR(tag) == "SQ"
     except KeyError:
@@ -101,7 +103,7 @@ def _plain_implicit(data, position: int, bound: int, little: bool) -> int:
             if group == 0xFFFE or length == _UNDEFINED:
                 return position
             after = position + 8 + length
-            if after > bound or (length and _is_sequence(group << 16 | element)):
+            if after > bound or (length and holds_items(group << 16 | element)):
                 return position
             position = after
     except struct.error:
@@ -187,7 +189,7 @@ def _walk(data, start: int, end: int, implicit: bool, little: bool, origin: int)
             continue
         if position + length > bound:
             raise _Broken(f"element {_tag_text(tag)} declares {length} bytes, {bound - position} remain")
-        if vr == b"SQ" or (vr is None and length and _is_sequence(tag)):
+        if vr == b"SQ" or (vr is None and length and holds_items(tag)):
             frames.append(("items", position + length, position + length, frame_implicit))
             if len(frames) > 2 * MAX_DEPTH:
                 raise _Broken(f"sequences nested more than {MAX_DEPTH} deep")
