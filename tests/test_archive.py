@@ -723,9 +723,9 @@ class GroupCommitTests(SynchronousTestCase):
         self.addCleanup(archive.close)
         install_group = archive._install_group
 
-        def recording(group):
+        def recording(group, *others):
             self.groups.append([obj.metadata.sop_instance_uid for obj, _ in group])
-            return install_group(group)
+            return install_group(group, *others)
 
         archive._installs.work = recording
         fsync = store_module._fsync_handle

@@ -110,6 +110,40 @@ class ChoiceTests(ArchiveWithHelperMixin, SynchronousTestCase):
         self.assertEqual([formatEvent(e) for e in self.events if e.get("log_level") == LogLevel.error],
                          ["not a real helper; groups are installed by this process from now on"])
 
+    def writer(self, archive, ds):
+        """A writer of the sink as an association has one, the data set written (not finished)."""
+        writer = ArchiveSink(archive, IMPLEMENTATION_CLASS_UID, "T").open(
+            ObjectDescription(ds.SOPClassUID, ds.SOPInstanceUID, EXPLICIT_LE, "SCU"), lambda: None, lambda: None)
+        writer.write(encode_dataset(ds, EXPLICIT_LE))
+        return writer
+
+    def test_one_object_while_others_are_in_hand_goes_to_the_helper(self):
+        """Several associations storing at once: a group of one goes to the helper when the archive has other
+        objects in hand (received or arriving, not answered) as the group starts; alone, it stays here.  The
+        count goes back to nothing once each is answered or abandoned."""
+        helper = RecordingHelper()
+        archive = self.make_archive(helper)
+        first, second, third = (self.writer(archive, make_dataset(study="4", series="4.1", sop=f"4.1.{n}"))
+                                for n in range(3))
+        self.assertEqual(archive.in_hand, 3)
+        done = first.finish()  # its group of one starts while the two others are in hand
+        self.db.run_all()
+        self.assertEqual(helper.groups, [["4.1.0"]])  # asked; it cannot start: installed here
+        self.assertEqual(self.successResultOf(done).duplicate, None)
+        self.assertEqual(archive.in_hand, 2)
+        third.abandon("association aborted")
+        self.db.run_all()
+        self.assertEqual(archive.in_hand, 1)
+        archive.helper = helper  # as if it could have started
+        done = second.finish()  # alone now
+        self.db.run_all()
+        self.successResultOf(done)
+        self.assertEqual(helper.groups, [["4.1.0"]])  # not asked again
+        self.assertEqual(archive.in_hand, 0)
+        second.abandon("released after its answer")  # counted once only
+        self.assertEqual(archive.in_hand, 0)
+        self.assertEqual(archive.index.counts()[3], 2)
+
     def test_a_group_with_a_streamed_object_is_installed_here(self):
         helper = RecordingHelper()
         archive = self.make_archive(helper)

@@ -100,7 +100,12 @@ class Archive:
         self.installer = Installer(self.store, self.index, on_duplicate)
         self.helper = helper
         #: objects ready to be installed, in groups on the database thread (:meth:`_install_group`)
-        self._installs = GroupRunner(db, self._install_group)
+        # (whether the archive has other objects in hand is read here, on the reactor, as each group starts)
+        self._installs = GroupRunner(lambda work, group: db(work, group, self.in_hand > len(group)),
+                                     self._install_group)
+        #: objects in hand: received or being received, not answered yet (their writers, :mod:`.sink`); more than
+        #: a group holds: other associations are storing at the same time
+        self.in_hand = 0
         #: free space on the archive's file system after the last group was installed (None: not known yet), and
         #: the bytes of the objects on their way into it since
         self._free_space: Optional[int] = None
@@ -201,12 +206,14 @@ class Archive:
         self.io(self.store.make_spares).addBoth(made).addErrback(
             lambda failure: _log.warn("making spare temporary files failed: {error}", error=failure.value))
 
-    def _install_group(self, group: List[Tuple[StoredObject, float]]) -> List[object]:
-        """Database thread: :meth:`Installer.install`, here or, for several objects held in memory, in the
-        install helper's process (whose interpreter lock the reactor does not hold)."""
+    def _install_group(self, group: List[Tuple[StoredObject, float]], others: bool = False) -> List[object]:
+        """Database thread: :meth:`Installer.install`, here or in the install helper's process (whose
+        interpreter lock the reactor does not hold): there when every object of the group is held in memory and
+        either the group has several or the archive had ``others`` in hand as it started (other associations
+        storing at once, the reactor busy with them)."""
         helper = self.helper
-        if helper is not None and len(group) > 1 and all(obj.temp is None and obj.partial is None
-                                                         for obj, _ in group):
+        if helper is not None and (len(group) > 1 or others) and all(
+                obj.temp is None and obj.partial is None for obj, _ in group):
             try:
                 return helper.install(group)
             except HelperUnavailable as error:  # nothing of the group was done: done here, and from now on

@@ -196,6 +196,14 @@ class ArchiveWriter:
         )
         # the file is created with the first chunk; a small object's whole life is one job at finish()
         self._chain: defer.Deferred = defer.succeed(None)
+        self._counted = True  # in the archive's objects in hand, until answered (stored or not) or abandoned
+        self.archive.in_hand += 1
+
+    def _done(self, result=None):
+        if self._counted:
+            self._counted = False
+            self.archive.in_hand -= 1
+        return result
 
     def _opened(self, temp: TempObject) -> None:
         self.temp = temp
@@ -278,6 +286,7 @@ class ArchiveWriter:
 
     def finish(self) -> defer.Deferred:
         self._chain.addCallback(lambda _: defer.ensureDeferred(self._complete()))
+        self._chain.addBoth(self._done)
         return self._chain
 
     async def _complete(self) -> Kept:
@@ -362,6 +371,7 @@ class ArchiveWriter:
             self.temp = None
 
     def abandon(self, reason: str) -> None:
+        self._done()
         if self._paused:
             self._paused = False
         if self.refusal is None:
