@@ -62,7 +62,7 @@ PHASES = (
      "commit: the I/O jobs writing, fsyncing and checking it)"),
     ("commit", "group", "to the database thread's install (the thread hop; before group commit, also the "
      "hop back from the I/O jobs)"),
-    ("group", "group_end", "database thread: the install (now: write, fsync, rename, directory fsync, index)"),
+    ("group", "group_end", "database thread: the install (now: write, fsync, link or rename, directory fsync, index)"),
     ("group_end", "respond", "back on the reactor: callbacks up to the response"),
     ("respond", "respond_end", "reactor: response encoded and sent"),
 )
