@@ -377,8 +377,8 @@ def _reconcile(store: ObjectStore, index_path: str, started_before: float,
     """I/O thread, at start-up: bring the index and the files back into agreement.
 
     Files are the truth.  A file under objects/ was fsynced and linked or
-    renamed into place only after it was checked, so one the index does not name is a
-    whole object whose row was lost (the index commits with
+    renamed into place only after it was checked, so one the index does not
+    name is a whole object whose row was lost (the index commits with
     ``synchronous=NORMAL``: a power cut may drop the last commits) or whose
     store was cut short before its commit: it is indexed again, unless the
     index holds a newer version of the same instance.  Rows whose file is

@@ -70,9 +70,9 @@ class Installer:
         self.on_duplicate = on_duplicate
 
     def install(self, group: List[Tuple[StoredObject, float]]) -> List[object]:
-        """Each object not written yet written and fsynced, the duplicate policy, each file
-        put in place (linked, or renamed), every directory involved fsynced once, one index transaction for all (each object in
-        a savepoint of its own).
+        """Each object not written yet written and fsynced, the duplicate policy, each file put in place
+        (linked, or renamed), every directory involved fsynced once, one index transaction for all (each object
+        in a savepoint of its own).
 
         One answer per object: (outcome, replaced row or None, size change, conflicts, free space after the
         group), or the exception that object alone failed with (its file is removed).
