@@ -946,8 +946,8 @@ class SpareFileTests(SynchronousTestCase):
         self.assertEqual(store.leftovers(), [])
 
     def test_spares_that_cannot_be_made(self):
-        """Making spares failing (no inode left, say) is one warning, the files are created as objects need them,
-        and the next commit tries again."""
+        """Making spares failing (no inode left, say) is one warning however often it fails again, the files are
+        created as objects need them, the next commit tries again, and the first success says so."""
         from twisted.logger import formatEvent
 
         from .support import capture_log
@@ -966,9 +966,20 @@ class SpareFileTests(SynchronousTestCase):
         self.patch(archive.store, "make_spares", failing)
         archive.prepare()
         archive.prepare()
-        self.assertEqual(len(attempts), 2)  # not stuck as "being made"
-        warnings = [formatEvent(e) for e in events if "spare" in formatEvent(e)]
-        self.assertEqual(warnings, ["making spare temporary files failed: [Errno 28] No space left on device"] * 2)
+        archive.prepare()
+        self.assertEqual(len(attempts), 3)  # not stuck as "being made"
+        said = [formatEvent(e) for e in events if "spare" in formatEvent(e)]
+        self.assertEqual(said, ["making spare temporary files failed: [Errno 28] No space left on device; not said "
+                                "again until it works"])
+        self.patch(archive.store, "make_spares", lambda: 4)
+        archive.prepare()
+        archive.prepare()
+        self.patch(archive.store, "make_spares", failing)
+        archive.prepare()
+        said = [formatEvent(e) for e in events if "spare" in formatEvent(e)]
+        self.assertEqual(said[1:], ["making spare temporary files works again",
+                                    "making spare temporary files failed: [Errno 28] No space left on device; not "
+                                    "said again until it works"])
         temp = archive.store.open_temp([b"x"])  # none spare: made at once
         self.assertEqual(self.files(archive.store), [os.path.basename(temp.path)])
         archive.store.discard(temp)

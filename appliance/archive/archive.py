@@ -111,6 +111,7 @@ class Archive:
         self._free_space: Optional[int] = None
         self._incoming = 0
         self._making_spares = False
+        self._spares_failing = False  # the last attempt failed (said once, until one succeeds)
 
     def close(self) -> None:
         """Database thread: stop the install helper, remove the spare files, close the index."""
@@ -194,17 +195,28 @@ class Archive:
         return outcome
 
     def prepare(self) -> None:
-        """Make spare temporary files on an I/O thread once half of them were taken (one such job at a time)."""
+        """Make spare temporary files on an I/O thread once half of them were taken (one such job at a time).
+        A failure is said once, and again only after an attempt succeeded (a full or failing disk would otherwise
+        add a line to every store, whose own refusal says it already)."""
         if self._making_spares or not self.store.needs_spares:
             return
         self._making_spares = True
 
-        def made(result):
+        def made(count):
             self._making_spares = False
-            return result
+            if self._spares_failing:
+                self._spares_failing = False
+                _log.info("making spare temporary files works again")
+            return count
 
-        self.io(self.store.make_spares).addBoth(made).addErrback(
-            lambda failure: _log.warn("making spare temporary files failed: {error}", error=failure.value))
+        def failed(failure):
+            self._making_spares = False
+            if not self._spares_failing:
+                self._spares_failing = True
+                _log.warn("making spare temporary files failed: {error}; not said again until it works",
+                          error=failure.value)
+
+        self.io(self.store.make_spares).addCallbacks(made, failed)
 
     def _install_group(self, group: List[Tuple[StoredObject, float]], others: bool = False) -> List[object]:
         """Database thread: :meth:`Installer.install`, here or in the install helper's process (whose
