@@ -244,8 +244,8 @@ class Archive:
             return defer.succeed(None)
 
         def started(pid):
-            _log.info("install helper started (process {pid}): groups of several objects are installed there",
-                      pid=pid)
+            _log.info("install helper started (process {pid}): objects stored by several associations at once are "
+                      "installed there", pid=pid)
             return pid
 
         def failed(failure):
