@@ -34,8 +34,9 @@ What it does:
   package, its own SQLite index and storage area, ``SyncStorageArea`` on
   where the version has it, no plugins), and ``memory-server`` (the
   appliance's Memory-Server: the same network, DICOM and checking code, the
-  objects held in memory, no file, no fsync, no index: what is left of the
-  appliance's time without the durable archive); storescp and Orthanc run with
+  objects held in memory, no file, no fsync, no index, PDUs of 16 KiB as the
+  Disk-Server's: what is left of the appliance's time without the durable
+  archive); storescp and Orthanc run with
   ``TCP_NODELAY=1`` too, since their network layer is DCMTK's (without it
   Orthanc 1.10 waits for a delayed ACK on every object, ~50 ms each);
 * records each server's CPU time (user + system, all threads, from
@@ -498,7 +499,8 @@ class ApplianceServer(Server):
 
 class MemoryServerServer(ApplianceServer):
     """The appliance's Memory-Server: the same network, DICOM and checking code as the Disk-Server, the objects
-    held in memory (no file, no fsync, no index).  Beside the Disk-Server it says what the durable archive costs,
+    held in memory (no file, no fsync, no index), received in PDUs of at most 16 KiB as the Disk-Server's are (the
+    statement's; its own default is a MiB).  Beside the Disk-Server it says what the durable archive costs,
     beside storescp what the rest does."""
 
     name = "memory-server"
@@ -516,6 +518,7 @@ class MemoryServerServer(ApplianceServer):
             f'interface = "{HOST}"\n'
             f"port = {self.port}\n"
             'memory_limit = "2 GiB"\n'
+            "max_pdu = 16384\n"
             "timeout = 120\n"
             "[web]\n"
             f'interface = "{HOST}"\n'
@@ -795,7 +798,7 @@ def report(result: dict) -> str:
                      + ("  (other work was competing: the numbers are noisy)" if max(loads) > 1.5 else ""))
     lines.append("\nstorescp writes without fsync; the appliance and Orthanc (SyncStorageArea) fsync each object "
                  "before answering; memory-server is the appliance's Memory-Server (objects held in memory: no "
-                 "file, no fsync, no index). Server CPU and peak RSS include the processes a server started (the "
+                 "file, no fsync, no index; PDUs of 16 KiB, as the Disk-Server's). Server CPU and peak RSS include the processes a server started (the "
                  "appliance's install helper; the peaks added).")
     return "\n".join(lines)
 
