@@ -294,11 +294,11 @@ class ObjectStore:
     def leftovers(self) -> List[str]:
         """The temporary files that are not spares: objects being received, or what failed stores left (names
         in tmp/, and the paths of the unnamed files held open)."""
-        spares = {os.path.basename(temp.path) for temp in list(self._spares)}
+        spares = {temp.path for temp in list(self._spares)}
         with self._lock:
             unnamed = [f"/proc/self/fd/{fd}" for fd in sorted(self._unnamed_open)]
-        return sorted(name for name in os.listdir(self.tmp) if name not in spares) + [
-            path for path in unnamed if os.path.basename(path) not in spares]
+        return sorted(name for name in os.listdir(self.tmp) if os.path.join(self.tmp, name) not in spares) + [
+            path for path in unnamed if path not in spares]
 
     def discard_spares(self) -> None:
         """Remove the spare temporary files (when the archive closes)."""
@@ -326,15 +326,12 @@ class ObjectStore:
         """Flush and fsync the temporary file, and close it (an unnamed one stays open until it is placed or
         discarded: :meth:`place`, :meth:`discard`)."""
         handle = temp.handle
-        if temp.unnamed:
-            handle.flush()
-            os.fsync(handle.fileno())
-            return
         try:
             handle.flush()
             os.fsync(handle.fileno())
         finally:
-            handle.close()
+            if not temp.unnamed:
+                handle.close()
 
     def discard(self, temp: TempObject) -> None:
         if temp.unnamed:
