@@ -28,7 +28,8 @@ from .install import Duplicate, HelperFailed, Installer, StoredObject, StoreOutc
 from .patients import Conflict
 from .store import ObjectStore, TempObject, data_set_offset
 
-__all__ = ["Archive", "OutOfResources", "Duplicate", "HelperFailed", "Misfiled", "StoredObject", "StoreOutcome", "Runner"]
+__all__ = ["Archive", "OutOfResources", "Duplicate", "HelperFailed", "Misfiled", "StoredObject", "StoreOutcome",
+           "Runner"]
 
 #: ``runner(f, *args, **kwargs) -> Deferred``: where blocking work runs.
 Runner = Callable[..., defer.Deferred]
