@@ -510,7 +510,7 @@ class MemoryServerServer(ApplianceServer):
         self.http_port = free_port()  # its web API says what it holds (stored)
         return (
             "[appliance]\n"
-            f'data_dir = "{os.path.join(self.dir, "data")}"\n'
+            f"data_dir = {json.dumps(os.path.join(self.dir, 'data'))}\n"
             "[disk_server]\n"
             "port = 0\n"
             "[memory_server]\n"
