@@ -436,7 +436,8 @@ class StructureTests(Differential, SynchronousTestCase):
 
     def test_declines_what_is_not_plain(self):
         """Group 0002 in the data set, tags out of order or repeated, a length past the end, an undefined
-        length that is no sequence, a VR that is not standard, an item tag at the top level, an explicit VR
+        length that is no sequence, a VR that is not standard, an item tag at the top level (before Pixel Data too:
+        its order is checked before the scan stops there), an explicit VR
         data set announced as implicit, a missing SOP Instance UID: None, and pydicom decides."""
         for syntax in SYNTAXES:
             parts = base(syntax)
@@ -448,6 +449,8 @@ class StructureTests(Differential, SynchronousTestCase):
                 "undefined OB": assemble(parts, el(0x00091001, "OB", b"ab" + struct.pack(
                     _order(syntax) + "HHL", 0xFFFE, 0xE0DD, 0), syntax, UNDEFINED)),
                 "item at top level": assemble(parts) + struct.pack(_order(syntax) + "HHL", 0xFFFE, 0xE00D, 0),
+                "item before Pixel Data": assemble(parts) + struct.pack(_order(syntax) + "HHL", 0xFFFE, 0xE000, 4)
+                + b"abcd" + pixel_data(syntax)[1],
                 "no SOP instance": assemble({t: e for t, e in parts.items() if t != 0x00080018}),
                 "truncated": assemble(parts, pixel_data(syntax))[:-20],
             }

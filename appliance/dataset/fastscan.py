@@ -593,10 +593,10 @@ def _walk(data: bytes, syntax: _Syntax) -> Tuple[Dict[int, tuple], int, List[Tup
             while position < size:
                 group, element, length = tag_length(data, position)
                 tag = group << 16 | element
+                if tag <= previous or 0x00020000 <= tag < 0x00030000:
+                    raise Unsupported  # out of order (after an item tag too), repeated, or File Meta Information
                 if tag == pixel_data:
                     return found, position, nested
-                if tag <= previous or 0x00020000 <= tag < 0x00030000:
-                    raise Unsupported  # out of order, repeated, or File Meta Information
                 previous = tag
                 start = position + 8
                 if length == undefined:
@@ -625,10 +625,10 @@ def _walk(data: bytes, syntax: _Syntax) -> Tuple[Dict[int, tuple], int, List[Tup
                     start = position + 8
                 else:
                     raise Unsupported  # not a standard VR: pydicom guesses
-                if tag == pixel_data:
-                    return found, position, nested
                 if tag <= previous or 0x00020000 <= tag < 0x00030000:
                     raise Unsupported
+                if tag == pixel_data:
+                    return found, position, nested
                 previous = tag
                 if length == undefined:
                     if not _is_sequence(tag, b"SQ" if code == sq else None, data, start, syntax):
