@@ -15,6 +15,11 @@ transaction, the head's check), with the thread each runs on.  Timers cost
 a few microseconds each: the total is a little longer than without them,
 its parts are what to compare.  The wrapped names are the code's own: a
 refactoring that renames one makes this tool say which it cannot find.
+
+Then the floor: the same objects put on disk as durably by a loop doing
+nothing else (each written to an unnamed file, fsynced, linked into a
+directory, the directory fsynced: the system calls alone, on the same file
+system), what no code around those steps can go below.
 """
 
 from __future__ import annotations
@@ -166,6 +171,58 @@ def analyse(records: dict, objects: int) -> list:
     return phases, work
 
 
+def durable_floor(corpus: dict, workdir: str) -> dict:
+    """The corpus's objects put on disk with nothing but the durable steps (unnamed file written, fsynced, linked
+    into a directory three deep as the archive's are, the directory fsynced; a named file renamed where unnamed
+    ones cannot be made), timed per step: {step: [seconds per object]}."""
+    objects = []
+    for name in sorted(name for name in os.listdir(corpus["dir"]) if name.endswith(".dcm")):
+        with open(os.path.join(corpus["dir"], name), "rb") as handle:
+            objects.append(handle.read())
+    directory = os.path.join(workdir, "floor", "ab", "c" * 40, "d" * 40)
+    os.makedirs(directory)
+    tmp = os.path.join(workdir, "floor", "tmp")
+    os.makedirs(tmp)
+    try:
+        os.close(os.open(tmp, os.O_TMPFILE | os.O_WRONLY, 0o640))
+        unnamed = True
+    except (AttributeError, OSError):  # no O_TMPFILE here, or not on this file system
+        unnamed = False
+    proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY) if unnamed else None
+    handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    steps: dict = {"write": [], "fsync of the file": [], "link (or rename)": [], "fsync of the directory": []}
+    clock = time.perf_counter
+    try:
+        for number, data in enumerate(objects):
+            target = os.path.join(directory, f"{number:05d}.dcm")
+            started = clock()
+            if unnamed:
+                fd = os.open(tmp, os.O_TMPFILE | os.O_WRONLY, 0o640)
+            else:
+                fd = os.open(os.path.join(tmp, f"{number}.part"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            written = clock()
+            os.fsync(fd)
+            synced = clock()
+            if unnamed:
+                os.link(str(fd), target, src_dir_fd=proc, follow_symlinks=True)
+            else:
+                os.rename(os.path.join(tmp, f"{number}.part"), target)
+            os.close(fd)
+            placed = clock()
+            os.fsync(handle)
+            done = clock()
+            for step, seconds in zip(steps, (written - started, synced - written, placed - synced, done - placed)):
+                steps[step].append(seconds)
+    finally:
+        os.close(handle)
+        if proc is not None:
+            os.close(proc)
+    return steps
+
+
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -211,6 +268,13 @@ def _run(args) -> int:
     for label, durations in work:
         print(f"  {statistics.median(durations) * 1e6:8.0f} ({statistics.mean(durations) * 1e6:6.0f})  {label}"
               f"  [{len(durations)} calls]")
+    with tempfile.TemporaryDirectory(prefix="ingest-floor-") as workdir:
+        steps = durable_floor(corpus, workdir)
+    totals = [sum(parts) for parts in zip(*steps.values())]
+    print(f"\nthe floor: the same objects written, fsynced, linked and their directory fsynced by a loop doing "
+          f"nothing else, {sum(totals):.3f} s in all; per object, median (mean) in microseconds:")
+    for step, durations in list(steps.items()) + [("all four", totals)]:
+        print(f"  {statistics.median(durations) * 1e6:8.0f} ({statistics.mean(durations) * 1e6:6.0f})  {step}")
     return 0
 
 
