@@ -4,10 +4,13 @@ here), the rest by the archive's database thread; a helper that ends mid-group o
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from functools import partial
 
@@ -25,7 +28,7 @@ from appliance.dataset.checks import ObjectDescription, Refusal, Refused, inspec
 from appliance.dicom.uids import IMPLEMENTATION_CLASS_UID
 from appliance.net.threads import synchronous_runner
 
-from .support import capture_log
+from .support import ROOT, capture_log, subprocess_env
 from .support_data import encode_dataset, make_dataset
 from .test_archive import HeldRunner, StoredObject
 
@@ -294,6 +297,39 @@ class HelperProcessTests(ArchiveWithHelperMixin, SynchronousTestCase):
         objects = [(unsealed(make_dataset(study="8", series="8.1", sop=f"8.1.{n}")), 1000.0) for n in range(2)]
         answers = helper.install(objects)
         self.assertEqual([answer[0] for answer in answers], [StoreOutcome.STORED] * 2)
+
+
+#: run in a fresh interpreter: the helper's main on one end of a socket pair; the other end, on a thread, notes
+#: whether the sink's module is loaded when "ready" comes, then closes, which ends the helper
+_READY_PROBE = """
+import json, os, pickle, socket, sys, threading
+from multiprocessing.connection import Connection
+from appliance.archive import helper
+seen = {"before": "appliance.archive.sink" in sys.modules}
+ours, theirs = socket.socketpair()
+def listen():
+    connection = Connection(ours.detach())
+    seen["reply"] = pickle.loads(connection.recv_bytes())[0]
+    seen["at_ready"] = "appliance.archive.sink" in sys.modules
+    connection.close()
+listener = threading.Thread(target=listen)
+listener.start()
+seen["status"] = helper.main([str(theirs.fileno()), sys.argv[1], "replace", "0"])
+listener.join()
+print(json.dumps(seen))
+"""
+
+
+class ReadyTests(SynchronousTestCase):
+    def test_the_sink_module_is_loaded_before_ready(self):
+        """What a group's objects refer to when unpickled (the sink's functions) is loaded before the helper says
+        it is ready, not while the first group's senders wait (some 40 ms)."""
+        root = os.path.abspath(self.mktemp())  # the probe runs in the checkout
+        done = subprocess.run([sys.executable, "-c", _READY_PROBE, root], env=subprocess_env(), cwd=ROOT,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        seen = json.loads(done.stdout.splitlines()[-1])
+        self.assertEqual(seen, {"before": False, "reply": "ready", "at_ready": True, "status": 0})
 
 
 class PortableTests(SynchronousTestCase):
