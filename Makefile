@@ -91,7 +91,8 @@ fuzz: $(VENV)/.installed
 
 # The benchmarks, the Disk-Server against DCMTK and Debian's Orthanc; results go to bench/results/.
 # bench/store_bench.py: C-STORE throughput beside storescp and Orthanc (1, 2, 4 and 8 senders).
-# bench/ingest_profile.py: where one C-STORE's time goes in the Disk-Server (phase timers, medians).
+# bench/ingest_profile.py: where one C-STORE's time goes in the Disk-Server (phase timers, medians), and
+# the floor: the durable steps alone (file made, written, fsynced, linked, its directory fsynced).
 # bench/query_bench.py: C-FIND and C-MOVE beside Orthanc, and C-FIND at 20k and 1M instances.
 # bench/load_bench.py: a ~100 MB study loaded into the Memory-Server from the Disk-Server and from
 # Orthanc, beside Orthanc -> storescp (C-MOVE): MB/s and the receiver's peak RSS.
