@@ -798,8 +798,8 @@ def report(result: dict) -> str:
                      + ("  (other work was competing: the numbers are noisy)" if max(loads) > 1.5 else ""))
     lines.append("\nstorescp writes without fsync; the appliance and Orthanc (SyncStorageArea) fsync each object "
                  "before answering; memory-server is the appliance's Memory-Server (objects held in memory: no "
-                 "file, no fsync, no index; PDUs of 16 KiB, as the Disk-Server's). Server CPU and peak RSS include the processes a server started (the "
-                 "appliance's install helper; the peaks added).")
+                 "file, no fsync, no index; PDUs of 16 KiB, as the Disk-Server's). Server CPU and peak RSS include "
+                 "the processes a server started (the appliance's install helper; the peaks added).")
     return "\n".join(lines)
 
 

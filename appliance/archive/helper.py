@@ -46,6 +46,7 @@ __all__ = ["InstallHelper", "HelperFailed", "HelperUnavailable", "main"]
 
 _log = logger("appliance.archive")
 
+
 class HelperUnavailable(Exception):
     """The install helper could not be started: nothing was handed to it."""
 
