@@ -11,6 +11,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.dataset import fastscan, structure
+from appliance.dataset.checks import ObjectDescription, Refused, check_head
 from appliance.dicom import dimse as D
 from appliance.dicom import pdu as P
 from appliance.dicom.errors import DimseDecodeError, PDUDecodeError
@@ -157,8 +158,6 @@ class CodecPropertyTests(SynchronousTestCase):
             """A head's wholeness as the sinks check it (only the elements the scan says hold others walked, the
             whole head only when one of them is not whole) is the whole head's walk's verdict and words, on
             mutated data sets with and without sequences."""
-            from appliance.dataset.checks import ObjectDescription, Refused, check_head
-
             implicit, little = syntax == IMPLICIT_VR_LITTLE_ENDIAN, syntax != EXPLICIT_VR_BIG_ENDIAN
             sample = (NESTED_SAMPLES if nested else SAMPLES)[syntax]
             description = ObjectDescription(CT_IMAGE_STORAGE, "1.2.826.0.1.11.1" if nested else "1.2.826.0.1.12.1",
