@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 import struct
+import time
 import warnings
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -514,33 +516,57 @@ async def storescu_corpus(test: unittest.TestCase, server, check: "CorpusCheck",
     check.finish()
 
 
+class _Said(logging.Handler):
+    """What pynetdicom logs at WARNING or above, kept until taken (why a C-STORE got no status, say)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def take(self) -> str:
+        lines, self.lines = self.lines, []
+        return "; ".join(lines) or "nothing logged"
+
+
 def _pynetdicom_store(port: int, files: Sequence[CorpusFile],
-                      called: str = "DISK_SERVER") -> List[Tuple[str, Optional[int], Optional[str]]]:
+                      called: str = "DISK_SERVER") -> List[Tuple[str, Optional[int], Optional[str], str]]:
     """pynetdicom's blocking SCU (run in a thread): one association, one C-STORE per file.
 
-    Returns (file name, status or None, why it was not sent or None) per file.
+    Returns (file name, status or None, why it was not sent or None, what pynetdicom logged meanwhile) per file.
     """
     from pynetdicom import AE
 
-    ae = AE(ae_title="PYNETDICOM")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
-    for sop_class, syntax in sorted({(item.sop_class, item.transfer_syntax) for item in files}):
-        ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    if not assoc.is_established:
-        raise AssertionError("pynetdicom's association was not established")
-    results = []
+    said = _Said()
+    pynetdicom_log = logging.getLogger("pynetdicom")
+    pynetdicom_log.addHandler(said)
     try:
-        for item in files:
-            ds = dcmread(item.path)
-            try:
-                status = assoc.send_c_store(ds)
-            except Exception as error:  # pynetdicom cannot encode or send this data set
-                results.append((item.name, None, f"{type(error).__name__}: {error}"))
-                continue
-            results.append((item.name, int(status.Status) if "Status" in status else None, None))
+        ae = AE(ae_title="PYNETDICOM")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+        for sop_class, syntax in sorted({(item.sop_class, item.transfer_syntax) for item in files}):
+            ae.add_requested_context(sop_class, syntax)
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        if not assoc.is_established:
+            raise AssertionError(f"pynetdicom's association was not established: {said.take()}")
+        results = []
+        try:
+            for item in files:
+                ds = dcmread(item.path)
+                started = time.monotonic()
+                try:
+                    status = assoc.send_c_store(ds)
+                except Exception as error:  # pynetdicom cannot encode or send this data set
+                    results.append((item.name, None, f"{type(error).__name__}: {error}", said.take()))
+                    continue
+                answer = int(status.Status) if "Status" in status else None
+                results.append((item.name, answer, None,
+                                f"{said.take()} ({time.monotonic() - started:.1f} s after the request)"))
+        finally:
+            assoc.release()
     finally:
-        assoc.release()
+        pynetdicom_log.removeHandler(said)
     return results
 
 
@@ -564,14 +590,15 @@ async def pynetdicom_corpus(test: unittest.TestCase, server, check: "CorpusCheck
     """pydicom's storage objects that ``server`` accepts, sent by pynetdicom; each one sent checked by ``check``."""
     corpus = storage_corpus(accepted_only=True)
     results = await threads.deferToThread(_pynetdicom_store, server.port, corpus, called)
-    test.assertEqual([name for name, _, _ in results], [item.name for item in corpus])
-    sent = [(item, status) for item, (_, status, problem) in zip(corpus, results) if problem is None]
-    for item, (_, _, problem) in zip(corpus, results):
+    test.assertEqual([name for name, _, _, _ in results], [item.name for item in corpus])
+    sent = [(item, status, said) for item, (_, status, problem, said) in zip(corpus, results) if problem is None]
+    for item, (_, _, problem, said) in zip(corpus, results):
         if problem is not None:
-            check.not_stored[item.name] = f"pynetdicom did not send it: {problem}"
+            check.not_stored[item.name] = f"pynetdicom did not send it: {problem} (pynetdicom: {said})"
     messages = server.messages()
     test.assertEqual(len(messages), len(sent))
-    for (item, status), (sop_uid, data) in zip(sent, messages):
+    for (item, status, said), (sop_uid, data) in zip(sent, messages):
+        test.assertIsNotNone(status, f"{item.name}: pynetdicom got no status back (pynetdicom: {said})")
         check.sent(item, sop_uid, data, status)
     check.finish()
 
