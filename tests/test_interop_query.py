@@ -32,7 +32,8 @@ from appliance.net import requestor
 from appliance.net.protocol import Timeouts
 from appliance.net.threads import ThreadPoolService
 
-from .support import WAIT_LIMIT, Listening, connect_when_listening, deferred_test, free_port, spawn_peer, write_file
+from .support import (WAIT_LIMIT, Listening, connect_when_listening, deferred_test, free_port, hold_pynetdicom_reactor,
+                      spawn_peer, write_file)
 from .support_data import write_part10
 from .support_query import (
     CONFLICT_STUDIES,
@@ -436,6 +437,7 @@ def _pynetdicom_find(port: int, queries: Sequence[Dataset], combined: bool = Fal
         reply = assoc.acceptor.sop_class_extended.get(STUDY_ROOT_FIND)
         results = []
         for query in queries:
+            hold_pynetdicom_reactor(assoc)
             results.append([(int(status.Status), identifier)
                             for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND)])
     finally:
