@@ -11,7 +11,7 @@ import os
 import re
 import socket
 import sys
-import time
+import threading
 from typing import Dict, List, Optional, Sequence
 
 from twisted.internet import defer, protocol, task
@@ -42,28 +42,27 @@ def deferred_test(method):
     return run
 
 
-def hold_pynetdicom_reactor(assoc) -> None:
-    """Call before each of pynetdicom's ``send_*()`` (in its thread): the association's own reactor thread
-    stopped until that send is done.
+def keep_pynetdicom_reactor_off_responses(assoc) -> None:
+    """Call on pynetdicom's association as requestor, once established: its reactor thread never takes a DIMSE
+    message off the queue, so every response reaches the ``send_*()`` waiting for it.
 
-    pynetdicom's ``send_*()`` stops that thread by clearing an event, then waits for the thread's
-    ``_is_paused`` flag; but the flag still reads true for an instant after the thread's wait on the event
-    returns, so the send can go ahead while the thread is about to poll the message queue.  A response that
-    comes back at once (ours do, over the loopback) is then taken by that thread, logged "Received unexpected
-    C-STORE service message" and dropped, and ``send_*()`` waits out its DIMSE timeout and returns no status
-    (pydicom/pynetdicom#875; seen here once in about 120 runs of the pynetdicom corpus test, and once in CI).
-    So the event is cleared here and we wait until the thread is blocked on it (a waiter on the event's
-    condition, which it joins after setting the flag): ``send_*()`` then finds it truly paused, and sets the
-    event again when its responses are in.
+    pynetdicom (3.0.4) stops that thread around each ``send_*()`` with an event, which it clears, and a flag the
+    thread sets before blocking on the event; woken by one send's ``set()`` but scheduled only after the next
+    send's ``clear()``, the thread runs one more loop while the flag still says paused, and its non-blocking
+    read of the message queue can take the response the sender waits for: logged "Received unexpected C-STORE
+    service message", then the sender's DIMSE timeout, an A-ABORT and no status (pydicom/pynetdicom#875; seen
+    here in CI, and once in about 120 runs of the pynetdicom corpus test).  A requestor's reactor has nothing
+    of its own to read there (responses, and a C-GET's C-STORE sub-operations, are read by the sender).
     """
-    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
-    waiters = getattr(getattr(checkpoint, "_cond", None), "_waiters", None)
-    if waiters is None:
-        return  # a pynetdicom (or Python) whose insides differ: nothing known to hold
-    checkpoint.clear()
-    deadline = time.monotonic() + WAIT_LIMIT
-    while not waiters and assoc.is_established and time.monotonic() < deadline:
-        time.sleep(0.0001)  # the thread reaches its wait within its 1 ms loop; pynetdicom itself polls so
+    dimse = assoc.dimse
+    get_msg = dimse.get_msg
+
+    def get_msg_outside_reactor(block: bool = False):
+        if not block and threading.current_thread() is assoc:
+            return None, None
+        return get_msg(block)
+
+    dimse.get_msg = get_msg_outside_reactor
 
 
 def subprocess_env(**extra: str) -> Dict[str, str]:

@@ -35,7 +35,7 @@ from .support import (
     connect_when_listening,
     deferred_test,
     free_port,
-    hold_pynetdicom_reactor,
+    keep_pynetdicom_reactor_off_responses,
     run_program,
     run_python,
     spawn_peer,
@@ -198,7 +198,7 @@ def _pynetdicom_echo(port: int, transfer_syntaxes: Optional[List[str]] = None) -
         assoc = ae.associate("127.0.0.1", port, ae_title="DISK_SERVER")
         if not assoc.is_established:
             return {"established": False}
-        hold_pynetdicom_reactor(assoc)
+        keep_pynetdicom_reactor_off_responses(assoc)
         status = assoc.send_c_echo()
         accepted = [(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts]
         peer_uid = assoc.acceptor.implementation_class_uid

@@ -32,8 +32,8 @@ from appliance.net import requestor
 from appliance.net.protocol import Timeouts
 from appliance.net.threads import ThreadPoolService
 
-from .support import (WAIT_LIMIT, Listening, connect_when_listening, deferred_test, free_port, hold_pynetdicom_reactor,
-                      spawn_peer, write_file)
+from .support import (WAIT_LIMIT, Listening, connect_when_listening, deferred_test, free_port,
+                      keep_pynetdicom_reactor_off_responses, spawn_peer, write_file)
 from .support_data import write_part10
 from .support_query import (
     CONFLICT_STUDIES,
@@ -433,11 +433,11 @@ def _pynetdicom_find(port: int, queries: Sequence[Dataset], combined: bool = Fal
     assoc = ae.associate("127.0.0.1", port, ae_title="DISK_SERVER", ext_neg=extended or None)
     if not assoc.is_established:
         raise AssertionError("pynetdicom's association was not established")
+    keep_pynetdicom_reactor_off_responses(assoc)
     try:
         reply = assoc.acceptor.sop_class_extended.get(STUDY_ROOT_FIND)
         results = []
         for query in queries:
-            hold_pynetdicom_reactor(assoc)
             results.append([(int(status.Status), identifier)
                             for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND)])
     finally:

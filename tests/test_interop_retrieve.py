@@ -37,8 +37,8 @@ from appliance.net import requestor
 from appliance.net.protocol import Timeouts
 from appliance.net.threads import ThreadPoolService
 
-from .support import (Listening, connect_when_listening, deferred_test, free_port, hold_pynetdicom_reactor, run_program,
-                      spawn_peer)
+from .support import (Listening, connect_when_listening, deferred_test, free_port, keep_pynetdicom_reactor_off_responses,
+                      run_program, spawn_peer)
 from .support_data import dataset_bytes, encode_dataset, make_dataset
 
 try:
@@ -289,8 +289,8 @@ def _pynetdicom_move(port: int, destination: str, identifier: Dataset) -> List[d
         assoc = ae.associate("127.0.0.1", port, ae_title="DISK_SERVER")
         if not assoc.is_established:
             raise AssertionError("pynetdicom's association was not established")
+        keep_pynetdicom_reactor_off_responses(assoc)
         responses = []
-        hold_pynetdicom_reactor(assoc)
         for status, ds in assoc.send_c_move(identifier, destination, STUDY_ROOT_MOVE):
             responses.append({
                 "status": getattr(status, "Status", None),

@@ -51,7 +51,7 @@ from appliance.dataset.deflate import DEFLATED
 from appliance.dicom.uids import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 from appliance.net.threads import ThreadPoolService
 
-from .support import WAIT_LIMIT, Listening, deferred_test, hold_pynetdicom_reactor
+from .support import WAIT_LIMIT, Listening, deferred_test, keep_pynetdicom_reactor_off_responses
 from .support_data import TEST_FILES, dataset_bytes, dataset_offset, file_meta_bytes, make_dataset, write_part10
 
 try:
@@ -550,13 +550,13 @@ def _pynetdicom_store(port: int, files: Sequence[CorpusFile],
         assoc = ae.associate("127.0.0.1", port, ae_title=called)
         if not assoc.is_established:
             raise AssertionError(f"pynetdicom's association was not established: {said.take()}")
+        keep_pynetdicom_reactor_off_responses(assoc)
         results = []
         try:
             for item in files:
                 ds = dcmread(item.path)
                 started = time.monotonic()
                 try:
-                    hold_pynetdicom_reactor(assoc)
                     status = assoc.send_c_store(ds)
                 except Exception as error:  # pynetdicom cannot encode or send this data set
                     results.append((item.name, None, f"{type(error).__name__}: {error}", said.take()))

@@ -39,7 +39,7 @@ from .support import (
     Listening,
     deferred_test,
     free_port,
-    hold_pynetdicom_reactor,
+    keep_pynetdicom_reactor_off_responses,
     run_program,
     run_python,
     spawn_peer,
@@ -362,7 +362,7 @@ def _pynetdicom_tls_echo(port: int, context: ssl.SSLContext) -> dict:
         assoc = ae.associate("127.0.0.1", port, ae_title="DISK_SERVER", tls_args=(context, "localhost"))
         if not assoc.is_established:
             return {"established": False}
-        hold_pynetdicom_reactor(assoc)
+        keep_pynetdicom_reactor_off_responses(assoc)
         status = assoc.send_c_echo()
         assoc.release()
         return {"established": True, "status": getattr(status, "Status", None)}
