@@ -601,6 +601,21 @@ class FailedSubOperationTests(SynchronousTestCase):
                                                  (CT_IMAGE_STORAGE, (ELE, ILE, EBE))])
         self.assertTrue(any("never decoded" in text for level, text in harness.log if level == "warn"))
 
+    def test_every_sub_operation_failing_is_a_failure(self):
+        """When no sub-operation succeeds (two JPEG objects, a destination refusing JPEG), the move fails A702
+        (PS3.4 C.4.2.3.1: Failure when all are unsuccessful), not B000, with the counts and both UIDs listed."""
+        harness = MoveHarness(self, dest_syntaxes={CT_IMAGE_STORAGE: (ELE, ILE, EBE)})
+        for number in (1, 2):
+            jpeg = make_dataset(study=STUDY, series=SERIES_A, sop=f"{SERIES_A}.{number}")
+            jpeg.InstanceNumber = number
+            harness.store(jpeg, JPEG_BASELINE, data=encapsulated(jpeg))
+        final, data = harness.move(identifier("STUDY", STUDY))[-1]
+        self.assertEqual((final.Status, counts(final)), (S.SUBOPERATIONS_FAILED, (None, 0, 2, 0)))
+        self.assertIn("none of the 2 sub-operations succeeded", final.ErrorComment)
+        self.assertEqual(failed_list(data), [f"{SERIES_A}.1", f"{SERIES_A}.2"])
+        self.assertEqual(harness.destination.received, [])
+        self.assertEqual(harness.archive.pins.counts, {})
+
     def test_compressed_sent_in_its_syntax(self):
         """A JPEG object goes out in JPEG baseline when the destination accepts it, bytes unchanged."""
         harness = MoveHarness(self)

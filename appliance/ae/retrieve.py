@@ -613,6 +613,10 @@ class RetrieveService:
             self._finish(move, S.CANCEL, None)
         elif not self._still_wanted(move):
             self._finish(move, S.CANCEL, "the C-MOVE association ended")
+        elif move.failed and not move.completed and not move.warning:  # PS3.4 C.4.2.3.1: all unsuccessful
+            self._finish(move, S.SUBOPERATIONS_FAILED,
+                         f"none of the {move.failed} sub-operations succeeded (the Failed SOP Instance UID List "
+                         f"names them; the log says why each failed)")
         elif move.failed or move.warning:
             self._finish(move, S.WARNING, None)
         else:
