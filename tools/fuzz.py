@@ -13,10 +13,16 @@ Targets:
 * ``dataset``: the ingest scanner and the wholeness check
   (:func:`appliance.dataset.fastscan.scan`,
   :func:`appliance.dataset.structure.problem`) in the three uncompressed
-  syntaxes, the first input byte choosing the syntax.
+  syntaxes, the first input byte choosing the syntax; and differentially:
+  whenever the scanner answers, its answer is what storage's pydicom path
+  gives (the metadata, the Pixel Data offset, the 12 bytes there), and the
+  head's wholeness as the sinks check it
+  (:func:`appliance.dataset.checks.check_head`) is the whole head's walk's
+  verdict, in the same words.
 
 A finding is any exception but the decoder's own error (PDUDecodeError,
-DimseDecodeError): libFuzzer stops and writes the input as crash-*. Each
+DimseDecodeError), or a :class:`Disagreement` between two paths that must
+agree: libFuzzer stops and writes the input as crash-*. Each
 target starts from the corpus kept in ``tools/fuzz_corpus/TARGET`` (golden
 PDUs, command sets and data sets) and adds what it finds interesting to a
 working copy (``--corpus``, default a temporary folder), so the repository's
@@ -94,18 +100,51 @@ def _command_target():
     return run
 
 
+class Disagreement(AssertionError):
+    """Two paths that must give the same answer did not."""
+
+
 def _dataset_target():
-    from appliance.dataset import fastscan, structure
+    import warnings
+
+    from appliance.dataset import checks, fastscan, structure
+    from appliance.dataset.metadata import extract
 
     syntaxes = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
+    not_whole = "data set not whole: "
 
     def run(data: bytes) -> None:
         if not data:
             return
         syntax = syntaxes[data[0] % 3]
+        implicit, little = syntax == syntaxes[1], syntax != syntaxes[2]
         body = data[1:]
-        fastscan.scan(body, 0, syntax)
-        structure.problem(body, 0, len(body), syntax == syntaxes[1], syntax != syntaxes[2])
+        fast = fastscan.scan(body, 0, syntax)
+        structure.problem(body, 0, len(body), implicit, little)
+        if fast is None:
+            return  # declined: the pydicom path decides, as in storage
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds, offset, header = checks.parse_memory(body, 0, syntax)
+                expected = (extract(ds), offset, header)
+            except Exception as error:
+                raise Disagreement(f"the scanner answered where the pydicom path raised {error!r}") from error
+        if fast != expected:
+            raise Disagreement(f"the scanner answered {fast!r}, the pydicom path {expected!r}")
+        metadata = fast[0]
+        description = checks.ObjectDescription(metadata.sop_class_uid, metadata.sop_instance_uid, syntax, "FUZZ")
+        try:
+            if checks.check_head(body, description) is None:
+                return  # no Pixel Data reached: the whole is checked at the end
+            answer = None
+        except checks.Refused as refusal:
+            if not refusal.comment.startswith(not_whole):
+                return  # refused before its wholeness is looked at
+            answer = refusal.comment[len(not_whole):]
+        walked = structure.problem(body, 0, fast[1], implicit, little)
+        if answer != walked:
+            raise Disagreement(f"the head's check says {answer!r}, the whole head's walk {walked!r}")
 
     return run
 
