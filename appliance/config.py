@@ -145,7 +145,6 @@ class ListenerConfig:
     max_associations: int
     timeout: float
     artim_timeout: float
-    dimse_timeout: float
     idle_timeout: float
     allowed_calling_aets: Tuple[str, ...]
     transfer_syntax_priority: Tuple[str, ...]
@@ -559,6 +558,11 @@ def _listener(path: str, name: str, table: Any, extra: Optional[Callable[["_Sect
     section = _Section(path, name, table)
     extra_result = extra(section) if extra is not None else None
     timeout = section.get("timeout", _seconds, 30.0)
+    if "dimse_timeout" in section.table:
+        raise ConfigError(path, f"[{name}] dimse_timeout",
+                          "is not a setting of a listening AE: it waits for no DIMSE response (idle_timeout bounds "
+                          "its associations), and the Disk-Server's C-MOVE sub-associations wait for each response "
+                          "as long as the destination's [devices.NAME] timeout says; remove the key")
     tls_port = section.get("tls_port", _integer(0, 65535), default_tls_port)
     listener_tls = _merged_tls(section, tls if tls is not None else TLSConfig(), base, _SERVER_TLS_KEYS)
     if listener_tls.certificate is None:
@@ -580,7 +584,6 @@ def _listener(path: str, name: str, table: Any, extra: Optional[Callable[["_Sect
         max_associations_per_host=section.get("max_associations_per_host", _integer(1, 100000), 32),
         timeout=timeout,
         artim_timeout=section.get("artim_timeout", _seconds, timeout),
-        dimse_timeout=section.get("dimse_timeout", _seconds, timeout),
         idle_timeout=section.get("idle_timeout", _seconds, max(timeout, 300.0)),
         allowed_calling_aets=section.get("allowed_calling_aets", _list_of(ae_title), ()),
         transfer_syntax_priority=section.get(

@@ -60,18 +60,14 @@ class DefaultsTests(unittest.SynchronousTestCase):
             self.assertEqual(listener.max_associations, 64)
             self.assertEqual(listener.timeout, 30.0)
             self.assertEqual(listener.artim_timeout, 30.0)
-            self.assertEqual(listener.dimse_timeout, 30.0)
             self.assertEqual(listener.idle_timeout, 300.0)
             self.assertEqual(listener.allowed_calling_aets, ())
             self.assertEqual(listener.transfer_syntax_priority, DEFAULT_TRANSFER_SYNTAX_PRIORITY)
 
     def test_timeouts_follow_timeout(self):
-        """artim and dimse timeouts default to the listener's timeout; idle to at least 300 s."""
+        """The ARTIM timeout defaults to the listener's timeout; idle to at least 300 s."""
         config = configuration.load(write_file(self, "[disk_server]\ntimeout = 5\n[memory_server]\ntimeout = 600\n"))
-        self.assertEqual(
-            (config.disk_server.artim_timeout, config.disk_server.dimse_timeout, config.disk_server.idle_timeout),
-            (5.0, 5.0, 300.0),
-        )
+        self.assertEqual((config.disk_server.artim_timeout, config.disk_server.idle_timeout), (5.0, 300.0))
         self.assertEqual(config.memory_server.idle_timeout, 600.0)
 
     def test_device_defaults(self):
@@ -165,6 +161,13 @@ class ErrorTests(unittest.SynchronousTestCase):
         """A misspelt key is an error listing the section's known keys."""
         error = self.assertConfigError("[disk_server]\nprot = 104\n", "[disk_server] prot", "unknown key")
         self.assertIn("port", error.problem)
+
+    def test_listener_dimse_timeout_refused(self):
+        """dimse_timeout in a listener's section (documented once, never read) is an error saying where the wait
+        it meant is set, in both listening AEs' sections."""
+        for section in ("disk_server", "memory_server"):
+            self.assertConfigError(f"[{section}]\ndimse_timeout = 60\n", f"[{section}] dimse_timeout",
+                                   "is not a setting of a listening AE", "[devices.NAME] timeout")
 
     def test_unknown_key_in_appliance(self):
         """Unknown keys of [appliance] are errors too."""

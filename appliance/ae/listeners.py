@@ -101,7 +101,7 @@ def acceptor_factory(
     timeouts = Timeouts(
         artim=listener.artim_timeout,
         association=listener.timeout,
-        dimse=listener.dimse_timeout,
+        dimse=None,  # an acceptor waits for no response
         idle=listener.idle_timeout,
     )
     binding = None
