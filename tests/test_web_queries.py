@@ -17,7 +17,8 @@ from appliance.compat import encode_dataset
 from appliance.dicom import dimse as D
 from appliance.dicom import pdu as P
 from appliance.dicom.uids import IMPLICIT_VR_LITTLE_ENDIAN, STUDY_ROOT_FIND, VERIFICATION
-from appliance.net.requestor import AssociationAborted, AssociationRejected, MessageIds, Response, ResponseStream
+from appliance.net.requestor import (AssociationAborted, AssociationRejected, ConnectionFailed, MessageIds, Response,
+                                     ResponseStream)
 from appliance.web.api import ApiResource
 from appliance.web.qido import QueryError, parse_query, to_json
 from appliance.web.server import ApplianceSite
@@ -240,6 +241,30 @@ class WebQueriesTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(second).matches, [])
         self.h.establish(1).end()
         self.successResultOf(elsewhere)
+
+    def test_two_device_entries_for_one_ae_share_its_association(self):
+        """Two names for one AE (same AE title, host and port) wait for each other: one association per AE."""
+        h = QueriesHarness(self)
+        h.config = configuration.parse(
+            {"appliance": {"data_dir": h.config.data_dir}, "web": {"port": 0},
+             "devices": {"pacs": {"ae_title": "PACS", "host": "10.0.0.5", "port": 104},
+                         "pacs_again": {"ae_title": "PACS", "host": "10.0.0.5", "port": 104},
+                         "pacs_elsewhere": {"ae_title": "PACS", "host": "10.0.0.7", "port": 104}}},
+            h.config.path)
+        queries = WebQueries(h.config, h.clock, h.connect)
+        first = queries.find("pacs", study_query())
+        second = queries.echo("pacs_again")
+        third = queries.find("pacs_elsewhere", study_query())
+        self.assertEqual([c[0] for c in h.connections], ["pacs", "pacs_elsewhere"], "pacs_again waits for pacs")
+        self.assertEqual((queries.waiting("pacs"), queries.waiting("pacs_again")), (1, 1))
+        h.establish(0).end()
+        self.successResultOf(first)
+        self.assertEqual([c[0] for c in h.connections], ["pacs", "pacs_elsewhere", "pacs_again"])
+        self.assertEqual(queries.waiting("pacs_again"), 0)
+        h.connections[2][2].errback(ConnectionFailed("test: refused"))
+        self.failureResultOf(second, DeviceFailure)
+        h.establish(1).end()
+        self.successResultOf(third)
 
     def test_past_max_results_cancelled(self):
         found = self.queries.find("pacs", study_query(), wanted=3)

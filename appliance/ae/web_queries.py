@@ -150,15 +150,22 @@ def _failure(error: Exception, device: DeviceConfig) -> DeviceFailure:
     return DeviceFailure("failed", f"{where}: {error}")
 
 
+def remote_ae(device: DeviceConfig) -> Tuple[str, str, int]:
+    """The AE a device names: its AE title at its address.  Two device entries for one AE are one AE."""
+    return device.ae_title, device.host, device.port
+
+
 class WebQueries:
-    """The pages' C-FIND and C-ECHO, one association per device at a time."""
+    """The pages' C-FIND and C-ECHO, one association per remote AE at a time (statement 3.3.1.2), whichever device
+    entry names it."""
 
     def __init__(self, config: ApplianceConfig, clock, connect: Connect) -> None:
         self.config = config
         self.clock = clock
         self.connect = connect
         self.max_results = config.web.max_results
-        self._locks: Dict[str, defer.DeferredLock] = {}
+        #: remote_ae() -> the lock its associations take in turn
+        self._locks: Dict[Tuple[str, str, int], defer.DeferredLock] = {}
 
     def devices(self) -> List[DeviceConfig]:
         """The appliance's own Disk-Server first (when it listens), then [devices.*] in their order."""
@@ -171,12 +178,12 @@ class WebQueries:
         raise UnknownDevice(f"no device {name!r} (configured: {', '.join(d.name for d in self.devices()) or 'none'})")
 
     def waiting(self, name: str) -> int:
-        """Requests to that device waiting for its association (the one running not counted)."""
-        lock = self._locks.get(name)
+        """Requests to that device's AE waiting for its association (the one running not counted)."""
+        lock = self._locks.get(remote_ae(self.device(name)))
         return len(lock.waiting) if lock is not None else 0
 
     def _run(self, device: DeviceConfig, work) -> defer.Deferred:
-        lock = self._locks.setdefault(device.name, defer.DeferredLock())
+        lock = self._locks.setdefault(remote_ae(device), defer.DeferredLock())
         return lock.run(lambda: defer.ensureDeferred(work()))
 
     # --- C-ECHO -------------------------------------------------------------------------------------------------
