@@ -266,6 +266,22 @@ class WebQueriesTests(SynchronousTestCase):
         h.establish(1).end()
         self.successResultOf(third)
 
+    def test_a_long_line_of_stopped_queries_does_not_stop_the_line(self):
+        """Hundreds of queries stopped while they waited (clients gone) end one after the other when the device
+        frees, and the next query is asked (the line stood still past Python's recursion limit before)."""
+        runs = [self.queries.start("pacs", study_query()) for _ in range(400)]
+        for run in runs:
+            run.stop()
+        self.assertEqual(self.queries.waiting("pacs"), 399)
+        self.h.connections[0][2].errback(AssociationAborted("test: the device went away"))
+        self.assertEqual(sum(run.done.called for run in runs), 400)
+        self.failureResultOf(runs[0].done, DeviceFailure)
+        self.assertTrue(all(self.successResultOf(run.done).stopped for run in runs[1:]))
+        found = self.queries.find("pacs", study_query())
+        self.assertEqual(len(self.h.connections), 2)
+        self.h.establish().end()
+        self.successResultOf(found)
+
     def test_past_max_results_cancelled(self):
         found = self.queries.find("pacs", study_query(), wanted=3)
         association = self.h.establish()

@@ -16,7 +16,7 @@ The clock and the way to open an association are passed in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from pydicom.dataset import Dataset
 from twisted.internet import defer
@@ -27,6 +27,7 @@ from ..dicom import status as S
 from ..dicom.uids import STUDY_ROOT_FIND, UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATION
 from ..logs import logger
 from ..net import requestor
+from .turns import Turns
 
 __all__ = ["WebQueries", "QueryRun", "DeviceFailure", "UnknownDevice", "Found", "Echoed"]
 
@@ -164,8 +165,8 @@ class WebQueries:
         self.clock = clock
         self.connect = connect
         self.max_results = config.web.max_results
-        #: remote_ae() -> the lock its associations take in turn
-        self._locks: Dict[Tuple[str, str, int], defer.DeferredLock] = {}
+        #: each remote_ae()'s associations, one at a time
+        self._turns = Turns()
 
     def devices(self) -> List[DeviceConfig]:
         """The appliance's own Disk-Server first (when it listens), then [devices.*] in their order."""
@@ -179,12 +180,10 @@ class WebQueries:
 
     def waiting(self, name: str) -> int:
         """Requests to that device's AE waiting for its association (the one running not counted)."""
-        lock = self._locks.get(remote_ae(self.device(name)))
-        return len(lock.waiting) if lock is not None else 0
+        return self._turns.waiting(remote_ae(self.device(name)))
 
     def _run(self, device: DeviceConfig, work) -> defer.Deferred:
-        lock = self._locks.setdefault(remote_ae(device), defer.DeferredLock())
-        return lock.run(lambda: defer.ensureDeferred(work()))
+        return self._turns.run(remote_ae(device), work)
 
     # --- C-ECHO -------------------------------------------------------------------------------------------------
 
