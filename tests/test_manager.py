@@ -283,6 +283,28 @@ class FailureTests(SynchronousTestCase):
             association.respond(**response)
         return load, association
 
+    def test_long_queue_of_loads_refused_at_once(self):
+        """Thousands of queued loads whose connections are refused as they start all end failed, one after the
+        other in a loop, and the slots stay usable (a chain of nested calls broke off at the recursion limit)."""
+        pending: List[defer.Deferred] = []
+
+        def connect(device, contexts, roles=None):
+            if len(pending) < self.manager.max_parallel:
+                pending.append(defer.Deferred())
+                return pending[-1]
+            return defer.fail(ConnectionFailed("test: refused at once"))
+
+        self.manager.connect = connect
+        loads = [self.manager.submit("pacs", f"{STUDY}.{n}") for n in range(3000)]
+        self.assertEqual(len(self.manager.queue), 3000 - self.manager.max_parallel)
+        pending[0].errback(ConnectionFailed("test: refused"))
+        self.assertEqual([load.state for load in loads[self.manager.max_parallel:]],
+                         [LoadState.FAILED] * (3000 - self.manager.max_parallel))
+        self.assertEqual((len(self.manager.queue), len(self.manager.running)), (0, self.manager.max_parallel - 1))
+        for waiting in pending[1:]:
+            waiting.errback(ConnectionFailed("test: refused"))
+        self.assertEqual(len(self.manager.running), 0)
+
     def test_a801_says_what_to_configure(self):
         load, _ = self.run_with(dict(status=0xA801, comment="Unknown destination"))
         self.assertEqual(load.state, LoadState.FAILED)

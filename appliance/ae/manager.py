@@ -162,6 +162,8 @@ class MemoryManager:
         self.queue: Deque[Load] = deque()
         self.running: Dict[int, Load] = {}
         self._ids = itertools.count(1)
+        #: True while _next's loop runs (a load ending inside it does not start another loop)
+        self._starting = False
 
     # --- the API's operations ----------------------------------------------------------------------------
 
@@ -278,10 +280,19 @@ class MemoryManager:
         return self.store.is_complete(load.study, load.series)
 
     def _next(self) -> None:
-        while self.queue and len(self.running) < self.max_parallel:
-            load = self.queue.popleft()
-            self.running[load.id] = load
-            defer.ensureDeferred(self._run(load)).addErrback(self._crashed, load)
+        """Start queued loads while slots are free.  A load that ends as it starts (refused at once) calls this
+        again from within; that call leaves the starting to this loop, so a long queue of such loads is a long
+        loop and never as deep a chain of calls (which would break off at Python's recursion limit)."""
+        if self._starting:
+            return
+        self._starting = True
+        try:
+            while self.queue and len(self.running) < self.max_parallel:
+                load = self.queue.popleft()
+                self.running[load.id] = load
+                defer.ensureDeferred(self._run(load)).addErrback(self._crashed, load)
+        finally:
+            self._starting = False
 
     def _crashed(self, failure, load: Load) -> None:
         _log.failure("load {id} failed unexpectedly", failure, id=load.id)
