@@ -96,6 +96,25 @@ class QidoTests(SynchronousTestCase):
             ({"fuzzymatching": ["maybe"]}, "true or false"),
             ({"QueryRetrieveLevel": ["PATIENT"]}, "set by the server"),
             ({"SpecificCharacterSet": ["ISO_IR 100"]}, "set by the server"),
+            # values of binary and numeric VRs: numbers in the VR's range, or refused before anything is sent
+            ({"Rows": ["65536"]}, "Rows must be a whole number from 0 to 65535 (US)"),
+            ({"00280010": ["-1"]}, "from 0 to 65535"),
+            ({"SelectorFDValue": ["abc"]}, "SelectorFDValue must be a decimal number (FD)"),
+            ({"SelectorFDValue": ["inf"]}, "decimal number"),
+            ({"PatientWeight": ["abc"]}, "PatientWeight must be a decimal number (DS)"),
+            ({"NumberOfStudyRelatedInstances": ["99999999999"]}, "from -2147483648 to 2147483647 (IS)"),
+            ({"60003000": ["x"]}, "(OB or OW) cannot be a matching key"),
+            ({"LUTData": ["1"]}, "cannot be a matching key"),
+            ({"SelectorATValue": ["00100010"]}, "(AT) cannot be matched on"),
+            # digits of other scripts (which int() reads) and a value ending in a newline
+            ({"StudyTime": ["\u0663\u0663"]}, "StudyTime must be a time"),
+            ({"StudyDate": ["\u0663\u0663\u0663\u0663\u0660\u0661\u0660\u0661"]}, "StudyDate must be a date"),
+            ({"AcquisitionDateTime": ["\u0663\u0663\u0663\u0663"]}, "must be a date-time"),
+            ({"limit": ["5\n"]}, "limit must be a whole number"),
+            ({"limit": ["\u0663"]}, "limit must be a whole number"),
+            # names that are not keywords
+            ({"": ["1"]}, "unknown attribute ''"),
+            ({"PatientID ": ["1"]}, "unknown attribute"),
         ]
         for arguments, reason in cases:
             if reason is None:
@@ -104,6 +123,14 @@ class QidoTests(SynchronousTestCase):
             with self.assertRaises(QueryError, msg=arguments) as raised:
                 parse_query(arguments, "STUDY")
             self.assertIn(reason, str(raised.exception), arguments)
+
+    def test_numeric_keys_sent_as_numbers(self):
+        """Binary VRs carry numbers (the text given would not encode), decimal and integer strings their text."""
+        identifier = parse_query({"Rows": ["512"], "SelectorFDValue": ["2.5"], "PatientWeight": ["70.5"],
+                                  "SelectorSLValue": ["-3"]}, "IMAGE").identifier
+        self.assertEqual((identifier.Rows, identifier.SelectorFDValue, identifier.SelectorSLValue), (512, 2.5, -3))
+        self.assertEqual(str(identifier.PatientWeight), "70.5")
+        encode_dataset(identifier, IMPLICIT_VR_LITTLE_ENDIAN)
 
     def test_answer_as_dicom_json(self):
         answer = Dataset()
@@ -281,6 +308,22 @@ class WebQueriesTests(SynchronousTestCase):
         self.assertEqual(len(self.h.connections), 2)
         self.h.establish().end()
         self.successResultOf(found)
+
+    def test_an_error_here_aborts_the_association(self):
+        """A query that fails on our side once its association is open (the identifier will not encode, say)
+        aborts that association at once rather than leaving it to the device's idle timeout, and the next
+        query to the device goes ahead."""
+        class Broken(FindAssociation):
+            def find(self, identifier):
+                raise OSError("With tag (0028,0010) got exception: required argument is not an integer")
+
+        found = self.queries.find("pacs", study_query())
+        following = self.queries.find("pacs", study_query())
+        broken = self.h.establish(0, Broken())
+        self.failureResultOf(found, OSError)
+        self.assertEqual((broken.aborted, broken.released), ("the query failed here: OSError", False))
+        self.h.establish(1).end()
+        self.successResultOf(following)
 
     def test_past_max_results_cancelled(self):
         found = self.queries.find("pacs", study_query(), wanted=3)
@@ -469,6 +512,9 @@ class QueryApiTests(SynchronousTestCase):
             ("/api/devices/pacs/studies/1.2.x/series", 400, "must be a UID"),
             ("/api/devices/pacs/studies?PatientName=%ff", 400, "UTF-8"),
             ("/api/devices/pacs/studies?limit=1000000", 400, "limit must be"),
+            ("/api/devices/pacs/studies?Rows=1x", 400, "Rows must be a whole number"),
+            ("/api/devices/pacs/studies?=1", 400, "unknown attribute"),
+            ("/api/devices/pacs/studies?SliceThickness=abc", 400, "decimal number"),
         ]
         for path, status, reason in cases:
             reply = self.h.request("GET", path)

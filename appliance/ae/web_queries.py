@@ -203,6 +203,9 @@ class WebQueries:
             except defer.CancelledError:
                 association.abort("the echo's HTTP request was cancelled")
                 raise
+            except BaseException as error:  # a failure here: the association is not left to the idle timeout
+                association.abort(f"the echo failed here: {type(error).__name__}")
+                raise
             seconds = self.clock.seconds() - started
             await _release(association)
             return Echoed(device.name, status, seconds)
@@ -237,6 +240,9 @@ class WebQueries:
                 final = await run.collect(syntax)
             except requestor.AssociationError as error:
                 raise _failure(error, device) from None
+            except BaseException as error:  # the identifier would not encode, say: not left to the idle timeout
+                association.abort(f"the query failed here: {type(error).__name__}")
+                raise
             await _release(association)
             found = run.found
             found.seconds = self.clock.seconds() - started

@@ -19,6 +19,7 @@ whatever ``includefield`` adds; values that are not ASCII make it UTF-8 (Specifi
 from __future__ import annotations
 
 import datetime
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -26,7 +27,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 
-from ..dicom.uids import is_valid_uid
+from ..compat import encode_dataset
+from ..dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN, is_valid_uid
 
 __all__ = ["QueryError", "Query", "LEVELS", "RETURN_KEYS", "parse_query", "to_json"]
 
@@ -59,12 +61,20 @@ _MAX_LENGTH = {"AE": 16, "AS": 4, "CS": 16, "DS": 16, "IS": 12, "LO": 64, "SH": 
                "ST": 1024, "LT": 1024, "UC": 1024, "UT": 1024, "UR": 1024}
 _NOT_MATCHABLE_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_DATE = re.compile(r"^\d{8}$")
-_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-_DATETIME = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
-_HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
-_WHOLE_NUMBER = re.compile(r"^[+-]?\d{1,12}$")
-_WHOLE_NUMBER_VRS = {"IS", "US", "SS", "UL", "SL", "UV", "SV"}
+# ASCII digits only (\d would take other scripts' digits, which int() reads), and \Z: "$" lets a newline end a value
+_DATE = re.compile(r"\d{8}\Z", re.ASCII)
+_TIME = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?\Z", re.ASCII)
+_DATETIME = re.compile(r"\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?\Z", re.ASCII)
+_HEX_TAG = re.compile(r"[0-9A-Fa-f]{8}\Z")
+_KEYWORD = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}\Z")
+_WHOLE_NUMBER = re.compile(r"[+-]?\d{1,20}\Z", re.ASCII)
+_DECIMAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\Z", re.ASCII)
+#: the whole-number VRs and the values each holds (IS: a string of a signed 32-bit integer, PS3.5 6.2)
+_WHOLE_NUMBER_RANGES = {"IS": (-(1 << 31), (1 << 31) - 1), "US": (0, 0xFFFF), "SS": (-0x8000, 0x7FFF),
+                        "UL": (0, 0xFFFFFFFF), "SL": (-(1 << 31), (1 << 31) - 1), "UV": (0, (1 << 64) - 1),
+                        "SV": (-(1 << 63), (1 << 63) - 1)}
+#: VRs whose values are binary numbers: sent as numbers, not as the text given
+_BINARY_NUMBER_VRS = {"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"}
 #: parameters of the API itself, not attributes
 _CONTROL_PARAMETERS = {"includefield", "limit", "offset", "fuzzymatching"}
 
@@ -85,7 +95,7 @@ def _tag(name: str) -> int:
     if _HEX_TAG.match(name):
         tag = int(name, 16)
     else:
-        tag = tag_for_keyword(name)
+        tag = tag_for_keyword(name) if _KEYWORD.match(name) else None
         if tag is None:
             raise QueryError(f"unknown attribute {name[:64]!r} (a DICOM keyword or 8 hexadecimal digits)")
     return tag
@@ -152,8 +162,16 @@ def _value(tag: int, vr: str, name: str, value: str) -> str:
     limit = _MAX_LENGTH.get(vr.split(" or ")[0], 1024)
     if len(value) > limit:
         raise QueryError(f"{name} is longer than its VR ({vr}) allows: {len(value)} characters, at most {limit}")
-    if vr.split(" or ")[0] in _WHOLE_NUMBER_VRS and not _WHOLE_NUMBER.match(value):
-        raise QueryError(f"{name} must be a whole number, not {value[:32]!r}")
+    first = vr.split(" or ")[0]
+    if first in _WHOLE_NUMBER_RANGES and value:
+        low, high = _WHOLE_NUMBER_RANGES[first]
+        if not _WHOLE_NUMBER.match(value) or not low <= int(value) <= high:
+            raise QueryError(f"{name} must be a whole number from {low} to {high} ({first}), not {value[:32]!r}")
+    if first in ("DS", "FL", "FD") and value:
+        if not _DECIMAL.match(value) or not math.isfinite(float(value)):
+            raise QueryError(f"{name} must be a decimal number ({first}), not {value[:32]!r}")
+    if vr == "AT" and value:
+        raise QueryError(f"{name} (AT) cannot be matched on here; leave it empty to have it returned")
     return value
 
 
@@ -179,7 +197,7 @@ def parse_query(arguments: Mapping[str, Sequence[str]], level: str, fixed: Mappi
         tag = _tag(name)
         vr = _vr(tag, name)
         keyword = _keyword(tag)
-        if vr in _NOT_MATCHABLE_VRS:
+        if any(alternative in _NOT_MATCHABLE_VRS for alternative in vr.split(" or ")):
             raise QueryError(f"{keyword} ({vr}) cannot be a matching key here")
         if keyword in fixed:
             raise QueryError(f"{keyword} is given by the path")
@@ -190,7 +208,11 @@ def parse_query(arguments: Mapping[str, Sequence[str]], level: str, fixed: Mappi
         tag = _tag(keyword)
         identifier.add_new(tag, _vr(tag, keyword).split(" or ")[0], None)
     for tag, (keyword, vr, value) in matching.items():
-        identifier.add_new(tag, vr.split(" or ")[0], value)
+        vr = vr.split(" or ")[0]
+        if vr in _BINARY_NUMBER_VRS and value:
+            identifier.add_new(tag, vr, float(value) if vr in ("FL", "FD") else int(value))
+        else:
+            identifier.add_new(tag, vr, value)
     for keyword, uid in dict(fixed).items():
         setattr(identifier, keyword, uid)
     if any(not value.isascii() for _, _, value in matching.values()):
@@ -198,6 +220,11 @@ def parse_query(arguments: Mapping[str, Sequence[str]], level: str, fixed: Mappi
     if query.limit is not None and query.offset + query.limit > max_results:
         raise QueryError(f"offset + limit is {query.offset + query.limit}: at most [web] max_results = "
                          f"{max_results} matches are fetched from a device")
+    try:  # whatever pydicom will not encode is said now, before a device is asked
+        encode_dataset(identifier, EXPLICIT_VR_LITTLE_ENDIAN)
+    except Exception as error:
+        said = str(error).splitlines()[0] if str(error) else repr(error)
+        raise QueryError(f"the query cannot be encoded: {said}"[:300]) from None
     return query
 
 
@@ -217,7 +244,7 @@ def _control(query: Query, name: str, value: str, returned: List[str], max_resul
             if keyword not in returned:
                 returned.append(keyword)
     elif name in ("limit", "offset"):
-        if not re.match(r"^\d{1,6}$", value):
+        if not re.fullmatch(r"[0-9]{1,6}", value):
             raise QueryError(f"{name} must be a whole number from {1 if name == 'limit' else 0} to {MAX_LIMIT}")
         number = int(value)
         if name == "limit":
