@@ -134,7 +134,7 @@ class LoadApiTests(SynchronousTestCase):
         channel.dataReceived(f"GET /api/loads/{queued['id']}?wait=5 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         h.clock.advance(5)
         self.assertEqual(Reply(transport.value()).json()["state"], "running")
-        for query in ("?wait=0", "?wait=61", "?wait=x", "?poll=1"):
+        for query in ("?wait=0", "?wait=61", "?wait=x", "?poll=1", "?wait=%C2%B2", "?wait=%D9%A3"):
             self.assertEqual(h.request("GET", f"/api/loads/{queued['id']}{query}").status, 400, query)
 
     def test_series_and_instance(self):
@@ -170,6 +170,9 @@ class LoadApiTests(SynchronousTestCase):
         self.assertEqual(reply.status, 400)
         reply = self.h.request("POST", "/api/loads", b"device=pacs", content_type="application/x-www-form-urlencoded")
         self.assertEqual(reply.status, 415)
+        deep = b"[" * 30000 + b"]" * 30000  # within the size bound, past the JSON decoder's recursion
+        reply = self.h.request("POST", "/api/loads", deep, content_type="application/json")
+        self.assertEqual((reply.status, reply.json()["error"]), (400, "the body is not JSON we read: nested too deeply"))
 
     def test_body_too_large_is_refused_unread(self):
         """A declared length over the bound: 413 at once and the connection closed, the body never read."""
@@ -189,6 +192,10 @@ class LoadApiTests(SynchronousTestCase):
 
     def test_ids_methods_paths(self):
         self.assertEqual(self.h.request("GET", "/api/loads/abc").status, 400)
+        for digits in ("%C2%B2", "%D9%A3", "%EF%BC%91"):  # '²', Arabic-Indic 3, fullwidth 1: not load ids
+            for method in ("GET", "DELETE"):
+                reply = self.h.request(method, f"/api/loads/{digits}")
+                self.assertEqual((reply.status, reply.json()["error"]), (400, "a load id is a number"), digits)
         self.assertEqual(self.h.request("GET", "/api/loads/99").status, 404)
         self.assertEqual(self.h.request("DELETE", "/api/loads/99").status, 404)
         reply = self.h.request("PUT", "/api/loads", b"{}")
@@ -281,6 +288,7 @@ class MemoryApiTests(SynchronousTestCase):
         self.h.hold()
         base = f"/api/memory/studies/{STUDY}/series/{SERIES}/instances/{SOP}/rendered"
         for query, words in (("?frame=x", "frame must be"), ("?frame=-1", "frame must be"),
+                             ("?frame=%C2%B2", "frame must be"), ("?frame=%D9%A3", "frame must be"),
                              ("?window=40", "center,width"), ("?window=40,0", "above 0"),
                              ("?window=nan,nan", "above 0"), ("?zoom=2", "unknown parameter 'zoom'")):
             reply = self.h.request("GET", base + query)

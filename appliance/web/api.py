@@ -428,7 +428,7 @@ class ApiResource(Resource):
         return http.ACCEPTED, load.as_json()
 
     def _load_id(self, text: str) -> int:
-        if not text.isdigit() or len(text) > 12:
+        if not _digits(text, 12):
             raise HTTPError(http.BAD_REQUEST, "a load id is a number")
         return int(text)
 
@@ -445,7 +445,7 @@ class ApiResource(Resource):
         if b"wait" not in request.args:
             return http.OK, load.as_json()
         text = request.args[b"wait"][-1].decode("ascii", "replace")
-        if not text.isdigit() or not 1 <= int(text) <= MAX_WAIT:
+        if not _digits(text, 2) or not 1 <= int(text) <= MAX_WAIT:
             raise HTTPError(http.BAD_REQUEST, f"wait must be a number of seconds from 1 to {MAX_WAIT}")
         waiting = self.manager.changed(load.id)
         waiting.addTimeout(int(text), self.manager.clock, onTimeoutCancel=lambda result, timeout: load)
@@ -553,7 +553,7 @@ def _render_parameters(args) -> Tuple[int, Optional[Tuple[float, float]]]:
     frame = 0
     if b"frame" in args:
         text = args[b"frame"][-1].decode("ascii", "replace")
-        if not text.isdigit() or len(text) > 9:
+        if not _digits(text, 9):
             raise HTTPError(http.BAD_REQUEST, "frame must be a frame number from 0")
         frame = int(text)
     window = None
@@ -587,9 +587,16 @@ def _check_csrf(request, session: Session) -> None:
         raise HTTPError(http.FORBIDDEN, "missing or wrong X-CSRF-Token (GET /api/session gives it)")
 
 
+def _digits(text: str, most: int) -> bool:
+    """``text`` is 1 to ``most`` ASCII digits (str.isdigit() also takes '²' and Arabic-Indic digits)."""
+    return 0 < len(text) <= most and text.isascii() and text.isdigit()
+
+
 def _json_object(request, keys) -> dict:
     try:
         body = json.loads(request.content.read().decode("utf-8"))
+    except RecursionError:
+        raise HTTPError(http.BAD_REQUEST, "the body is not JSON we read: nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as error:
         raise HTTPError(http.BAD_REQUEST, f"the body is not JSON: {error}"[:200]) from None
     if not isinstance(body, dict):
