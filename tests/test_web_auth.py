@@ -110,6 +110,23 @@ class SessionTests(SynchronousTestCase):
         self.assertIsNone(limiter.retry_after("10.0.0.1"))
 
 
+    def test_checks_under_way_count_against_the_limit(self):
+        """Attempts sent at once: those whose checks are still running count as failures until they end, so no
+        more than max_failures are ever checked in a window (8 of 5 were, in two batches of 4)."""
+        clock = Clock()
+        limiter = auth.SignInLimiter(clock, max_failures=5, window=300)
+        for _ in range(4):
+            limiter.failed("10.0.0.1")
+        limiter.checking("10.0.0.1")
+        self.assertEqual(limiter.retry_after("10.0.0.1"), 1.0, "a fifth check under way: the sixth waits for it")
+        self.assertIsNone(limiter.retry_after("10.0.0.2"), "per address")
+        limiter.checked("10.0.0.1")
+        self.assertIsNone(limiter.retry_after("10.0.0.1"), "it ended well: one more may be checked")
+        limiter.checking("10.0.0.1")
+        limiter.failed("10.0.0.1")
+        limiter.checked("10.0.0.1")
+        self.assertEqual(limiter.retry_after("10.0.0.1"), 300)
+
 class GuardHarness(ManagerHarness):
     def __init__(self, test, users=None):
         super().__init__(test)

@@ -293,10 +293,12 @@ class ApiResource(Resource):
         # an unknown user costs the same work as a known one: the answer's time does not say who exists
         stored = self.users.get(user, _DECOY_HASH)
         self._checking += 1
+        self.limiter.checking(address)
         checking = self.runner(check_password, password, stored)
 
         def done(result):
             self._checking -= 1
+            self.limiter.checked(address)
             return result
 
         checking.addBoth(done)

@@ -142,20 +142,36 @@ class Sessions:
 
 
 class SignInLimiter:
-    """Failed sign-ins per client address, within a sliding window."""
+    """Failed sign-ins per client address, within a sliding window; the checks under way count as failures
+    until they end, so that attempts sent at once cannot pass the limit before any of them has failed."""
 
     def __init__(self, clock, max_failures: int = MAX_FAILURES, window: float = WINDOW) -> None:
         self.clock = clock
         self.max_failures = max_failures
         self.window = window
         self._failures: "OrderedDict[str, Deque[float]]" = OrderedDict()
+        #: address -> password checks under way (a handful at most: the API runs few at once)
+        self._checking: Dict[str, int] = {}
 
     def retry_after(self, address: str) -> Optional[float]:
         """Seconds until ``address`` may try again, or None if it may now."""
         failures = self._recent(address)
-        if len(failures) < self.max_failures:
+        if len(failures) + self._checking.get(address, 0) < self.max_failures:
             return None
+        if len(failures) < self.max_failures:
+            return 1.0  # checks under way would reach the limit if they fail: their answers come first
         return max(0.0, failures[0] + self.window - self.clock.seconds())
+
+    def checking(self, address: str) -> None:
+        """A password check for ``address`` has started (:meth:`checked` when it ends, whatever its answer)."""
+        self._checking[address] = self._checking.get(address, 0) + 1
+
+    def checked(self, address: str) -> None:
+        left = self._checking.get(address, 0) - 1
+        if left > 0:
+            self._checking[address] = left
+        else:
+            self._checking.pop(address, None)
 
     def failed(self, address: str) -> None:
         failures = self._recent(address)
