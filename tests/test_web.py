@@ -14,6 +14,9 @@ try:
     from twisted.internet.testing import StringTransport
 except ImportError:  # Twisted < 19.7
     from twisted.test.proto_helpers import StringTransport
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN
@@ -333,6 +336,29 @@ class MemoryApiTests(SynchronousTestCase):
         reply = h.request("GET", base + "?frame=3")
         self.assertEqual(reply.status, 415)
         self.assertIn("JPEG 2000", reply.json()["error"])
+        self.assertEqual(h.store.studies[STUDY].pins, 0)
+
+    def test_study_pinned_while_a_worker_still_renders_it(self):
+        """A client that goes away mid-render does not unpin the study under the worker reading it: the pin
+        goes when the worker is done (the study could be freed under it before)."""
+        working = []
+
+        def runner(function, *args):
+            working.append((defer.Deferred(), function, args))
+            return working[-1][0]
+
+        h = WebHarness(self, render=lambda data, syntax, frame, window: b"\x89PNG")
+        h.hold()
+        h.api.runner = runner
+        channel = h.site.buildProtocol(None)
+        channel.makeConnection(StringTransport())
+        base = f"/api/memory/studies/{STUDY}/series/{SERIES}/instances/{SOP}/rendered"
+        channel.dataReceived(f"GET {base} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        self.assertEqual(h.store.studies[STUDY].pins, 1)
+        channel.connectionLost(Failure(ConnectionDone("the client went away")))
+        self.assertEqual(h.store.studies[STUDY].pins, 1, "the worker still reads it")
+        finished, function, args = working[0]
+        finished.callback(function(*args))
         self.assertEqual(h.store.studies[STUDY].pins, 0)
 
 

@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from urllib.parse import quote
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -537,15 +538,23 @@ class ApiResource(Resource):
         return rendering.addCallbacks(lambda png: (http.OK, "image/png", png), not_renderable)
 
     def _pinned(self, study_uid: str, function, *args) -> defer.Deferred:
-        """``function(*args)`` on a worker thread, the study pinned meanwhile."""
+        """``function(*args)`` on a worker thread, the study pinned until the worker is done with it, also when
+        the answer is no longer wanted (a client gone cancels the Deferred returned, not the worker's reading)."""
         self.store.pin(study_uid)
         working = self.runner(function, *args)
+        answer = defer.Deferred()
 
-        def unpin(result):
+        def done(result):
             self.store.unpin(study_uid)
-            return result
+            if not answer.called:
+                if isinstance(result, Failure):
+                    answer.errback(result)
+                else:
+                    answer.callback(result)
+            return None  # a failure after the client went away is not left unhandled
 
-        return working.addBoth(unpin)
+        working.addBoth(done)
+        return answer
 
 
 def _render_parameters(args) -> Tuple[int, Optional[Tuple[float, float]]]:
