@@ -155,7 +155,7 @@ class LoadApiTests(SynchronousTestCase):
             ({"device": "pacs", "study": STUDY, "instance": SOP}, 400, "give series too"),
             ({"device": "pacs", "study": STUDY, "priority": 1}, 400, "unknown key 'priority'"),
             ({"device": "<script>", "study": STUDY}, 400, "device must be"),
-            ({"device": "elsewhere", "study": STUDY}, 404, "no device 'elsewhere'"),
+            ({"device": "elsewhere", "study": STUDY}, 404, "no device 'elsewhere' (configured: local, pacs)"),
             ([1, 2], 400, "must be a JSON object"),
         ]
         for body, status, words in cases:

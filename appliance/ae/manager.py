@@ -171,7 +171,7 @@ class MemoryManager:
         """A new load (UIDs already checked by the caller); UnknownDevice if ``device`` is not configured."""
         configured = self.config.remote_devices.get(device)
         if configured is None:
-            raise UnknownDevice(f"no device {device!r} in {self.config.path} (configured: "
+            raise UnknownDevice(f"no device {device!r} (configured: "
                                 f"{', '.join(self.config.remote_devices) or 'none'})")
         if instance is not None and series is None:
             raise ValueError("an instance is loaded with its series")
