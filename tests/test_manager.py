@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from appliance import config as configuration
-from appliance.ae.manager import PROGRESS_INTERVAL, LoadState, MemoryManager, UnknownDevice, UnknownLoad
+from appliance.ae.manager import MAX_QUEUED, PROGRESS_INTERVAL, LoadState, MemoryManager, UnknownDevice, UnknownLoad
 from appliance.compat import encode_dataset
 from appliance.dataset.checks import ObjectDescription, Refusal, Refused
 from appliance.dicom import dimse as D
@@ -284,7 +284,7 @@ class FailureTests(SynchronousTestCase):
         return load, association
 
     def test_long_queue_of_loads_refused_at_once(self):
-        """Thousands of queued loads whose connections are refused as they start all end failed, one after the
+        """A full queue of loads whose connections are refused as they start all end failed, one after the
         other in a loop, and the slots stay usable (a chain of nested calls broke off at the recursion limit)."""
         pending: List[defer.Deferred] = []
 
@@ -295,15 +295,30 @@ class FailureTests(SynchronousTestCase):
             return defer.fail(ConnectionFailed("test: refused at once"))
 
         self.manager.connect = connect
-        loads = [self.manager.submit("pacs", f"{STUDY}.{n}") for n in range(3000)]
-        self.assertEqual(len(self.manager.queue), 3000 - self.manager.max_parallel)
+        queued = MAX_QUEUED  # as many as may wait
+        loads = [self.manager.submit("pacs", f"{STUDY}.{n}") for n in range(self.manager.max_parallel + queued)]
+        self.assertEqual(len(self.manager.queue), queued)
         pending[0].errback(ConnectionFailed("test: refused"))
-        self.assertEqual([load.state for load in loads[self.manager.max_parallel:]],
-                         [LoadState.FAILED] * (3000 - self.manager.max_parallel))
+        self.assertEqual([load.state for load in loads[self.manager.max_parallel:]], [LoadState.FAILED] * queued)
         self.assertEqual((len(self.manager.queue), len(self.manager.running)), (0, self.manager.max_parallel - 1))
         for waiting in pending[1:]:
             waiting.errback(ConnectionFailed("test: refused"))
         self.assertEqual(len(self.manager.running), 0)
+
+    def test_queue_bounded(self):
+        """Past MAX_QUEUED waiting loads a new one is refused (QueueFull) until one has started; running ones do
+        not count."""
+        from appliance.ae import manager as manager_module
+        self.patch(manager_module, "MAX_QUEUED", 3)
+        for n in range(self.manager.max_parallel + 3):
+            self.manager.submit("pacs", f"{STUDY}.{n}")
+        with self.assertRaises(manager_module.QueueFull) as refused:
+            self.manager.submit("pacs", f"{STUDY}.99")
+        self.assertIn("3 loads are waiting already (at most 3)", str(refused.exception))
+        self.h.establish(0)  # (the first running load's association: it runs on)
+        self.manager.cancel(self.manager.queue[0].id)
+        self.manager.submit("pacs", f"{STUDY}.99")
+        self.assertEqual(len(self.manager.queue), 3)
 
     def test_a801_says_what_to_configure(self):
         load, _ = self.run_with(dict(status=0xA801, comment="Unknown destination"))

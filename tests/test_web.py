@@ -165,6 +165,15 @@ class LoadApiTests(SynchronousTestCase):
             self.assertEqual(reply.headers["x-content-type-options"], "nosniff")
         self.assertEqual(self.h.manager.loads, {}, "nothing was queued")
 
+    def test_queue_full_is_503(self):
+        from appliance.ae import manager as manager_module
+        self.patch(manager_module, "MAX_QUEUED", 1)
+        for n in range(self.h.manager.max_parallel + 1):
+            self.assertEqual(self.h.post_load({"device": "pacs", "study": f"{STUDY}.{n}"}).status, 202)
+        reply = self.h.post_load({"device": "pacs", "study": f"{STUDY}.9"})
+        self.assertEqual((reply.status, reply.headers["retry-after"]), (503, "10"))
+        self.assertIn("1 loads are waiting already (at most 1)", reply.json()["error"])
+
     def test_not_json(self):
         reply = self.h.request("POST", "/api/loads", b"{'device': 1")
         self.assertEqual(reply.status, 400)

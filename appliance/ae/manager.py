@@ -77,6 +77,15 @@ class UnknownLoad(Exception):
     """No load with that id (the API answers 404)."""
 
 
+class QueueFull(Exception):
+    """MAX_QUEUED loads wait already (the API answers 503)."""
+
+
+#: Loads waiting at most; more are refused until some have started (each waiting load is a few hundred bytes
+#: and a line in every listing of the loads: 20,000 queued made a 5.8 MB answer).
+MAX_QUEUED = 1000
+
+
 class LoadState(str, enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -175,6 +184,9 @@ class MemoryManager:
                                 f"{', '.join(self.config.remote_devices) or 'none'})")
         if instance is not None and series is None:
             raise ValueError("an instance is loaded with its series")
+        if len(self.queue) >= MAX_QUEUED:
+            raise QueueFull(f"{len(self.queue)} loads are waiting already (at most {MAX_QUEUED}): try again once "
+                            f"some have started")
         load = Load(next(self._ids), device, study, series, instance, created=self.clock.seconds(),
                     device_ae_title=configured.ae_title)
         self.loads[load.id] = load

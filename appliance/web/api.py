@@ -39,7 +39,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ..ae.manager import MemoryManager, UnknownDevice, UnknownLoad
+from ..ae.manager import MemoryManager, QueueFull, UnknownDevice, UnknownLoad
 from ..ae.web_queries import DeviceFailure, WebQueries
 from ..ae.web_queries import UnknownDevice as UnknownQueryDevice
 from ..config import LOCAL_ARCHIVE, ApplianceConfig
@@ -427,6 +427,8 @@ class ApiResource(Resource):
             load = self.manager.submit(device, study, series, instance)
         except UnknownDevice as error:
             raise HTTPError(http.NOT_FOUND, str(error)) from None
+        except QueueFull as error:
+            raise HTTPError(http.SERVICE_UNAVAILABLE, str(error), {"Retry-After": "10"}) from None
         request.setHeader(b"location", f"/api/loads/{load.id}".encode("ascii"))
         return http.ACCEPTED, load.as_json()
 
