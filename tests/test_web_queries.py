@@ -296,6 +296,8 @@ class WebQueriesTests(SynchronousTestCase):
     def test_a_long_line_of_stopped_queries_does_not_stop_the_line(self):
         """Hundreds of queries stopped while they waited (clients gone) end one after the other when the device
         frees, and the next query is asked (the line stood still past Python's recursion limit before)."""
+        from appliance.ae import web_queries as module
+        self.patch(module, "MAX_WAITING", 1000)  # the line may be long (a client that stays waits in it)
         runs = [self.queries.start("pacs", study_query()) for _ in range(400)]
         for run in runs:
             run.stop()
@@ -324,6 +326,21 @@ class WebQueriesTests(SynchronousTestCase):
         self.assertEqual((broken.aborted, broken.released), ("the query failed here: OSError", False))
         self.h.establish(1).end()
         self.successResultOf(following)
+
+    def test_line_bounded(self):
+        """MAX_WAITING requests waiting for one AE: the next is answered busy at once, other AEs are not held."""
+        from appliance.ae import web_queries as module
+        self.patch(module, "MAX_WAITING", 2)
+        runs = [self.queries.find("pacs", study_query()) for _ in range(3)]
+        busy = self.queries.echo("pacs")
+        failure = self.failureResultOf(busy, DeviceFailure).value
+        self.assertEqual(failure.kind, "busy")
+        self.assertIn("2 requests to PACS at 10.0.0.5:104 wait already", failure.reason)
+        self.queries.find("other", study_query())
+        self.assertEqual([c[0] for c in self.h.connections], ["pacs", "other"])
+        self.h.establish(0).end()
+        self.successResultOf(runs[0])
+        self.assertNoResult(self.queries.echo("pacs"))
 
     def test_past_max_results_cancelled(self):
         found = self.queries.find("pacs", study_query(), wanted=3)
@@ -502,6 +519,13 @@ class QueryApiTests(SynchronousTestCase):
         reply = Reply(transport.value())
         self.assertEqual((reply.status, reply.json()["kind"]), (502, "rejected"))
         self.assertIn("calling-AE-title-not-recognized", reply.json()["error"])
+
+    def test_busy_device_is_503(self):
+        from appliance.ae import web_queries as module
+        self.patch(module, "MAX_WAITING", 0)
+        reply = self.h.request("GET", "/api/devices/pacs/studies")
+        self.assertEqual((reply.status, reply.headers["retry-after"], reply.json()["kind"]), (503, "5", "busy"))
+        self.assertEqual(self.h.connections, [])
 
     def test_bad_requests(self):
         cases = [

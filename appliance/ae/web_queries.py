@@ -46,8 +46,8 @@ class UnknownDevice(KeyError):
 
 
 class DeviceFailure(Exception):
-    """The device could not answer: ``kind`` (unreachable, tls, rejected, timeout, aborted, refused, status) and the
-    reason in words; a failure status with its Error Comment."""
+    """The device could not answer: ``kind`` (unreachable, tls, rejected, timeout, aborted, refused, status, busy)
+    and the reason in words; a failure status with its Error Comment."""
 
     def __init__(self, kind: str, reason: str, status: Optional[int] = None, comment: Optional[str] = None) -> None:
         super().__init__(reason)
@@ -156,6 +156,10 @@ def remote_ae(device: DeviceConfig) -> Tuple[str, str, int]:
     return device.ae_title, device.host, device.port
 
 
+#: Requests waiting for one remote AE's association at most; more are answered at once (busy).
+MAX_WAITING = 32
+
+
 class WebQueries:
     """The pages' C-FIND and C-ECHO, one association per remote AE at a time (statement 3.3.1.2), whichever device
     entry names it."""
@@ -183,7 +187,11 @@ class WebQueries:
         return self._turns.waiting(remote_ae(self.device(name)))
 
     def _run(self, device: DeviceConfig, work) -> defer.Deferred:
-        return self._turns.run(remote_ae(device), work)
+        key = remote_ae(device)
+        if self._turns.waiting(key) >= MAX_WAITING:
+            return defer.fail(DeviceFailure("busy", f"{MAX_WAITING} requests to {device.ae_title} at {device.host}:"
+                                                    f"{device.port} wait already: try again shortly"))
+        return self._turns.run(key, work)
 
     # --- C-ECHO -------------------------------------------------------------------------------------------------
 

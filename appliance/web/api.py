@@ -713,6 +713,8 @@ def _device_failed(failure):
         details["status"] = f"0x{error.status:04X}"
     if error.comment:
         details["comment"] = error.comment
+    if error.kind == "busy":
+        raise HTTPError(http.SERVICE_UNAVAILABLE, error.reason, {"Retry-After": "5"}, details=details)
     code = http.GATEWAY_TIMEOUT if error.kind == "timeout" else http.BAD_GATEWAY
     raise HTTPError(code, error.reason, details=details)
 
