@@ -373,6 +373,22 @@ class _Silent(Protocol):
     """Accepts the connection and never says anything."""
 
 
+class _Listener(Protocol):
+    """Keeps what it receives and never answers; ``factory.heard`` fires with it once an A-ASSOCIATE-RQ came."""
+
+    def connectionMade(self) -> None:
+        self.data = bytearray()
+        self.lost: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.data[:1] == b"\x01" and not self.factory.heard.called:
+            self.factory.heard.callback(self)
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost.callback(None)
+
+
 class _Aborter(Protocol):
     """Answers the first bytes with an A-ABORT (service user, no reason)."""
 
@@ -445,6 +461,24 @@ class EchoCliTests(unittest.TestCase):
         out, err, code = await self.echo(self.config_with(port, timeout=1))
         self.assertEqual(code, 5, err)
         self.assertIn("no A-ASSOCIATE-AC", err)
+
+    @deferred_test
+    async def test_cancelled_while_the_answer_is_awaited(self):
+        """An association no longer wanted while its A-ASSOCIATE-AC is awaited (the web page that asked went
+        away) is aborted and its connection closed, not left open with no timer to end it."""
+        factory = Factory.forProtocol(_Listener)
+        factory.heard = defer.Deferred()
+        port = Listening(self, factory, reactor).number
+        connecting = requestor.connect(reactor, "127.0.0.1", port, "APPLIANCE", "SILENT",
+                                       timeouts=Timeouts(artim=1, association=60, dimse=60, idle=None),
+                                       implementation_class_uid="1.2.826.0.1.3680043.9.7", implementation_version_name=None)
+        peer = await factory.heard.addTimeout(WAIT_LIMIT, reactor)
+        connecting.cancel()
+        with self.assertRaises(defer.CancelledError):
+            await connecting
+        await peer.lost.addTimeout(WAIT_LIMIT, reactor)  # closed by us once ARTIM (1 s) expired
+        request_length = 6 + int.from_bytes(peer.data[2:6], "big")
+        self.assertEqual(bytes(peer.data[request_length:request_length + 1]), b"\x07", "an A-ABORT followed the RQ")
 
     @deferred_test
     async def test_aborted(self):
