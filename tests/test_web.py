@@ -23,8 +23,9 @@ from appliance.dicom.uids import EXPLICIT_VR_LITTLE_ENDIAN
 from appliance.memory.store import OBJECT_OVERHEAD
 from appliance.net.threads import synchronous_runner
 from appliance.web.api import SEND_CHUNK, ApiResource
-from appliance.web.server import MAX_BODY, ApplianceSite
+from appliance.web.server import MAX_BODY, REFUSAL_LOG_INTERVAL, ApplianceSite
 
+from .support import capture_log
 from .support_data import encode_dataset, make_dataset
 from .test_manager import STUDY, ManagerHarness
 
@@ -369,6 +370,40 @@ class MemoryApiTests(SynchronousTestCase):
         finished, function, args = working[0]
         finished.callback(function(*args))
         self.assertEqual(h.store.studies[STUDY].pins, 0)
+
+
+class ConnectionLimitTests(SynchronousTestCase):
+    """The web port holds at most max_connections open: clients that hold theirs cannot take the descriptors the
+    DICOM listeners need."""
+
+    def test_connections_past_the_bound_are_closed_and_logged_once_a_minute(self):
+        h = WebHarness(self)
+        site = ApplianceSite(h.api, h.clock, max_connections=2)
+        events = capture_log(self, "warn")
+        channels = []
+        for _ in range(2):
+            channel = site.buildProtocol(None)
+            channel.makeConnection(StringTransport())
+            channels.append(channel)
+        self.assertEqual(site.open_connections, 2)
+        for _ in range(2):
+            transport = StringTransport()
+            site.buildProtocol(None).makeConnection(transport)
+            self.assertTrue(transport.disconnecting, "closed at once")
+            self.assertEqual(transport.value(), b"")
+        said = [e["log_format"] for e in events if "closed at once" in e.get("log_format", "")]
+        self.assertEqual(len(said), 1, "one line for the first refusal, none for the next within the minute")
+        channels[0].connectionLost(Failure(ConnectionDone("gone")))
+        self.assertEqual(site.open_connections, 1)
+        replacement, transport = site.buildProtocol(None), StringTransport()
+        replacement.makeConnection(transport)
+        replacement.dataReceived(b"GET /api/devices HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", transport.value())
+        h.clock.advance(REFUSAL_LOG_INTERVAL)
+        site.buildProtocol(None).makeConnection(StringTransport())
+        counted = [e for e in events if "closed at once" in e.get("log_format", "")]
+        # the second line counts the one refused unsaid within the first minute, and this one
+        self.assertEqual((len(counted), counted[-1]["count"], counted[-1]["limit"]), (2, 2, 2))
 
 
 class ConfigTests(SynchronousTestCase):

@@ -8,7 +8,9 @@ import json
 import os
 from io import BytesIO
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate
 from twisted.trial import unittest
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, readBody
@@ -17,7 +19,9 @@ from twisted.web.http_headers import Headers
 from appliance import config as configuration
 from appliance.web.auth import hash_password
 
-from .support import deferred_test
+from appliance.web import server as web_server
+
+from .support import WAIT_LIMIT, deferred_test
 from .support_tls import Certificates
 from .test_interop_load import Appliance
 
@@ -85,3 +89,40 @@ class HTTPSTests(unittest.TestCase):
             self.fail(f"plain HTTP was answered {response.code}")
         except Exception as error:  # the TLS port closes on bytes that are no TLS handshake
             self.assertNotIsInstance(error, AssertionError)
+
+    @deferred_test
+    async def test_connections_past_the_bound_closed_behind_tls(self):
+        """Behind TLS too, a connection past MAX_CONNECTIONS is closed at once (no traceback: the TLS wrapper is
+        given a protocol that closes, never None), and once one closes the pages answer again."""
+        self.patch(web_server, "MAX_CONNECTIONS", 1)
+        pki = Certificates(os.path.abspath(self.mktemp()))
+        appliance = Appliance(self, tls=pki.tls_table(), web={"tls": True, "users": {"alice": hash_password(PASSWORD)}})
+        with open(pki.ca.certificate_path, "rb") as handle:
+            trust = Certificate.loadPEM(handle.read())
+        holder = _Holder()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", appliance.web_port), holder)
+        turned_away = _Holder()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", appliance.web_port), turned_away)
+        await turned_away.lost.addTimeout(WAIT_LIMIT, reactor)
+        self.assertEqual(turned_away.data, b"")
+        holder.transport.loseConnection()
+        await holder.lost.addTimeout(WAIT_LIMIT, reactor)
+        agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust), pool=None)
+        response = await agent.request(b"GET", f"https://localhost:{appliance.web_port}/api/session".encode(),
+                                       Headers({b"connection": [b"close"]}))
+        await readBody(response)
+        self.assertEqual(response.code, 200)
+
+
+class _Holder(Protocol):
+    """A client that connects and says nothing: it holds a connection."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost.callback(None)
