@@ -768,8 +768,7 @@ def connect(
         if isinstance(result, Failure) and result.check(defer.CancelledError) and protocol.transport is not None:
             # no longer wanted while the A-ASSOCIATE-AC was awaited: A-ABORT, then closed (the peer, or ARTIM),
             # rather than a connection left open with no timer to end it
-            protocol.record.outcome = f"aborted by us: the association to {where} was no longer wanted"
-            protocol._process(protocol.ul.abort())
+            protocol.abort(f"the association to {where} was no longer wanted")
         return result
 
     return connecting.addCallback(connected).addBoth(stop_timer)
